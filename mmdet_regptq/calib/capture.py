@@ -1,0 +1,186 @@
+"""Capturing a unit's inputs, target outputs and output gradients over the calibration set.
+
+For unit ``k`` and every calibration batch:
+
+1. full-precision pass (all quantization off): the unit's outputs are the reconstruction
+   targets; its inputs are kept too when ``fp_inputs`` (QDrop mixes FP and quantized
+   inputs). The pass stops right after the unit's last call, unless gradients are wanted.
+2. quantized pass (the caller has switched units ``< k`` on, ``k`` and later off): the
+   unit's inputs. Without gradients it stops at the unit's last call, so only the prefix
+   of the network runs.
+3. with ``grad_loss``: the quantized pass runs to the end with unit ``k`` quantized, its
+   outputs replaced by detached leaves, and ``dL/dO`` of
+   ``grad_loss(fp_outputs, q_outputs)`` is stored for each call (BRECQ's Fisher loss).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ._tree import detach_to, float_tensors, tree_map
+from ._utils import quant_disabled, requires_grad
+from .cache import ActivationCache, CacheEntry
+from .trace import ForwardFn, StopForward, removing, run_forward
+from .units import ReconUnit
+
+GradLoss = Callable[[Any, Any], Tensor]
+
+
+def output_mse(fp_outputs: Any, q_outputs: Any) -> Tensor:
+    """Default ``grad_loss``: sum over output tensors of the mean squared difference.
+
+    Args:
+        fp_outputs: raw outputs of the full-precision model (any nested structure).
+        q_outputs: the same structure from the quantized model.
+
+    Returns:
+        A scalar.
+    """
+    pairs = list(zip(float_tensors(fp_outputs), float_tensors(q_outputs)))
+    if not pairs:
+        raise ValueError('output_mse: the model outputs hold no floating-point tensor')
+    return sum(torch.mean((q - fp.detach()) ** 2) for fp, q in pairs)
+
+
+@dataclass
+class _CallLog:
+    args: list = field(default_factory=list)
+    kwargs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    leaves: list = field(default_factory=list)   # grad-enabled output tensors per call
+
+
+@contextlib.contextmanager
+def record_calls(module: nn.Module, num_calls: int, device: torch.device, *,
+                 inputs: bool = False, outputs: bool = False, stop: bool = False,
+                 leaf_outputs: bool = False) -> Iterator[_CallLog]:
+    """Record what ``module`` sees while the block runs.
+
+    Args:
+        module: the hooked module.
+        num_calls: calls per forward; with ``stop`` the forward is ended (by
+            :class:`StopForward`) once the last one has what is recorded.
+        device: where the recorded copies go.
+        inputs: record positional and keyword inputs.
+        outputs: record outputs.
+        stop: end the forward after the last needed call.
+        leaf_outputs: replace each output's float tensors by detached leaves requiring
+            grad (gradients w.r.t. the unit output, without a backward into the prefix).
+
+    Yields:
+        The log, filled while the forward runs.
+    """
+    log = _CallLog()
+
+    def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if inputs:
+            log.args.append(detach_to(args, device))
+            log.kwargs.append(detach_to(kwargs, device))
+            if stop and not outputs and len(log.args) == num_calls:
+                raise StopForward
+
+    def post_hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if outputs:
+            log.outputs.append(detach_to(output, device))
+        if leaf_outputs:
+            output = tree_map(lambda t: t.detach().requires_grad_(True)
+                              if t.is_floating_point() else t, output)
+            log.leaves.append(float_tensors(output))
+        if stop and outputs and len(log.outputs) == num_calls:
+            raise StopForward
+        return output if leaf_outputs else None
+
+    with removing([]) as handles:
+        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
+        yield log
+
+
+def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
+                 forward_fn: ForwardFn, cache: ActivationCache, *, fp_inputs: bool = False,
+                 grad_loss: GradLoss | None = None,
+                 fp_context: Callable[[], ContextManager] | None = None) -> ActivationCache:
+    """Fill ``cache`` with one entry per call of ``unit`` per calibration batch.
+
+    The caller sets the quantization state first: units before ``unit`` on, ``unit`` and
+    later ones off.
+
+    Args:
+        model: the quantized model.
+        unit: the unit.
+        batches: calibration batches, iterated once.
+        forward_fn: ``forward_fn(model, batch)`` runs the model.
+        cache: receives :class:`CacheEntry` objects (key ``(batch, call)``) with
+            ``args`` / ``kwargs`` from the quantized model, ``output`` from the FP model
+            and ``extras``: ``'batch'``, ``'call'``, ``'fp_args'`` (when ``fp_inputs``)
+            and ``'grad'`` (when ``grad_loss``: a list of tensors matching the output's
+            float tensors).
+        fp_inputs: also record the FP model's inputs of the unit.
+        grad_loss: ``grad_loss(fp_outputs, q_outputs) -> scalar`` over the model's final
+            outputs; when given, ``dL/dO`` of every call is stored.
+        fp_context: factory of a context manager active during full-precision passes
+            (e.g. one that swaps original weights back in after AdaQuant changed them).
+
+    Returns:
+        ``cache``.
+
+    Raises:
+        RuntimeError: the FP and quantized passes called the unit a different number of
+            times for one batch.
+    """
+    device = cache.device
+    fp_context = fp_context or contextlib.nullcontext
+    for b, batch in enumerate(batches):
+        with torch.no_grad(), quant_disabled(model), fp_context(), \
+                record_calls(unit.module, unit.num_calls, device, inputs=fp_inputs,
+                             outputs=True, stop=grad_loss is None) as fp:
+            fp_final, _ = run_forward(model, forward_fn, batch)
+        if grad_loss is None:
+            with torch.no_grad(), record_calls(unit.module, unit.num_calls, device,
+                                               inputs=True, stop=True) as q:
+                run_forward(model, forward_fn, batch)
+            grads = None
+        else:
+            q, grads = _output_grads(model, unit, batch, forward_fn, grad_loss, fp_final,
+                                     device)
+        if len(q.args) != len(fp.outputs):
+            raise RuntimeError(
+                f'capture_unit({unit.name!r}): batch {b} called the unit {len(fp.outputs)} '
+                f'times in full precision but {len(q.args)} times quantized')
+        for i, output in enumerate(fp.outputs):
+            extras: dict[str, Any] = dict(batch=b, call=i)
+            if fp_inputs:
+                extras['fp_args'] = fp.args[i]
+            if grads is not None:
+                extras['grad'] = grads[i]
+            cache.append(CacheEntry(q.args[i], q.kwargs[i], output, extras), key=(b, i),
+                         copy=False)
+    return cache
+
+
+def _output_grads(model: nn.Module, unit: ReconUnit, batch: Any, forward_fn: ForwardFn,
+                  grad_loss: GradLoss, fp_final: Any, device: torch.device
+                  ) -> tuple[_CallLog, list[list[Tensor]]]:
+    """Quantized full forward with ``unit`` quantized; gradients w.r.t. its outputs.
+
+    Returns:
+        ``(log, grads)``: the call log (the unit's inputs) and, per call, the gradients of
+        the output's float tensors (on ``device``).
+    """
+    unit.set_quant(True)
+    try:
+        with torch.enable_grad(), requires_grad(model.parameters(), False), \
+                record_calls(unit.module, unit.num_calls, device, inputs=True,
+                             leaf_outputs=True) as log:
+            loss = grad_loss(fp_final, forward_fn(model, batch))
+            leaves = [t for call in log.leaves for t in call]
+            grads = iter(torch.autograd.grad(loss, leaves, allow_unused=True))
+    finally:
+        unit.set_quant(False)
+    per_call = [[(g if g is not None else torch.zeros_like(t)).detach().to(device)
+                 for t, g in zip(call, grads)] for call in log.leaves]
+    return log, per_call

@@ -1,0 +1,294 @@
+"""THE reconstruction loop: one unit, cached entries, pluggable loss terms, optimiser groups.
+
+Every reconstruction-based method (AdaRound, AdaQuant, BRECQ, QDrop, PD-Quant, Reg-PTQ)
+is this loop with different loss terms, parameter groups and drop settings. A layer is a
+unit of one module.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from mmengine.logging import MMLogger
+from torch import Tensor, nn
+
+from ._tree import detach_to, float_tensors
+from ._utils import model_device, requires_grad
+from .cache import ActivationCache, CacheEntry
+from .losses import ReconContext, ReconLoss
+from .tail import TailRunner
+from .units import ReconUnit
+
+
+@dataclass
+class OptimGroup:
+    """Parameters trained by one Adam optimiser.
+
+    Attributes:
+        name: label in logs (``'alpha'``, ``'act_scale'``, ``'weight'``).
+        params: the parameters.
+        lr: Adam learning rate.
+        cosine: anneal the learning rate to 0 with a cosine over the iterations.
+    """
+
+    name: str
+    params: list[nn.Parameter]
+    lr: float
+    cosine: bool = False
+
+
+@dataclass
+class ReconStats:
+    """Outcome of :func:`reconstruct`.
+
+    Attributes:
+        unit: unit name.
+        kind: ``'block'`` or ``'layer'``.
+        iters: iterations run.
+        loss_before: reconstruction error (non-regulariser terms) on a fixed entry with
+            hard rounding, before training.
+        loss_after: the same after training (rounding hardened).
+        seconds: wall time of the whole call.
+        tail_share: share of the training loop's time spent in tail forwards.
+    """
+
+    unit: str
+    kind: str
+    iters: int
+    loss_before: float
+    loss_after: float
+    seconds: float
+    tail_share: float = 0.0
+
+
+def rounding_quantizers(unit: ReconUnit) -> list[nn.Module]:
+    """Weight quantizers of the unit that learn their rounding (``regularizer``/``harden``)."""
+    found: list[nn.Module] = []
+    for _, layer in unit.layers:
+        for q in layer.weight_quantizers().values():
+            if q is not None and hasattr(q, 'regularizer') and hasattr(q, 'harden'):
+                found.append(q)
+    return found
+
+
+def mix_inputs(q_args: Any, fp_args: Any, prob: float) -> Any:
+    """QDrop's input mixing: each element takes its FP value with probability ``prob``.
+
+    Args:
+        q_args: inputs from the quantized model (nested structure).
+        fp_args: the same structure from the FP model.
+        prob: probability of the FP value per element.
+    """
+    if isinstance(q_args, Tensor):
+        if not q_args.is_floating_point():
+            return q_args
+        return torch.where(torch.rand_like(q_args) < prob, fp_args, q_args)
+    if isinstance(q_args, (tuple, list)):
+        return type(q_args)(mix_inputs(q, f, prob) for q, f in zip(q_args, fp_args))
+    if isinstance(q_args, dict):
+        return {k: mix_inputs(v, fp_args[k], prob) for k, v in q_args.items()}
+    return q_args
+
+
+class _Loop:
+    """State of one reconstruction: draws entries, runs the unit (or the tail), scores."""
+
+    def __init__(self, unit: ReconUnit, cache: ActivationCache, losses: Sequence[ReconLoss],
+                 tail: TailRunner | None, fp_input_prob: float, device: torch.device,
+                 iters: int) -> None:
+        self.unit = unit
+        self.cache = cache
+        self.losses = list(losses)
+        self.tail = tail if any(t.needs_final_outputs for t in self.losses) else None
+        self.fp_input_prob = fp_input_prob
+        self.device = device
+        self.iters = iters
+        self.quantizers = rounding_quantizers(unit)
+        self.by_batch: dict[int, list[int]] = {}  # tail mode draws a batch: all its calls
+        if self.tail is not None:
+            for (batch, _call), index in sorted(cache.keys().items()):
+                self.by_batch.setdefault(batch, []).append(index)
+
+    def num_draws(self) -> int:
+        return len(self.by_batch) if self.tail is not None else len(self.cache)
+
+    def _inputs(self, entry: CacheEntry, mix: bool) -> tuple[tuple, dict]:
+        args = detach_to(entry.args, self.device)
+        if mix and self.fp_input_prob > 0:
+            if 'fp_args' not in entry.extras:
+                raise ValueError(f'{self.unit.name}: input mixing needs FP inputs in the '
+                                 'cache (capture with fp_inputs=True)')
+            args = mix_inputs(args, detach_to(entry.extras['fp_args'], self.device),
+                              self.fp_input_prob)
+        return args, detach_to(entry.kwargs, self.device)
+
+    def context(self, draw: int, iteration: int, mix: bool) -> ReconContext:
+        """Forward of draw ``draw`` (an entry, or a batch in tail mode) → loss context."""
+        if self.tail is None:
+            entries = [self.cache[draw]]
+            args, kwargs = self._inputs(entries[0], mix)
+            outputs, final_pred, final_target = [self.unit.module(*args, **kwargs)], None, None
+        else:
+            entries = [self.cache[i] for i in self.by_batch[draw]]
+            result = self.tail.run(draw, substitute=lambda c: self._inputs(entries[c], mix))
+            outputs, final_pred = result.unit_outputs, result.outputs
+            final_target = self.tail.target(draw)
+        fisher = None
+        if all('grad' in e.extras for e in entries):
+            fisher = [detach_to(g, self.device) for e in entries for g in e.extras['grad']]
+        return ReconContext(
+            unit=self.unit, pred=float_tensors(outputs),
+            target=float_tensors(detach_to([e.output for e in entries], self.device)),
+            fisher=fisher, quantizers=self.quantizers, iteration=iteration,
+            total_iters=self.iters, final_pred=final_pred, final_target=final_target)
+
+    def score(self, ctx: ReconContext, regularizers: bool = True) -> dict[str, Tensor]:
+        return {t.name: t(ctx) for t in self.losses if regularizers or not t.is_regularizer}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Reconstruction error on draw 0: hard rounding, no drop, no input mixing."""
+        soft = [q.soft_targets for q in self.quantizers]
+        for q in self.quantizers:
+            q.soft_targets = False
+        try:
+            with _train_mode(self.unit, False):
+                terms = self.score(self.context(0, 0, mix=False), regularizers=False)
+        finally:
+            for q, flag in zip(self.quantizers, soft):
+                q.soft_targets = flag
+        return float(sum(terms.values())) if terms else 0.0
+
+
+@contextlib.contextmanager
+def _train_mode(unit: ReconUnit, flag: bool) -> Iterator[None]:
+    """Training mode (QDrop's drop is active only there) for the unit's wrappers only."""
+    layers = [layer for _, layer in unit.layers]
+    saved = [(m, m.training) for layer in layers for m in layer.modules()]
+    try:
+        for layer in layers:
+            layer.train(flag)
+        yield
+    finally:
+        for module, mode in saved:
+            module.training = mode
+
+
+@contextlib.contextmanager
+def _drop(unit: ReconUnit, prob: float) -> Iterator[None]:
+    layers = [layer for _, layer in unit.layers]
+    saved = [layer.drop_prob for layer in layers]
+    try:
+        for layer in layers:
+            layer.drop_prob = prob
+        yield
+    finally:
+        for layer, p in zip(layers, saved):
+            layer.drop_prob = p
+
+
+def _optimizers(groups: Sequence[OptimGroup], iters: int) -> list[tuple[Any, Any]]:
+    out = []
+    for group in groups:
+        if not group.params:
+            continue
+        opt = torch.optim.Adam(group.params, lr=group.lr)
+        sched = None
+        if group.cosine:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(iters, 1),
+                                                               eta_min=0.0)
+        out.append((opt, sched))
+    return out
+
+
+def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
+                losses: Sequence[ReconLoss], param_groups: Sequence[OptimGroup],
+                tail: TailRunner | None = None, drop_prob: float = 0.0,
+                fp_input_prob: float = 0.0, seed: int = 0, log_interval: int = 500,
+                logger: logging.Logger | None = None) -> ReconStats:
+    """Reconstruct ``unit`` (whose quantization the caller has switched on).
+
+    Per iteration: draw a cached entry (seeded generator) — or, when a loss needs final
+    outputs, a calibration batch run through ``tail`` — recompute the unit's output, sum
+    the loss terms, backpropagate into the parameter groups only, and step each group's
+    Adam (and its cosine schedule). AdaRound quantizers train with soft rounding and are
+    hardened at the end.
+
+    Args:
+        unit: the unit.
+        cache: entries from :func:`capture_unit` for this unit.
+        iters: iterations (0 = only harden and measure).
+        losses: loss terms.
+        param_groups: trained parameters, one Adam per group.
+        tail: prepared for ``unit``; required when a loss needs final outputs.
+        drop_prob: QDrop's drop probability of the unit's wrappers during training.
+        fp_input_prob: QDrop's mixing of FP inputs into the cached quantized inputs.
+        seed: seeds the entry draws and the random masks (global RNG forked, restored).
+        log_interval: log the loss terms every this many iterations.
+        logger: defaults to the current MMLogger.
+
+    Returns:
+        :class:`ReconStats`.
+
+    Raises:
+        ValueError: empty cache, no loss, or a tail-loss without ``tail``.
+        FloatingPointError: a non-finite loss (names the unit, the iteration and terms).
+    """
+    logger = logger or MMLogger.get_current_instance()
+    if len(cache) == 0:
+        raise ValueError(f'reconstruct({unit.name!r}): the activation cache is empty')
+    if not losses:
+        raise ValueError(f'reconstruct({unit.name!r}): no loss terms')
+    if any(t.needs_final_outputs for t in losses) and tail is None:
+        raise ValueError(f'reconstruct({unit.name!r}): a loss needs final outputs; pass a '
+                         'TailRunner prepared for this unit')
+    tic = time.perf_counter()
+    device = model_device(unit.module)
+    loop = _Loop(unit, cache, losses, tail, fp_input_prob, device, iters)
+    trained = [p for g in param_groups for p in g.params]
+    if not trained and iters:
+        logger.warning(f'reconstruct({unit.name!r}): nothing to train; skipping the loop')
+        iters = 0
+    frozen = list(unit.module.parameters()) + (list(tail.model.parameters()) if tail else [])
+    for q in loop.quantizers:
+        q.soft_targets = True
+    loss_before = loop.evaluate()
+    tail_before = tail.seconds if tail else 0.0
+    loop_tic = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    rng_devices = [device] if device.type != 'cpu' else []
+    with torch.random.fork_rng(devices=rng_devices, device_type=device.type), \
+            requires_grad(frozen, False), requires_grad(trained, True), \
+            _drop(unit, drop_prob), _train_mode(unit, drop_prob > 0), torch.enable_grad():
+        torch.manual_seed(seed)
+        optimizers = _optimizers(param_groups, iters)
+        for it in range(iters):
+            draw = int(torch.randint(loop.num_draws(), (1,), generator=gen))
+            terms = loop.score(loop.context(draw, it, mix=True))
+            total = sum(terms.values())
+            if not torch.isfinite(total):
+                values = ', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())
+                raise FloatingPointError(f'reconstruct({unit.name!r}): non-finite loss at '
+                                         f'iteration {it}/{iters} ({values})')
+            for opt, _ in optimizers:
+                opt.zero_grad(set_to_none=True)
+            total.backward()
+            for opt, sched in optimizers:
+                opt.step()
+                if sched is not None:
+                    sched.step()
+            if log_interval and (it + 1) % log_interval == 0:
+                logger.info(f'{unit.name} [{it + 1}/{iters}] ' + ', '.join(
+                    f'{k}={v.item():.4g}' for k, v in terms.items()))
+    loop_seconds = time.perf_counter() - loop_tic
+    tail_seconds = (tail.seconds - tail_before) if tail else 0.0
+    for q in loop.quantizers:
+        q.harden()
+    loss_after = loop.evaluate()
+    return ReconStats(unit=unit.name, kind=unit.kind, iters=iters, loss_before=loss_before,
+                      loss_after=loss_after, seconds=time.perf_counter() - tic,
+                      tail_share=tail_seconds / loop_seconds if loop_seconds > 0 else 0.0)

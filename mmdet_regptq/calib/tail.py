@@ -1,0 +1,255 @@
+"""Final model outputs as a function of one unit's output, without rerunning the prefix.
+
+A loss on the detector's final outputs (PD-Quant's KL, Reg-PTQ's global loss) needs the
+part of the network *after* unit ``k`` at every iteration. :class:`TailRunner` makes that
+cheap: from one traced forward it knows every module call with its start/end counters.
+The *prefix* of unit ``k`` is the set of maximal calls that end before unit ``k``'s first
+call starts (everything the unit and what follows can only read, never change). For each
+calibration batch the outputs of those calls are stored once per unit (from the current
+quantized model). At an iteration each prefix module's ``forward`` is temporarily replaced
+(an instance attribute, restored afterwards) by a lookup returning the stored output, and
+``forward_fn(model, batch)`` runs: only unit ``k`` and what follows is computed. A hook
+collects unit ``k``'s outputs, so the local and the global loss come from ONE forward.
+Units after ``k`` run in their current state (not yet quantized).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..quant import QuantModule
+from ._tree import detach_to
+from ._utils import model_device, quant_disabled
+from .cache import GiB, ActivationCache, CacheEntry
+from .trace import CallRecord, ForwardFn, StopForward, removing, run_forward, trace_calls
+from .units import ReconUnit
+
+#: ``substitute(call_index) -> (args, kwargs)`` replacing the unit's inputs of that call.
+Substitute = Callable[[int], tuple[tuple, dict]]
+
+
+@dataclass
+class TailResult:
+    """Outputs of one tail forward.
+
+    Attributes:
+        outputs: the model's final outputs (``forward_fn``'s return value), with grad.
+        unit_outputs: the unit's output of each call, in call order, with grad.
+    """
+
+    outputs: Any
+    unit_outputs: list
+
+
+def _key(record: CallRecord) -> str:
+    return f'{record.name}#{record.index}'
+
+
+def maximal_prefix(records: Sequence[CallRecord], start: int) -> list[CallRecord]:
+    """Calls that end before counter ``start`` and are not nested in another such call.
+
+    Calls are properly nested intervals, so a sweep in start order suffices.
+    """
+    out: list[CallRecord] = []
+    last_end = -1
+    for record in sorted(records, key=lambda r: r.start):
+        if 0 <= record.end < start and record.start > last_end:
+            out.append(record)
+            last_end = record.end
+    return out
+
+
+class TailRunner:
+    """Runs the model from unit ``k`` on, reading the prefix outputs from a cache.
+
+    Args:
+        model: the quantized model.
+        forward_fn: ``forward_fn(model, batch)`` runs the model, returns raw outputs.
+        batches: the calibration batches (random access by index).
+        max_bytes: in-memory cap of each of the two caches (prefix outputs, FP targets).
+        spill_dir: where the caches spill.
+        fp_context: factory of a context manager active during the FP target forwards.
+
+    The model's forward must be deterministic in its module calls (the same modules in
+    the same order for every batch); a module called more often than traced raises.
+    """
+
+    def __init__(self, model: nn.Module, forward_fn: ForwardFn, batches: Sequence[Any], *,
+                 max_bytes: int = 2 * GiB, spill_dir: str | None = None,
+                 fp_context: Callable[[], ContextManager] | None = None) -> None:
+        if len(batches) == 0:
+            raise ValueError('TailRunner: no calibration batches')
+        self.model = model
+        self.forward_fn = forward_fn
+        self.batches = batches
+        self.device = model_device(model)
+        self._fp_context = fp_context or contextlib.nullcontext
+        with torch.no_grad(), quant_disabled(model):
+            self.records, _ = trace_calls(model, forward_fn, batches[0],
+                                          is_leaf=lambda m: isinstance(m, QuantModule))
+        self._prefix = ActivationCache(max_bytes=max_bytes, spill_dir=spill_dir)
+        self._targets: ActivationCache | None = None
+        self._cache_args = dict(max_bytes=max_bytes, spill_dir=spill_dir)
+        self._plan: dict[int, tuple[nn.Module, list[str | None]]] = {}
+        self.unit: ReconUnit | None = None
+        self.seconds = 0.0
+        self.num_runs = 0
+
+    # ------------------------------------------------------------------ per unit
+    def prepare(self, unit: ReconUnit) -> None:
+        """Store, per batch, the prefix outputs of ``unit`` from the current model state.
+
+        Also computes the FP final outputs (targets) on the first call.
+        """
+        self._prefix.clear()
+        first = next((r for r in self.records if r.name == unit.name), None)
+        if first is None:
+            raise ValueError(f'TailRunner: unit {unit.name!r} was not called in the traced '
+                             'forward')
+        prefix = maximal_prefix(self.records, first.start)
+        self._plan = self._make_plan(prefix)
+        for batch in self.batches:
+            stored: dict[str, Any] = {}
+            with torch.no_grad(), self._recording(prefix, unit, stored):
+                run_forward(self.model, self.forward_fn, batch)
+            self._prefix.append(CacheEntry(output=stored), copy=False)
+        self.unit = unit
+        if self._targets is None:
+            self._targets = self._record_targets()
+
+    def _make_plan(self, prefix: list[CallRecord]) -> dict[int, tuple[nn.Module, list]]:
+        """Per patched module, its calls in a tail run: a cache key (lookup) or None (live).
+
+        Calls nested inside a prefix call do not happen in a tail run and are left out.
+        """
+        modules = {id(r.module): r.module for r in prefix}
+        plan: dict[int, tuple[nn.Module, list[str | None]]] = {
+            mid: (module, []) for mid, module in modules.items()}
+        prefix_keys = {_key(r) for r in prefix}
+        for record in self.records:
+            if id(record.module) not in plan:
+                continue
+            if any(p.encloses(record) for p in prefix):
+                continue
+            plan[id(record.module)][1].append(
+                _key(record) if _key(record) in prefix_keys else None)
+        return plan
+
+    @contextlib.contextmanager
+    def _recording(self, prefix: list[CallRecord], unit: ReconUnit,
+                   stored: dict[str, Any]) -> Iterator[None]:
+        """Store the outputs of the ``prefix`` calls; stop when ``unit`` starts."""
+        wanted = {_key(r) for r in prefix}
+        modules = {id(r.module): (r.module, r.name) for r in prefix}
+        counts: dict[int, int] = {}
+
+        def post_hook(mod: nn.Module, args: Any, output: Any) -> None:
+            index = counts.get(id(mod), 0)
+            counts[id(mod)] = index + 1
+            key = f'{modules[id(mod)][1]}#{index}'
+            if key in wanted:
+                stored[key] = detach_to(output, self._prefix.device)
+
+        def stop(mod: nn.Module, args: Any) -> None:
+            raise StopForward
+
+        with removing([]) as handles:
+            for module, _ in modules.values():
+                handles.append(module.register_forward_hook(post_hook))
+            handles.append(unit.module.register_forward_pre_hook(stop))
+            yield
+
+    def _record_targets(self) -> ActivationCache:
+        targets = ActivationCache(**self._cache_args)
+        for batch in self.batches:
+            with torch.no_grad(), quant_disabled(self.model), self._fp_context():
+                targets.add(output=self.forward_fn(self.model, batch))
+        return targets
+
+    # ------------------------------------------------------------------ per iteration
+    def target(self, index: int) -> Any:
+        """FP final outputs of batch ``index`` (on the model's device)."""
+        if self._targets is None:
+            raise RuntimeError('TailRunner.target() before prepare()')
+        return detach_to(self._targets[index].output, self.device)
+
+    def run(self, index: int, *, substitute: Substitute | None = None) -> TailResult:
+        """Forward of batch ``index`` from the prepared unit on (grad follows the caller).
+
+        Args:
+            index: calibration batch index.
+            substitute: optional replacement of the unit's inputs per call (the cached,
+                possibly FP-mixed inputs of a reconstruction iteration).
+
+        Returns:
+            The final outputs and the unit's outputs, both differentiable w.r.t. the
+            unit's parameters.
+        """
+        if self.unit is None:
+            raise RuntimeError('TailRunner.run() before prepare()')
+        stored = self._prefix[index].output
+        unit_outputs: list = []
+        calls = [0]
+
+        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if substitute is not None:
+                return substitute(calls[0])
+            return None
+
+        def post_hook(mod: nn.Module, args: Any, output: Any) -> None:
+            calls[0] += 1
+            unit_outputs.append(output)
+
+        tic = time.perf_counter()
+        with self._patched(stored), removing([]) as handles:
+            handles.append(self.unit.module.register_forward_pre_hook(pre_hook,
+                                                                      with_kwargs=True))
+            handles.append(self.unit.module.register_forward_hook(post_hook))
+            outputs = self.forward_fn(self.model, self.batches[index])
+        self.seconds += time.perf_counter() - tic
+        self.num_runs += 1
+        return TailResult(outputs=outputs, unit_outputs=unit_outputs)
+
+    @contextlib.contextmanager
+    def _patched(self, stored: dict[str, Any]) -> Iterator[None]:
+        saved: list[tuple[nn.Module, Any]] = []
+        try:
+            for module, steps in self._plan.values():
+                saved.append((module, module.__dict__.get('forward')))
+                module.forward = self._lookup(module, iter(steps), stored)
+            yield
+        finally:
+            for module, previous in saved:
+                if previous is None:
+                    del module.__dict__['forward']
+                else:
+                    module.forward = previous
+
+    def _lookup(self, module: nn.Module, steps: Iterator[str | None],
+                stored: dict[str, Any]) -> Callable:
+        original = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            key = next(steps, StopIteration)
+            if key is StopIteration:
+                raise RuntimeError(
+                    f'TailRunner: {type(module).__name__} was called more often than in the '
+                    'traced forward; the model forward is not deterministic')
+            if key is None:
+                return original(*args, **kwargs)
+            return detach_to(stored[key], self.device)
+
+        return forward
+
+    def release(self) -> None:
+        """Free the caches (end of calibration)."""
+        self._prefix.clear()
+        if self._targets is not None:
+            self._targets.clear()
+        self._targets = None
+        self.unit = None

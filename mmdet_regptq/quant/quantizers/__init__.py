@@ -1,0 +1,15 @@
+"""Fake quantizers (registered in ``mmdet_regptq.registry.QUANTIZERS``)."""
+from .adaround import AdaRoundQuantizer
+from .base import Quantizer
+from .functional import fake_quant, fake_quant_export, grad_scale, quantize_int, round_ste
+from .ranges import RANGE_METHODS, QuantGrid, qparams_from_range, register_range_method
+from .uniform import UniformQuantizer
+
+__all__ = [
+    # base and quantizers
+    'Quantizer', 'UniformQuantizer', 'AdaRoundQuantizer',
+    # clipping-range estimation
+    'QuantGrid', 'RANGE_METHODS', 'register_range_method', 'qparams_from_range',
+    # functional helpers
+    'round_ste', 'grad_scale', 'fake_quant', 'quantize_int', 'fake_quant_export',
+]
