@@ -3,16 +3,26 @@
 Each fix is small, idempotent, edits nothing on disk, and has a test in
 ``tests/test_compat.py`` that fails without it.
 
-1. ``torch.load`` defaults to ``weights_only=True`` since torch 2.6, but mmengine 0.10.7
-   calls it without the argument. A full training checkpoint written by mmengine's
-   ``CheckpointHook`` holds a ``message_hub`` with ``HistoryBuffer`` objects and numpy
-   arrays/scalars, which the safe unpickler refuses ("Unsupported global:
-   mmengine.logging.history_buffer.HistoryBuffer"), so ``mim run mmdet test cfg ckpt`` and
-   ``resume=True`` fail on them. We allow-list exactly those classes (they are plain data
-   containers) instead of turning the safe loader off. Bundled checkpoints are stripped to
-   ``state_dict`` + plain ``meta`` and load without this.
+1. **Training checkpoints and ``weights_only``.** torch >= 2.6 loads with
+   ``weights_only=True`` by default, but mmengine 0.10.7 calls ``torch.load`` without the
+   argument. A checkpoint written by mmengine's ``CheckpointHook`` holds a
+   ``message_hub`` of ``HistoryBuffer`` objects with numpy arrays, and a HistoryBuffer
+   pickles its statistics methods by reference (``getattr(HistoryBuffer, 'mean')``), so the safe
+   unpickler refuses it and ``mim run mmdet test cfg epoch_N.pth`` or ``resume=True``
+   fail. The decision: we do NOT turn safety off. (a) numpy data classes and
+   ``HistoryBuffer`` are allow-listed for torch's safe unpickler; (b) mmengine's local
+   checkpoint loader is replaced by one that tries the safe loader first and, only for
+   files it refuses, uses a restricted unpickler that admits torch's own safe globals,
+   those data classes, and ``getattr`` *only* for a HistoryBuffer's statistics methods.
+   Any other global still raises. Bundled checkpoints are stripped to ``state_dict`` +
+   plain ``meta`` and load without any of this.
 """
 from __future__ import annotations
+
+import os.path as osp
+import pickle
+import types
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,16 +31,66 @@ _applied = False
 
 
 def checkpoint_safe_globals() -> list:
-    """The non-tensor classes found in mmengine training checkpoints."""
+    """The non-tensor data classes found in mmengine training checkpoints."""
     from mmengine.logging.history_buffer import HistoryBuffer
 
     globals_ = [HistoryBuffer, np.ndarray, np.dtype]
     globals_ += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith('DType')]
     globals_ += [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
                  np.uint32, np.uint64, np.float16, np.float32, np.float64]
-    multiarray = getattr(np, '_core', None) or np.core
-    globals_ += [multiarray.multiarray._reconstruct, multiarray.multiarray.scalar]
+    multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
+    globals_ += [multiarray._reconstruct, multiarray.scalar]
     return globals_
+
+
+#: The statistics a HistoryBuffer pickles by reference (mmengine 0.10.7).
+_HISTORY_BUFFER_STATISTICS = {'min', 'max', 'current', 'mean'}
+
+
+def _history_buffer_getattr(obj: Any, name: str) -> Any:
+    """``getattr`` restricted to what a pickled HistoryBuffer needs."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    is_buffer = obj is HistoryBuffer or isinstance(obj, HistoryBuffer)
+    if is_buffer and name in _HISTORY_BUFFER_STATISTICS | set(HistoryBuffer._statistics_methods):
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(
+        f'checkpoint asks for getattr({type(obj).__name__}, {name!r}); only the statistics '
+        f'methods of mmengine HistoryBuffer are allowed')
+
+
+class _CheckpointUnpickler(pickle.Unpickler):
+    """Admits torch's safe globals, numpy/HistoryBuffer data and a guarded getattr."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in (('builtins', 'getattr'), ('__builtin__', 'getattr')):
+            return _history_buffer_getattr
+        from torch._weights_only_unpickler import _get_allowed_globals
+        allowed = _get_allowed_globals()
+        allowed.update({f'{g.__module__}.{g.__name__}': g for g in checkpoint_safe_globals()})
+        allowed['_codecs.encode'] = __import__('_codecs').encode
+        key = f'{module}.{name}'
+        if key in allowed:
+            return allowed[key]
+        if module.startswith('numpy') and f'numpy.{name}' in allowed:  # numpy.core alias
+            return allowed[f'numpy.{name}']
+        raise pickle.UnpicklingError(f'checkpoint global {key} is not allowed')
+
+
+_restricted_pickle = types.SimpleNamespace(Unpickler=_CheckpointUnpickler, load=pickle.load,
+                                           __name__='mmdet_regptq_restricted_pickle')
+
+
+def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
+    """mmengine's local loader, safe on torch >= 2.6 for mmengine training checkpoints."""
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    try:
+        return torch.load(filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        return torch.load(filename, map_location=map_location, weights_only=False,
+                          pickle_module=_restricted_pickle)
 
 
 def apply() -> None:
@@ -38,5 +98,8 @@ def apply() -> None:
     global _applied
     if _applied:
         return
+    from mmengine.runner.checkpoint import CheckpointLoader
+
     torch.serialization.add_safe_globals(checkpoint_safe_globals())
+    CheckpointLoader.register_scheme(prefixes='', force=True)(load_local_checkpoint)
     _applied = True

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-import mmdet_regptq  # noqa: F401  (applies compat: training checkpoints need it to load)
+from mmdet_regptq.compat import load_local_checkpoint
 from mmdet_regptq.io import atomic_save
 
 
 def strip(src: str, dst: str, note: str = '') -> dict:
     """Write the stripped checkpoint and return its meta."""
-    ckpt = torch.load(src, map_location='cpu')
+    ckpt = load_local_checkpoint(src, map_location='cpu')  # training checkpoints: see compat
     meta = ckpt.get('meta', {})
     plain = {
         'dataset_meta': meta.get('dataset_meta'),

@@ -28,3 +28,13 @@ model = dict(
         allowed_border=-1, pos_weight=-1, debug=False),
     test_cfg=dict(nms_pre=1000, min_bbox_size=0, score_thr=0.05,
                   nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
+
+# 12 epochs (the CPU budget of the bundled set); the base schedule is 24.
+max_epochs = 12
+train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=max_epochs)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=200),
+    dict(type='CosineAnnealingLR', T_max=max_epochs, eta_min_ratio=0.02, by_epoch=True,
+         begin=0, end=max_epochs, convert_to_iter_based=True),
+]
+default_hooks = dict(checkpoint=dict(interval=max_epochs))

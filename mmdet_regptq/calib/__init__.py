@@ -6,10 +6,12 @@ this package registers the loss terms in ``RECON_LOSSES`` and the methods in
 """
 from .cache import GiB, ActivationCache, CacheEntry
 from .capture import GradLoss, capture_unit, output_mse
+from .fgic import (DetPredictions, FGICConfig, FGICLoss, GlobalLoss, aligned_iou, fgic_loss,
+                   fgic_mask, fgic_set_loss, soft_cross_entropy)
 from .losses import (FisherMSE, LinearTempDecay, OutputMSE, PredictionKL, ReconContext,
                      ReconLoss, RoundingRegularizer, reduce_errors)
 from .methods import (MSE, AdaQuant, AdaRound, BRECQ, MinMax, PDQuant, PTQMethod, QDrop,
-                      UnitCallback, act_scale_params)
+                      RegPTQ, UnitCallback, act_scale_params)
 from .reconstruct import (OptimGroup, ReconStats, mix_inputs, reconstruct,
                           rounding_quantizers)
 from .tail import TailResult, TailRunner, maximal_prefix
@@ -25,10 +27,13 @@ __all__ = [
     'TailRunner', 'TailResult', 'maximal_prefix',
     # loss terms
     'ReconContext', 'ReconLoss', 'OutputMSE', 'FisherMSE', 'RoundingRegularizer',
-    'LinearTempDecay', 'PredictionKL', 'reduce_errors',
+    'LinearTempDecay', 'PredictionKL', 'reduce_errors', 'GlobalLoss',
+    # Reg-PTQ's filtered global loss (FGIC)
+    'DetPredictions', 'FGICConfig', 'FGICLoss', 'fgic_loss', 'fgic_set_loss', 'fgic_mask',
+    'aligned_iou', 'soft_cross_entropy',
     # the loop
     'reconstruct', 'OptimGroup', 'ReconStats', 'rounding_quantizers', 'mix_inputs',
     # methods
     'PTQMethod', 'UnitCallback', 'act_scale_params', 'MinMax', 'MSE', 'AdaRound',
-    'AdaQuant', 'BRECQ', 'QDrop', 'PDQuant',
+    'AdaQuant', 'BRECQ', 'QDrop', 'PDQuant', 'RegPTQ',
 ]

@@ -87,9 +87,11 @@ def record_calls(module: nn.Module, num_calls: int, device: torch.device, *,
         if outputs:
             log.outputs.append(detach_to(output, device))
         if leaf_outputs:
-            output = tree_map(lambda t: t.detach().requires_grad_(True)
+            leaves = tree_map(lambda t: t.detach().requires_grad_(True)
                               if t.is_floating_point() else t, output)
-            log.leaves.append(float_tensors(output))
+            log.leaves.append(float_tensors(leaves))
+            # pass on non-leaf copies: the next op may be in place (ReLU(inplace=True))
+            output = tree_map(lambda t: t.clone() if t.requires_grad else t, leaves)
         if stop and outputs and len(log.outputs) == num_calls:
             raise StopForward
         return output if leaf_outputs else None

@@ -27,15 +27,38 @@ def build_calib_dataset(cfg: Config, dataset: dict | None = None) -> Any:
         if cfg.get('train_dataloader') is None:
             raise ValueError('calib: the config has no train_dataloader; set '
                              'calib.dataloader=dict(dataset=...) to name calibration images')
-        dataset = _as_dict(cfg.train_dataloader['dataset'])
         test_pipeline = _as_dict(cfg.test_dataloader['dataset'])['pipeline']
-        inner = dataset
-        while 'pipeline' not in inner and 'dataset' in inner:  # RepeatDataset & co.
-            inner = inner['dataset']
-        inner['pipeline'] = test_pipeline
+        dataset = _with_pipeline(_as_dict(cfg.train_dataloader['dataset']), test_pipeline)
+        field = 'train_dataloader.dataset'
+    else:
+        field = 'calib.dataloader.dataset'
     from mmdet.utils import register_all_modules  # noqa: F401  (scope for building)
     with DATASETS.switch_scope_and_registry(cfg.get('default_scope', 'mmdet')) as registry:
-        return registry.build(dataset)
+        try:
+            return registry.build(dataset)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f'calib: the calibration images ({field}) cannot be '
+                                    f'loaded: {err}') from err
+        except ValueError as err:   # mmengine serialises the data list with np.concatenate
+            if 'need at least one array' in str(err):
+                raise ValueError(f'calib: the calibration dataset is empty ({field} has no '
+                                 'images); allowed: a dataset with >= 1 image') from err
+            raise
+
+
+def _with_pipeline(node: dict, pipeline: list) -> dict:
+    """Give every leaf dataset ``pipeline``: wrappers hold one dataset in ``dataset``
+    (RepeatDataset, ClassBalancedDataset) or several in ``datasets`` (ConcatDataset, as
+    the VOC07+12 configs); a mosaic/mix-up wrapper is dropped (its inner images are used)."""
+    if str(node.get('type', '')).split('.')[-1] == 'MultiImageMixDataset':
+        return _with_pipeline(node['dataset'], pipeline)
+    if 'datasets' in node:
+        node['datasets'] = [_with_pipeline(d, pipeline) for d in node['datasets']]
+    elif 'dataset' in node and 'pipeline' not in node:
+        node['dataset'] = _with_pipeline(node['dataset'], pipeline)
+    else:
+        node['pipeline'] = copy.deepcopy(pipeline)
+    return node
 
 
 def build_calib_loader(cfg: Config, *, num_images: int = 256, batch_size: int = 2,

@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from mmdet_regptq.engine.checkpoint import load_quantized, save_quantized
+from mmdet_regptq.engine.resume import CalibrationResume, fingerprint, sigterm_as_exception
 from mmdet_regptq.models.adapters import DetectorAdapter, find_adapter
 from mmdet_regptq.quant import QuantPolicy, quantize_model
 from mmdet_regptq.registry import PTQ_METHODS, build_from
@@ -50,7 +51,8 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
                       method: Any, work_dir: str | Path | None = None,
                       quantized_checkpoint: str | None = None, seed: int = 0,
                       logger: logging.Logger | None = None,
-                      meta: dict | None = None) -> dict:
+                      meta: dict | None = None, resume: bool = True,
+                      on_unit_end: Callable[[int, Any, Any], None] | None = None) -> dict:
     """Quantize ``model`` in place and calibrate it (or load a saved result).
 
     Args:
@@ -61,6 +63,11 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
         work_dir: where ``quantized.pth`` is written (atomic); None = do not save.
         quantized_checkpoint: load this instead of calibrating.
         seed: seed of the calibration (same seed -> identical checkpoint).
+        resume: with a ``work_dir``, save the state after every finished unit
+            (``quantized.partial.pth``, atomic) and continue from it on a rerun with the
+            same settings (see :mod:`mmdet_regptq.engine.resume`).
+        on_unit_end: extra ``calibrate`` callback ``(index, unit, stats)``, called after
+            the partial state of that unit is saved.
 
     Returns:
         dict with the report table, method stats, seconds, and the checkpoint path.
@@ -70,23 +77,51 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
     adapter = find_adapter(model)
     policy = build_policy(quant, adapter)
     method_obj = build_from(PTQ_METHODS, method, 'method')
+    if hasattr(method_obj, 'set_layer_defaults'):  # Reg-PTQ: head / regression-branch regexes
+        method_obj.set_layer_defaults(head=adapter.head_layer_patterns(),
+                                      regression=adapter.regression_layer_patterns())
+    # Reg-PTQ's FGIC on decoded predictions; other methods keep their default (output MSE)
+    global_loss = adapter.global_loss(method_obj.fgic) if hasattr(method_obj, 'fgic') else None
     batches = prepare_batches(adapter, loader)
     report = quantize_model(model, policy, example_forward=lambda m: adapter.forward(m, batches[0]))
     logger.info('quantized layers:\n' + report.table())
     result: dict = {'report': report}
     start = time.perf_counter()
     if quantized_checkpoint:
+        if hasattr(method_obj, 'install_llaq'):  # Reg-PTQ: LLAQ layers carry their own state
+            method_obj.install_llaq(model)
         load_quantized(model, quantized_checkpoint, expect=_describe(quant, method))
         result['loaded'] = quantized_checkpoint
     else:
+        # --- resume (engine/resume.py): partial state per unit under work_dir ---------
+        partial = start_unit = None
+        if work_dir is not None and resume:
+            partial = CalibrationResume(work_dir, fingerprint(
+                quant=quant, method=method, seed=seed, batches=batches,
+                layers=[(r.name, r.w_bits, r.a_bits) for r in report.layers],
+                config=(meta or {}).get('config')), logger=logger)
+            state = partial.load()
+            if state is not None:
+                units = method_obj.find_units(model, adapter.forward, batches[0])
+                start_unit = partial.restore(model, method_obj, units, state)
+        callbacks = ([partial.on_unit_end(model)] if partial else []) + (
+            [on_unit_end] if on_unit_end else [])
+        # --------------------------------------------------------------------------------
         torch.manual_seed(seed)
-        result['stats'] = method_obj.calibrate(
-            model, batches, adapter.forward, output_fn=adapter.logits, logger=logger, seed=seed)
+        with sigterm_as_exception():
+            result['stats'] = method_obj.calibrate(
+                model, batches, adapter.forward, output_fn=adapter.logits,
+                global_loss=global_loss, logger=logger, seed=seed, start_unit=start_unit or 0,
+                on_unit_end=_chain(callbacks))
         if work_dir is not None:
             path = Path(work_dir) / 'quantized.pth'
-            save_quantized(model, path, meta={**(meta or {}), **_describe(quant, method)})
+            save_quantized(model, path, meta={**(meta or {}), **_describe(quant, method)},
+                           logger=logger)
             result['checkpoint'] = str(path)
             logger.info(f'saved the quantized model to {path}')
+        if partial is not None:
+            partial.finish()
+        result['resumed_from_unit'] = start_unit or 0
     result['seconds'] = time.perf_counter() - start
     model.eval()
     return result
@@ -96,3 +131,14 @@ def _describe(quant: dict, method: Any) -> dict:
     """What must match between a saved quantized checkpoint and the model it loads into."""
     name = method.get('type') if isinstance(method, dict) else type(method).__name__
     return {'quant': dict(quant), 'method': name}
+
+
+def _chain(callbacks: list[Callable[..., None]]) -> Callable[..., None] | None:
+    """One ``on_unit_end`` calling each callback in order (``None`` when there is none)."""
+    if not callbacks:
+        return None
+
+    def call_all(*args: Any) -> None:
+        for callback in callbacks:
+            callback(*args)
+    return call_all

@@ -1,6 +1,9 @@
 """mmdet adapters: how the engine runs, reads and decodes each detector family."""
-from mmdet_regptq.models.adapters import (DETECTOR_ADAPTERS, DenseHeadAdapter, DetectorAdapter,
-                                          DetPredictions, find_adapter, final_layer_patterns)
+from mmdet_regptq.models.adapters import (DENSE_DECODERS, DETECTOR_ADAPTERS, FINAL_LAYER_NAMES,
+                                          DenseHeadAdapter, DetectorAdapter, DetPredictions,
+                                          DETRAdapter, RawOutputs, TwoStageAdapter,
+                                          find_adapter, final_layer_patterns)
 
-__all__ = ['DETECTOR_ADAPTERS', 'DetectorAdapter', 'DenseHeadAdapter', 'DetPredictions',
-           'find_adapter', 'final_layer_patterns']
+__all__ = ['DETECTOR_ADAPTERS', 'DENSE_DECODERS', 'FINAL_LAYER_NAMES', 'DetectorAdapter',
+           'DenseHeadAdapter', 'TwoStageAdapter', 'DETRAdapter', 'DetPredictions',
+           'RawOutputs', 'find_adapter', 'final_layer_patterns']

@@ -4,7 +4,8 @@ from .adaround import AdaRound
 from .base import PTQMethod, UnitCallback, act_scale_params
 from .brecq import BRECQ
 from .qdrop import PDQuant, QDrop
+from .regptq import LLAQ_TARGETS, RegPTQ
 from .scale_only import MSE, MinMax
 
 __all__ = ['PTQMethod', 'UnitCallback', 'act_scale_params', 'MinMax', 'MSE', 'AdaRound',
-           'AdaQuant', 'BRECQ', 'QDrop', 'PDQuant']
+           'AdaQuant', 'BRECQ', 'QDrop', 'PDQuant', 'RegPTQ', 'LLAQ_TARGETS']

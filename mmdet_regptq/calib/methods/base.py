@@ -16,7 +16,7 @@ from mmengine.utils import ProgressBar
 from torch import Tensor, nn
 
 from ...quant import (AdaRoundQuantizer, eval_mode, init_activation_quantizers,
-                      iter_quant_modules, set_quant_state)
+                      set_quant_state)
 from ..cache import GiB, ActivationCache
 from ..capture import GradLoss, capture_unit, output_mse
 from ..losses import OutputMSE, ReconLoss, RoundingRegularizer
@@ -215,7 +215,7 @@ class PTQMethod:
             if start_unit == 0:
                 self.init_scales(model, batches, forward_fn, seed=seed)
             else:
-                _check_initialized(model)
+                _check_initialized(units)
             if not self.trains:
                 set_quant_state(model, weight=True, input=True)
                 return []
@@ -274,8 +274,10 @@ class PTQMethod:
         return all_stats
 
 
-def _check_initialized(model: nn.Module) -> None:
-    missing = [name for name, layer in iter_quant_modules(model)
+def _check_initialized(units: Sequence[ReconUnit]) -> None:
+    # only the units' wrappers: a wrapper the forward never calls is in no unit and its
+    # input quantizer is never initialised (init_activation_quantizers warns about it)
+    missing = [name for unit in units for name, layer in unit.layers
                for q in layer.input_quantizers().values()
                if q is not None and not q.is_initialized()]
     if missing:

@@ -1,0 +1,183 @@
+"""bbox AP of the bundled detectors: FP and each PTQ method at each bit width.
+
+Every run goes through the real path a user takes: mmdet's Runner with the config's test
+dataloader and CocoMetric, the checkpoint loaded by the Runner, and ``RegPTQHook``
+calibrating in ``before_test``. Each run is a subprocess, so its peak RSS is its own.
+
+    python benchmarks/accuracy.py --detectors retinanet --methods MinMax QDrop RegPTQ \
+        --bits w4a8 w4a4 w3a3 w2a4 --iters 200 --num-images 64
+
+Prints a table, and writes ``results.csv`` and ``accuracy.png`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DETECTORS = {
+    'retinanet': 'retinanet_r18-16_fpn64_synthetic',
+    'fcos': 'fcos_r18-16_fpn64_synthetic',
+    'faster-rcnn': 'faster-rcnn_r18-16_fpn64_synthetic',
+}
+FIELDS = ['detector', 'method', 'bits', 'bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'iters',
+          'num_images', 'calib_seconds', 'peak_rss_mb', 'seed']
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r'w(\d+)a(\d+)', text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f'--bits {text!r}: expected like w4a4')
+    return int(match.group(1)), int(match.group(2))
+
+
+def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> dict:
+    """Evaluate one (detector, method, bits) in this process; returns the row."""
+    import resource
+
+    import mmdet_regptq  # noqa: F401  registers the hook
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    name = DETECTORS[detector]
+    cfg = Config.fromfile(ROOT / 'configs' / 'synthetic' / f'{name}.py')
+    cfg.load_from = str(ROOT / 'checkpoints' / f'{name}.pth')
+    cfg.work_dir = str(Path(args.out) / detector / f'{method}_{bits}')
+    cfg.test_dataloader.num_workers = 0
+    cfg.test_dataloader.persistent_workers = False
+    if args.val_images:  # CocoMetric scores every image of its ann_file: use a subset file
+        from mmdet_regptq.datasets.subset import write_coco_subset
+        ann = write_coco_subset(Path(cfg.test_evaluator.ann_file), args.val_images)
+        cfg.test_dataloader.dataset.ann_file = str(ann)
+        cfg.test_evaluator.ann_file = str(ann)
+    hook = None
+    if method != 'FP':
+        w_bits, a_bits = parse_bits(bits)
+        hook = dict(type='RegPTQHook', quant=dict(w_bits=w_bits, a_bits=a_bits),
+                    method=dict(type=method, iters=args.iters),
+                    calib=dict(num_images=args.num_images, batch_size=2, seed=args.seed),
+                    save=False)
+        cfg.custom_hooks = [hook]
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    calib_seconds = 0.0
+    for h in runner.hooks:
+        if type(h).__name__ == 'RegPTQHook' and h.result is not None:
+            calib_seconds = h.result['seconds']
+    return {
+        'detector': detector, 'method': method, 'bits': bits if method != 'FP' else 'fp32',
+        'bbox_mAP': metrics['coco/bbox_mAP'], 'bbox_mAP_50': metrics['coco/bbox_mAP_50'],
+        'bbox_mAP_75': metrics['coco/bbox_mAP_75'],
+        'iters': args.iters if method != 'FP' else 0,
+        'num_images': args.num_images if method != 'FP' else 0,
+        'calib_seconds': round(calib_seconds, 1),
+        'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        'seed': args.seed,
+    }
+
+
+def spawn(detector: str, method: str, bits: str, args: argparse.Namespace) -> dict:
+    """Run one combination in a subprocess (own peak RSS, own logs)."""
+    log_dir = Path(args.out) / detector
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f'{method}_{bits}.log'
+    cmd = [sys.executable, __file__, '--one', detector, method, bits, '--out', args.out,
+           '--iters', str(args.iters), '--num-images', str(args.num_images),
+           '--seed', str(args.seed), '--val-images', str(args.val_images)]
+    start = time.perf_counter()
+    with open(log, 'w') as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith('RESULT ')]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f'{detector} {method} {bits} failed (exit {proc.returncode}); see {log}')
+    row = json.loads(lines[-1][len('RESULT '):])
+    print(f'  {detector:12s} {method:9s} {row["bits"]:6s} AP {row["bbox_mAP"]:.3f}  '
+          f'calib {row["calib_seconds"]:7.1f} s  RSS {row["peak_rss_mb"]:7.1f} MB  '
+          f'(wall {time.perf_counter() - start:.0f} s)', flush=True)
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Grouped bars: AP per method, one group per (detector, bits)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r['detector'], r['bits']) for r in rows if r['method'] != 'FP'})
+    methods = [m for m in dict.fromkeys(r['method'] for r in rows) if m != 'FP']
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(methods)) / 2), 4))
+    width = 0.8 / max(1, len(methods))
+    for j, method in enumerate(methods):
+        values = [next((r['bbox_mAP'] for r in rows if (r['detector'], r['bits'], r['method'])
+                        == (d, b, method)), 0.0) for d, b in groups]
+        ax.bar([i + j * width for i in range(len(groups))], values, width, label=method)
+    for i, (d, _) in enumerate(groups):
+        fp = next((r['bbox_mAP'] for r in rows if r['detector'] == d and r['method'] == 'FP'), None)
+        if fp is not None:
+            ax.hlines(fp, i - 0.1, i + 0.9, colors='k', linestyles='dashed')
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f'{d}\n{b}' for d, b in groups], fontsize=8)
+    ax.set_ylabel('bbox mAP (dashed: FP)')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--detectors', nargs='+', default=list(DETECTORS), choices=list(DETECTORS))
+    parser.add_argument('--methods', nargs='+',
+                        default=['MinMax', 'AdaRound', 'AdaQuant', 'BRECQ', 'QDrop', 'PDQuant',
+                                 'RegPTQ'])
+    parser.add_argument('--bits', nargs='+', default=['w4a8', 'w4a4', 'w3a3', 'w2a4'])
+    parser.add_argument('--iters', type=int, default=200, help='iterations per unit')
+    parser.add_argument('--num-images', type=int, default=64, help='calibration images')
+    parser.add_argument('--val-images', type=int, default=0, help='0 = the whole val split')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--no-fp', action='store_true', help='skip the FP rows')
+    parser.add_argument('--out', default=str(ROOT / 'work_dirs' / 'bench_accuracy'))
+    parser.add_argument('--one', nargs=3, metavar=('DETECTOR', 'METHOD', 'BITS'),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    for bits in args.bits:
+        parse_bits(bits)
+    if args.one:
+        row = run_one(*args.one, args)
+        print('RESULT ' + json.dumps(row), flush=True)
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    print(f'{len(args.detectors)} detectors x {len(args.methods)} methods x {len(args.bits)} '
+          f'bit widths; {args.iters} iters/unit, {args.num_images} calibration images', flush=True)
+    for det in args.detectors:
+        if not args.no_fp:
+            rows.append(spawn(det, 'FP', 'fp32', args))
+        for bits in args.bits:
+            for method in args.methods:
+                rows.append(spawn(det, method, bits, args))
+    csv_path = out / 'results.csv'
+    with open(csv_path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out / 'accuracy.png')
+    print('\n| detector | method | bits | AP | AP50 | AP75 | calib s | peak RSS MB |')
+    print('|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['detector']} | {r['method']} | {r['bits']} | {100 * r['bbox_mAP']:.1f} | "
+              f"{100 * r['bbox_mAP_50']:.1f} | {100 * r['bbox_mAP_75']:.1f} | "
+              f"{r['calib_seconds']} | {r['peak_rss_mb']} |")
+    print(f'\nwrote {csv_path} and {out / "accuracy.png"}')
+
+
+if __name__ == '__main__':
+    os.environ.setdefault('OMP_NUM_THREADS', '2')
+    main()

@@ -1,0 +1,270 @@
+"""Reg-PTQ (Ding et al., CVPR 2024): LLAQ on the head's regression branch + FGIC."""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+from mmengine.logging import MMLogger
+from torch import Tensor, nn
+
+from ...quant import LLAQuantizer, UniformQuantizer, iter_quant_modules
+from ...registry import PTQ_METHODS, QUANTIZERS, build_from
+from ..capture import GradLoss
+from ..fgic import FGICConfig, GlobalLoss
+from ..losses import FisherMSE, OutputMSE, ReconLoss
+from ..reconstruct import OptimGroup, ReconStats
+from ..trace import ForwardFn
+from ..units import ReconUnit
+from .base import UnitCallback
+from .qdrop import QDrop
+
+__all__ = ['RegPTQ', 'LLAQ_TARGETS']
+
+#: ``llaq`` option → attribute of :class:`RegPTQ` holding the target layer regexes.
+LLAQ_TARGETS = {'reg': 'reg_layers', 'head': 'head_layers'}
+
+
+@PTQ_METHODS.register_module()
+class RegPTQ(QDrop):
+    """Reg-PTQ: scale-search init → LLAQ on the head's regression branch → FGIC.
+
+    Follows QDrop's pipeline (drop 0.5 with FP input mixing, AdaRound rounding for uniform
+    layers, LSQ activation steps), block-wise inside ``block_scopes`` (the backbone) and
+    layer-wise elsewhere. Per unit ``k`` the loss is ``L_H^k + L_G``: ``L_H`` the
+    diagonal-Fisher weighted reconstruction error with ``dL_G / dO^k`` captured before the
+    unit is trained, ``L_G`` the filtered global loss computed from a :class:`TailRunner`
+    forward of the network after the unit (later units FP). The global term's cost is
+    logged per unit (tail-forward share and decode/loss seconds).
+
+    The method learns which layers are the head / its regression branch from regexes
+    (``re.fullmatch`` on module names): ``quantize_detector`` fills ``head_layers`` and
+    ``reg_layers`` from the detector adapter (:meth:`set_layer_defaults`), and
+    ``calibrate(global_loss=...)`` takes the adapter's FGIC callable built from
+    :attr:`fgic`.
+
+    Args:
+        global_loss: add ``L_G`` to every unit's loss (needs ``calibrate(global_loss=...)``).
+        fisher: Fisher-weighted ``L_H`` with gradients of ``calibrate``'s ``global_loss``;
+            False: plain output MSE.
+        conf_filter: FGIC confidence filter (``theta_c``).
+        iou_filter: FGIC IoU filter (``theta_i``).
+        llaq: LLAQ targets: ``True`` / ``'reg'`` (the regression branch), ``'head'`` (every
+            head layer), ``False`` (off: uniform + AdaRound everywhere).
+        lambda_: weight of FGIC's box term (our choice 1.0).
+        p: exponent of FGIC's box distance (our choice 1).
+        theta_c: confidence threshold (2e-4).
+        theta_i: IoU threshold (0.1).
+        normalize_boxes: FGIC boxes divided by the image size (our choice).
+        entropy_offset: FGIC reports CE minus the FP entropy (same gradients).
+        global_weight: factor of ``L_G`` in the total (the paper's plain sum: 1).
+        llaq_cfg: options of the ``'LLAQ'`` quantizer (``k_candidates``, ...); bits come
+            from each layer's weight quantizer.
+        lr_llaq: Adam lr of LLAQ's ``k`` / ``a`` (our choice 1e-3, cosine-annealed).
+        head_layers: regexes of the head's layers (``None``: filled by the engine).
+        reg_layers: regexes of the regression branch (``None``: filled by the engine).
+        init_scale_method: range method of every uniform quantizer before calibration
+            (``'lp'``: Lp search, re-running it only where another method was configured;
+            ``None``: keep the policy's).
+        init_p: exponent of the ``'lp'`` search (2.4).
+        **kwargs: see :class:`QDrop` / :class:`PTQMethod`.
+    """
+
+    def __init__(self, *, global_loss: bool = True, fisher: bool = True,
+                 conf_filter: bool = True, iou_filter: bool = True, llaq: bool | str = 'reg',
+                 lambda_: float = 1.0, p: float = 1.0, theta_c: float = 2e-4,
+                 theta_i: float = 0.1, normalize_boxes: bool = True,
+                 entropy_offset: bool = True, global_weight: float = 1.0,
+                 llaq_cfg: dict | None = None, lr_llaq: float = 1e-3,
+                 head_layers: Sequence[str] | None = None,
+                 reg_layers: Sequence[str] | None = None,
+                 init_scale_method: str | None = 'lp', init_p: float = 2.4,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        llaq = 'reg' if llaq is True else llaq
+        if llaq is not False and llaq not in LLAQ_TARGETS:
+            raise ValueError(f'llaq={llaq!r} is unknown; allowed: True, False, '
+                             f'{sorted(LLAQ_TARGETS)}')
+        if global_weight < 0 or lr_llaq < 0:
+            raise ValueError(f'global_weight={global_weight} and lr_llaq={lr_llaq} must be >= 0')
+        self.global_loss = bool(global_loss)
+        self.fisher = bool(fisher)
+        self.fgic = FGICConfig(lambda_=lambda_, p=p, theta_c=theta_c, theta_i=theta_i,
+                               conf_filter=conf_filter, iou_filter=iou_filter,
+                               normalize_boxes=normalize_boxes,
+                               entropy_offset=entropy_offset)
+        self.llaq = llaq
+        self.llaq_cfg = dict(llaq_cfg or {})
+        for key in ('type', 'bits'):
+            if key in self.llaq_cfg:
+                raise ValueError(f"llaq_cfg: {key!r} is set by the method; remove it")
+        self.global_weight = global_weight
+        self.lr_llaq = lr_llaq
+        self.head_layers = _patterns('head_layers', head_layers)
+        self.reg_layers = _patterns('reg_layers', reg_layers)
+        self.init_scale_method = init_scale_method
+        self.init_p = init_p
+        self._global_term: GlobalLoss | None = None
+
+    # ------------------------------------------------------------------ layer selection
+    def set_layer_defaults(self, *, head: Sequence[str], regression: Sequence[str]) -> None:
+        """Fill ``head_layers`` / ``reg_layers`` that were not given (the engine's adapter)."""
+        if self.head_layers is None:
+            self.head_layers = _patterns('head_layers', head)
+        if self.reg_layers is None:
+            self.reg_layers = _patterns('reg_layers', regression)
+
+    def llaq_patterns(self) -> list[str]:
+        """Regexes of the layers that get LLAQ weight quantizers (``[]`` when off)."""
+        if self.llaq is False:
+            return []
+        attr = LLAQ_TARGETS[self.llaq]
+        patterns = getattr(self, attr)
+        if patterns is None:
+            raise ValueError(f'RegPTQ(llaq={self.llaq!r}) needs {attr}=[regex, ...]: the '
+                             'engine fills it from the detector adapter; pass it when calling '
+                             'calibrate() directly, or set llaq=False')
+        return patterns
+
+    def install_llaq(self, model: nn.Module) -> list[str]:
+        """Swap the weight quantizers of the LLAQ target layers for initialised LLAQ ones.
+
+        Returns:
+            The names of the layers that got LLAQ (already-LLAQ layers included).
+        """
+        patterns = self.llaq_patterns()
+        done = []
+        for name, layer in iter_quant_modules(model):
+            if not any(re.fullmatch(p, name) for p in patterns):
+                continue
+            if not any(isinstance(q, LLAQuantizer) for q in layer.weight_quantizers().values()):
+                layer.replace_weight_quantizer(self._llaq_factory)
+            done.append(name)
+        if patterns and not done:
+            MMLogger.get_current_instance().warning(
+                f'RegPTQ: llaq={self.llaq!r} patterns {patterns} match no quantized layer; '
+                'every layer keeps its uniform quantizer')
+        return done
+
+    def _llaq_factory(self, old: nn.Module, weight: Tensor) -> nn.Module:
+        if isinstance(old, LLAQuantizer):
+            return old
+        q = build_from(QUANTIZERS, dict(self.llaq_cfg, type='LLAQ', bits=old.bits, name=old.name),
+                       'llaq_cfg')
+        q.to(weight.device)
+        q.init_from(weight)
+        return q
+
+    def _adaround_factory(self, base: nn.Module, weight: Tensor) -> nn.Module:
+        if isinstance(base, LLAQuantizer):  # LLAQ rounds with its own straight-through psi
+            return base
+        return super()._adaround_factory(base, weight)
+
+    # ------------------------------------------------------------------ configuration
+    def needs_fisher(self) -> bool:
+        return self.fisher
+
+    def prepare_unit(self, unit: ReconUnit) -> list[OptimGroup]:
+        groups = super().prepare_unit(unit)
+        llaq = [p for _, layer in unit.layers for q in layer.weight_quantizers().values()
+                if isinstance(q, LLAQuantizer) for p in (q.k_pos, q.a_pos, q.k_neg, q.a_neg)]
+        if llaq and self.lr_llaq > 0:
+            groups.append(OptimGroup('llaq', llaq, self.lr_llaq, cosine=True))
+        return groups
+
+    def losses(self, unit: ReconUnit, *, output_fn: Callable[[Any], Tensor] | None,
+               global_loss: GradLoss | None) -> list[ReconLoss]:
+        terms = super().losses(unit, output_fn=output_fn, global_loss=global_loss)
+        if self.fisher:
+            terms = [FisherMSE() if isinstance(t, OutputMSE) else t for t in terms]
+        self._global_term = None
+        if self.global_loss:
+            if global_loss is None:
+                raise ValueError(_NEEDS_GLOBAL)
+            self._global_term = GlobalLoss(loss_fn=global_loss, weight=self.global_weight)
+            terms.append(self._global_term)
+        return terms
+
+    def restore_finished(self, model: nn.Module, units: Sequence[ReconUnit],
+                         num_finished: int) -> None:
+        """Also installs LLAQ on every target layer, so a partial checkpoint loads."""
+        self.install_llaq(model)
+        super().restore_finished(model, units, num_finished)
+
+    # ------------------------------------------------------------------ steps
+    def init_scales(self, model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
+                    seed: int = 0) -> None:
+        """Lp scale search of the uniform quantizers, LLAQ install, activation scales."""
+        if self.init_scale_method is not None:
+            _research_uniform(model, self.init_scale_method, self.init_p)
+        names = self.install_llaq(model)
+        MMLogger.get_current_instance().info(f'RegPTQ: LLAQ ({self.llaq}) on {len(names)} '
+                                             f'layers: {names}')
+        super().init_scales(model, batches, forward_fn, seed=seed)
+
+    def calibrate(self, model: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn, *,
+                  output_fn: Callable[[Any], Tensor] | None = None,
+                  global_loss: GradLoss | None = None, logger: logging.Logger | None = None,
+                  on_unit_end: UnitCallback | None = None, start_unit: int = 0,
+                  seed: int = 0) -> list[ReconStats]:
+        """See :meth:`PTQMethod.calibrate`; ``global_loss`` is the FGIC callable."""
+        logger = logger or MMLogger.get_current_instance()
+        if self.global_loss and global_loss is None:
+            raise ValueError(_NEEDS_GLOBAL)
+        if start_unit == 0:
+            self.llaq_patterns()  # fail before any work when the targets are unknown
+        totals = {'tail': 0.0, 'loss': 0.0, 'seconds': 0.0}
+
+        def unit_end(k: int, unit: ReconUnit, stats: ReconStats) -> None:
+            term = self._global_term
+            if term is not None:
+                totals['tail'] += stats.tail_share * stats.seconds
+                totals['loss'] += term.seconds
+                totals['seconds'] += stats.seconds
+                logger.info(f'RegPTQ {unit.name}: global term = tail forwards '
+                            f'{stats.tail_share:.0%} of the loop + decode/FGIC '
+                            f'{term.seconds:.2f}s of {stats.seconds:.2f}s')
+            if on_unit_end is not None:
+                on_unit_end(k, unit, stats)
+
+        stats = super().calibrate(model, batches, forward_fn, output_fn=output_fn,
+                                  global_loss=global_loss, logger=logger,
+                                  on_unit_end=unit_end, start_unit=start_unit, seed=seed)
+        if totals['seconds'] > 0:
+            share = (totals['tail'] + totals['loss']) / totals['seconds']
+            logger.info(f'RegPTQ: the global term took about {share:.0%} of '
+                        f'{totals["seconds"]:.1f}s of reconstruction')
+        return stats
+
+
+_NEEDS_GLOBAL = ('RegPTQ(global_loss=True) needs calibrate(global_loss=...): the FGIC '
+                 'callable built by the detector adapter (adapter.global_loss(method.fgic)); '
+                 'or set global_loss=False')
+
+
+def _patterns(field: str, patterns: Sequence[str] | None) -> list[str] | None:
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        raise ValueError(f'{field}={patterns!r} must be a list of regex strings')
+    out = list(patterns)
+    for pattern in out:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ValueError(f'{field}: {pattern!r} is not a valid regex ({err})') from None
+    return out
+
+
+def _research_uniform(model: nn.Module, method: str, p: float) -> None:
+    """Set ``scale_method`` / ``p`` of every uniform quantizer; re-initialise the weight
+    quantizers whose setting changed (activations are initialised afterwards anyway)."""
+    for _, layer in iter_quant_modules(model):
+        weights = layer.weight_quantizers()
+        for slot, q in [*weights.items(), *layer.input_quantizers().items()]:
+            if not isinstance(q, UniformQuantizer):
+                continue
+            changed = q.scale_method != method or (method == 'lp' and q.p != p)
+            q.scale_method, q.p = method, (p if method == 'lp' else q.p)
+            if changed and weights.get(slot) is q:
+                q.init_from(layer.float_weight(slot).detach())

@@ -1,0 +1,284 @@
+"""Rewrite the Q/DQ export so quantized Conv/Gemm layers compute in integers.
+
+For every ``Conv`` / ``Gemm`` whose input and weight both come from a DequantizeLinear
+(weight: an integer initializer, per output channel), the float layer
+
+    y = conv(DQ(a; s_x, z_x), DQ(W; s_w, z_w)) + b
+
+is replaced by standard ONNX integer ops
+
+    acc = ConvInteger(a - z_x, W - z_w)                     (int32 accumulation)
+    y   = Cast(acc, float) * (s_x * s_w[c]) + b             (one float rescale per output)
+
+which is the same value up to float rounding of the rescale (the products and their sum are
+exact integers here, whereas the fake-quant model sums float products). Operand types:
+
+- activations: a grid whose re-centred codes ``a - z_x`` fit int8 (every grid of <= 7
+  bits, e.g. the 4-bit ``0..15``) is re-centred in the graph (``Cast`` to int8, ``Sub``) and
+  fed as **int8**; an 8-bit ``uint8`` grid (the 8-bit first layer) is fed as uint8 with
+  ``x_zero_point``;
+- weights: re-centred offline to **int8** ``W - z_w`` where it fits (every weight grid of
+  <= 7 bits); otherwise (8-bit asymmetric weights) the codes with a per-channel
+  ``w_zero_point``.
+
+So a W4A4 layer runs as int8 x int8 -> int32 (:data:`IntegerReport.layers` says, per
+layer, which operand types were used). ``Gemm`` (``nn.Linear``) becomes ``MatMulInteger``
+with the weight transposed offline. The backend converter (``tvm_backend``) maps
+``ConvInteger`` to a Relax ``conv2d`` with ``out_dtype='int32'``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from mmdet_regptq.deploy.onnx_graph import GraphIndex, attrs
+
+__all__ = ['IntegerReport', 'PackedWeight', 'to_integer_graph']
+
+logger = logging.getLogger(__name__)
+
+_CARRIER_RANGE = {np.dtype('uint8'): (0, 255), np.dtype('int8'): (-128, 127)}
+
+
+@dataclass
+class PackedWeight:
+    """What a backend needs to store an integer weight bit-packed.
+
+    Attributes:
+        codes: the original codes ``[C_out, ...]`` (int64, in ``qmin..qmax``).
+        zero_point: per-channel zero points ``[C_out]`` (int64).
+        qmin: lowest code of the grid.
+        qmax: highest code of the grid.
+        transpose: the graph's initializer is transposed (Gemm → MatMulInteger ``[K, N]``).
+        centred: the graph's initializer is ``codes - zero_point`` (int8, no zero point
+            input); otherwise the codes themselves with a ``w_zero_point`` input.
+    """
+
+    codes: np.ndarray
+    zero_point: np.ndarray
+    qmin: int
+    qmax: int
+    transpose: bool = False
+    centred: bool = True
+
+    def graph_value(self, codes: np.ndarray | None = None) -> np.ndarray:
+        """The graph initializer rebuilt from (unpacked) ``codes``."""
+        codes = self.codes if codes is None else codes.astype(np.int64)
+        if self.centred:
+            value = (codes - self.zero_point.reshape([-1] + [1] * (codes.ndim - 1))
+                     ).astype(np.int8)
+        else:
+            value = codes.astype(np.uint8 if self.qmin >= 0 else np.int8)
+        return np.ascontiguousarray(value.T if self.transpose else value)
+
+    @property
+    def bits(self) -> int:
+        return int(np.ceil(np.log2(self.qmax - self.qmin + 1)))
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+
+@dataclass
+class IntegerReport:
+    """Per rewritten layer (by its output tensor): ``(activation dtype, weight dtype)`` of
+    the integer op; ``weights``: new initializer name → :class:`PackedWeight`;
+    ``skipped``: float Conv/Gemm left as they were (FP layers) with the reason."""
+
+    layers: dict[str, tuple[str, str]] = field(default_factory=dict)
+    weights: dict[str, PackedWeight] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        kinds: dict[str, int] = {}
+        for a, w in self.layers.values():
+            kinds[f'{a}x{w}'] = kinds.get(f'{a}x{w}', 0) + 1
+        return (f'{len(self.layers)} integer layers {kinds}, {len(self.skipped)} float '
+                'Conv/Gemm kept')
+
+
+def _act_grid(index: GraphIndex, name: str, zp_dtype: np.dtype) -> tuple[int, int]:
+    """Integer range of activation codes ``name`` (Clip bounds, else the carrier range)."""
+    clip = index.producer_of(name, 'Clip')
+    if clip is not None and len(clip.input) == 3:
+        lo, hi = index.const(clip.input[1]), index.const(clip.input[2])
+        if lo is not None and hi is not None:
+            return int(lo), int(hi)
+    return _CARRIER_RANGE[np.dtype(zp_dtype)]
+
+
+class _Rewriter:
+    def __init__(self, model: onnx.ModelProto, report: IntegerReport) -> None:
+        self.model = model
+        self.index = GraphIndex(model)
+        self.report = report
+        self.new_inits: list[onnx.TensorProto] = []
+        self.replacements: dict[str, list[onnx.NodeProto]] = {}  # by the old node's output
+        self.packed_names: dict[str, str] = {}
+
+    def init(self, array: np.ndarray, name: str) -> str:
+        self.new_inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def rewrite(self, node: onnx.NodeProto) -> str | None:
+        """Integer form of one Conv/Gemm, or the reason it stays float."""
+        idx = self.index
+        x_dq = idx.producer_of(node.input[0], 'DequantizeLinear')
+        w_dq = idx.producer_of(node.input[1], 'DequantizeLinear')
+        if x_dq is None or w_dq is None:
+            return 'float input or weight'
+        codes = idx.const(w_dq.input[0])
+        sw = idx.const(w_dq.input[1])
+        zw = idx.const(w_dq.input[2]) if len(w_dq.input) > 2 and w_dq.input[2] else None
+        sx = idx.const(x_dq.input[1])
+        zx = idx.const(x_dq.input[2]) if len(x_dq.input) > 2 and x_dq.input[2] else None
+        if codes is None or sw is None or sx is None or sx.size != 1:
+            return 'weight or activation parameters are not constants / not per tensor'
+        if attrs(w_dq).get('axis', 1) != 0 and sw.size != 1:
+            return 'weight not quantized per output channel (axis 0)'
+        bias = idx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and bias is None:
+            return 'bias is not a constant'
+        a = x_dq.input[0]
+        a_dtype = np.dtype(zx.dtype) if zx is not None else np.dtype('uint8')
+        zx_val = int(zx) if zx is not None else 0
+        if node.op_type == 'Gemm':
+            g = attrs(node)
+            if g.get('transA', 0) or g.get('alpha', 1.0) != 1.0 or g.get('beta', 1.0) != 1.0:
+                return 'Gemm with transA/alpha/beta'
+        out = node.output[0]
+        prefix = f'{node.name or out}.int'
+        nodes: list[onnx.NodeProto] = []
+
+        # activation operand
+        lo, hi = _act_grid(idx, a, a_dtype)
+        if a_dtype == np.dtype('int8') and zx_val == 0:
+            x_int, x_zp, a_kind = a, '', 'int8'
+        elif hi <= 127 and lo >= -128 and hi - zx_val <= 127 and lo - zx_val >= -128:
+            cast = f'{prefix}.x_i8'
+            nodes.append(helper.make_node('Cast', [a], [cast], to=TensorProto.INT8,
+                                          name=f'{prefix}/CastX'))
+            if zx_val:
+                x_int = f'{prefix}.x_centred'
+                zname = self.init(np.array(zx_val, np.int8), f'{prefix}.x_zp_i8')
+                nodes.append(helper.make_node('Sub', [cast, zname], [x_int],
+                                              name=f'{prefix}/CentreX'))
+            else:
+                x_int = cast
+            x_zp, a_kind = '', 'int8'
+        else:
+            x_int, x_zp, a_kind = a, x_dq.input[2], str(a_dtype)
+
+        # weight operand: codes [C_out, ...] (Gemm: transB=1, so [C_out, K] as well)
+        gemm = node.op_type == 'Gemm'
+        if gemm and not attrs(node).get('transB', 0):
+            return 'Gemm weight not [C_out, K] (transB=0)'
+        codes = codes.astype(np.int64)
+        zw_arr = (np.zeros(codes.shape[0], np.int64) if zw is None
+                  else np.broadcast_to(zw.astype(np.int64).reshape(-1), (codes.shape[0],)).copy())
+        centred = codes - zw_arr.reshape([-1] + [1] * (codes.ndim - 1))
+        if centred.min() >= -128 and centred.max() <= 127:
+            w_arr, w_zp_arr, w_kind = centred.astype(np.int8), None, 'int8'
+        else:
+            carrier = np.dtype(zw.dtype)
+            w_arr, w_zp_arr, w_kind = codes.astype(carrier), zw_arr.astype(carrier), str(carrier)
+        wname = self.init(np.ascontiguousarray(w_arr.T if gemm else w_arr), f'{prefix}.weight')
+        qmin, qmax = _weight_grid(idx, w_dq, codes)
+        self.report.weights[wname] = PackedWeight(codes=codes, zero_point=zw_arr, qmin=qmin,
+                                                  qmax=qmax, transpose=gemm,
+                                                  centred=w_zp_arr is None)
+        inputs = [x_int, wname]
+        if x_zp or w_zp_arr is not None:
+            inputs.append(x_zp)
+        if w_zp_arr is not None:
+            inputs.append(self.init(w_zp_arr, f'{prefix}.w_zp'))
+        acc = f'{prefix}.acc'
+        if node.op_type == 'Conv':
+            conv_attrs = {k: v for k, v in attrs(node).items()
+                          if k in ('dilations', 'group', 'kernel_shape', 'pads', 'strides')}
+            nodes.append(helper.make_node('ConvInteger', inputs, [acc], name=f'{prefix}/Conv',
+                                          **conv_attrs))
+        else:
+            nodes.append(helper.make_node('MatMulInteger', inputs, [acc],
+                                          name=f'{prefix}/MatMul'))
+        accf = f'{prefix}.acc_f'
+        nodes.append(helper.make_node('Cast', [acc], [accf], to=TensorProto.FLOAT,
+                                      name=f'{prefix}/CastAcc'))
+        scale = (np.float32(sx.reshape(())) * sw.astype(np.float32).reshape(-1)).astype(np.float32)
+        if node.op_type == 'Conv' and scale.size > 1:
+            scale = scale.reshape(-1, *([1] * (len(codes.shape) - 2)))
+        sname = self.init(scale if scale.size > 1 else scale.reshape(()), f'{prefix}.rescale')
+        if bias is None:
+            nodes.append(helper.make_node('Mul', [accf, sname], [out], name=f'{prefix}/Rescale'))
+        else:
+            scaled = f'{prefix}.scaled'
+            nodes.append(helper.make_node('Mul', [accf, sname], [scaled],
+                                          name=f'{prefix}/Rescale'))
+            b = bias.astype(np.float32)
+            if node.op_type == 'Conv':
+                b = b.reshape(-1, *([1] * (len(codes.shape) - 2)))
+            bname = self.init(b, f'{prefix}.bias')
+            nodes.append(helper.make_node('Add', [scaled, bname], [out], name=f'{prefix}/Bias'))
+        self.replacements[out] = nodes
+        self.report.layers[out] = (a_kind, w_kind)
+        return None
+
+
+def _weight_grid(index: GraphIndex, w_dq: onnx.NodeProto, codes: np.ndarray) -> tuple[int, int]:
+    """The weight grid from its initializer type (INT4 → -8..7, UINT4 → 0..15, ...)."""
+    init = index.inits[w_dq.input[0]]
+    return {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15), TensorProto.INT8: (-128, 127),
+            TensorProto.UINT8: (0, 255)}.get(init.data_type,
+                                             (int(codes.min()), int(codes.max())))
+
+
+def to_integer_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, IntegerReport]:
+    """Integer form of an exported Q/DQ model (module doc); the input is not modified."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    report = IntegerReport()
+    rewriter = _Rewriter(out, report)
+    for node in out.graph.node:
+        if node.op_type in ('Conv', 'Gemm'):
+            reason = rewriter.rewrite(node)
+            if reason is not None:
+                report.skipped[node.name or node.output[0]] = reason
+    nodes = []
+    for node in out.graph.node:
+        if node.output and node.output[0] in rewriter.replacements:
+            nodes.extend(rewriter.replacements[node.output[0]])
+        else:
+            nodes.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(rewriter.new_inits)
+    _remove_dead(out)
+    onnx.checker.check_model(out, full_check=True)
+    logger.info('integer graph: %s', report.summary())
+    return out, report
+
+
+def _remove_dead(model: onnx.ModelProto) -> None:
+    """Drop nodes and initializers no graph output depends on."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    inits = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    inputs = [i for i in graph.input if i.name in needed or i.name not in
+              {t.name for t in inits}]
+    del graph.input[:]
+    graph.input.extend(inputs)

@@ -1,0 +1,222 @@
+"""ONNX Runtime INT8: turn our Q/DQ export into the graph ORT runs with integer kernels.
+
+ORT's CPU provider runs a quantized convolution with its integer kernels (QLinearConv,
+VNNI) only for the node unit ``DequantizeLinear → Conv → QuantizeLinear``: the *output*
+must be quantized too. Our fake-quant model quantizes layer *inputs* only (residual adds
+and the heads' float outputs stay FP), so the raw export runs as float convolutions on
+dequantized weights: slower than FP32 (measured in BUILD_NOTES / ``benchmarks/deploy.py``).
+:func:`make_ort_int8` keeps every Q/DQ of our model and adds only what ORT needs:
+
+1. weights are stored as ``int8`` with zero point 0 when their codes, re-centred
+   (``q - z``), fit (every grid of <= 7 bits; ``s * ((q - z) - 0)`` is the same value);
+   INT4 initializers become ``int8`` (ORT has no 4-bit convolution);
+2. a quantized Conv/Gemm whose output goes (through at most a Relu) only into our next
+   layer's input quantizers already ends in a QuantizeLinear: nothing is added, and the
+   result is exactly ours;
+3. any other quantized Conv/Gemm output (residual branches, FPN laterals, outputs feeding
+   a float layer) gets an 8-bit ``uint8`` Q/DQ, its range measured by running OUR exported
+   model on calibration inputs (min/max, ``qparams_from_range`` as our quantizers). This
+   requantization is the one numerical change against the fake-quant model: at most half
+   an 8-bit step of that tensor's range, which :func:`ort_int8_report` measures.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from mmdet_regptq.deploy.onnx_graph import GraphIndex, attrs
+from mmdet_regptq.quant import QuantGrid, qparams_from_range
+
+__all__ = ['OrtInt8Report', 'make_ort_int8', 'recentre_weights', 'conv_output_ranges']
+
+logger = logging.getLogger(__name__)
+
+_QUANT_OPS = ('Conv', 'Gemm', 'MatMul')
+
+
+@dataclass
+class OrtInt8Report:
+    """What :func:`make_ort_int8` changed.
+
+    Attributes:
+        fused: quantized layers whose output already ends in our own QuantizeLinear.
+        requantized: layer output → ``(scale, zero_point)`` of the added 8-bit Q/DQ.
+        recentred: weights stored as int8 with zero point 0.
+    """
+
+    fused: list[str] = field(default_factory=list)
+    requantized: dict[str, tuple[float, int]] = field(default_factory=dict)
+    recentred: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f'{len(self.fused)} layers end in our own Q, {len(self.requantized)} outputs '
+                f'requantized to uint8, {len(self.recentred)} weights re-centred to int8')
+
+
+def _quantized_layers(index: GraphIndex) -> list[onnx.NodeProto]:
+    """Conv/Gemm/MatMul nodes with a DequantizeLinear on both the input and the weight."""
+    found = []
+    for node in index.model.graph.node:
+        if node.op_type not in _QUANT_OPS or len(node.input) < 2:
+            continue
+        x_dq = index.producer_of(node.input[0], 'DequantizeLinear')
+        w_dq = index.producer_of(node.input[1], 'DequantizeLinear')
+        if x_dq is not None and w_dq is not None and w_dq.input[0] in index.inits:
+            found.append(node)
+    return found
+
+
+def recentre_weights(model: onnx.ModelProto, report: OrtInt8Report | None = None) -> None:
+    """Store every DQ'd integer weight as ``int8`` with zero point 0 where ``q - z`` fits,
+    else as ``int8``/``uint8`` (INT4 → 8-bit carrier). Values are unchanged."""
+    report = report if report is not None else OrtInt8Report()
+    index = GraphIndex(model)
+    replaced: dict[str, onnx.TensorProto] = {}
+    for node in model.graph.node:
+        if node.op_type != 'DequantizeLinear' or node.input[0] not in index.inits:
+            continue
+        codes = index.const(node.input[0]).astype(np.int64)
+        zp_name = node.input[2] if len(node.input) > 2 else ''
+        zp = index.const(zp_name).astype(np.int64) if zp_name else np.zeros(())
+        axis = attrs(node).get('axis', 1)
+        if zp.ndim == 1:
+            shape = [1] * codes.ndim
+            shape[axis] = -1
+            centred = codes - zp.reshape(shape)
+        else:
+            centred = codes - zp
+        if centred.min() >= -128 and centred.max() <= 127:
+            new_codes, new_zp = centred.astype(np.int8), np.zeros(zp.shape, np.int8)
+            report.recentred.append(node.input[0])
+        elif codes.min() >= 0 and codes.max() <= 255:
+            new_codes, new_zp = codes.astype(np.uint8), zp.astype(np.uint8)
+        else:
+            new_codes, new_zp = codes.astype(np.int8), zp.astype(np.int8)
+        replaced[node.input[0]] = numpy_helper.from_array(new_codes, node.input[0])
+        if zp_name:
+            replaced[zp_name] = numpy_helper.from_array(new_zp, zp_name)
+    inits = [replaced.get(i.name, i) for i in model.graph.initializer]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+
+
+def _ends_in_quantizer(index: GraphIndex, name: str) -> bool:
+    """Whether tensor ``name`` feeds (via at most one Relu) only per-tensor uint8/int8 Q nodes
+    that share one scale / zero point (and zero point == qmin of uint8 after a Relu)."""
+    if name in index.graph_outputs:
+        return False
+    users = index.users(name)
+    relu = False
+    if len(users) == 1 and users[0].op_type == 'Relu':
+        relu = True
+        if users[0].output[0] in index.graph_outputs:
+            return False
+        users = index.users(users[0].output[0])
+    if not users or any(u.op_type != 'QuantizeLinear' for u in users):
+        return False
+    params = set()
+    for q in users:
+        scale, zp = index.const(q.input[1]), index.const(q.input[2])
+        if scale is None or zp is None or scale.size != 1:
+            return False
+        if relu and not (zp.dtype == np.uint8 and int(zp) == 0):
+            return False
+        params.add((float(scale), int(zp), zp.dtype.str))
+    return len(params) == 1
+
+
+def conv_output_ranges(model: onnx.ModelProto, names: Iterable[str],
+                       inputs: Iterable[Mapping[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
+    """Min/max of the tensors ``names`` over ``inputs``, by running ``model`` in ORT."""
+    import onnxruntime as ort
+
+    names = list(names)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in known:
+            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                                    None))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), options,
+                                providers=['CPUExecutionProvider'])
+    ranges: dict[str, tuple[float, float]] = {}
+    for feed in inputs:
+        outs = sess.run(names, dict(feed))
+        for name, value in zip(names, outs):
+            lo, hi = float(value.min()), float(value.max())
+            old = ranges.get(name, (lo, hi))
+            ranges[name] = (min(old[0], lo), max(old[1], hi))
+    if not ranges and names:
+        raise ValueError('conv_output_ranges: no calibration input given')
+    return ranges
+
+
+def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np.ndarray]],
+                  ) -> tuple[onnx.ModelProto, OrtInt8Report]:
+    """Rewrite an exported Q/DQ model for ONNX Runtime's integer kernels (module doc).
+
+    Args:
+        model: output of ``export_onnx`` (any weight carrier); not modified.
+        calib_inputs: feeds ``{input_name: array}`` to measure the added output ranges
+            (images preprocessed as the model expects; a handful is enough).
+
+    Returns:
+        ``(new model, report)``.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    report = OrtInt8Report()
+    recentre_weights(out, report)
+    index = GraphIndex(out)
+    todo = []
+    for node in _quantized_layers(index):
+        if _ends_in_quantizer(index, node.output[0]):
+            report.fused.append(node.name or node.output[0])
+        else:
+            todo.append(node)
+    ranges = conv_output_ranges(out, [n.output[0] for n in todo], calib_inputs) if todo else {}
+    grid = QuantGrid(0, 255, False)
+    new_inits = []
+    renames: dict[str, str] = {}
+    extra_nodes: dict[str, list[onnx.NodeProto]] = {}
+    for node in todo:
+        name = node.output[0]
+        lo, hi = ranges[name]
+        scale, zp = qparams_from_range(torch.tensor([min(lo, 0.0)]), torch.tensor([max(hi, 0.0)]),
+                                       grid)
+        s, z = float(scale[0]), int(zp[0])
+        raw = f'{name}.fp'
+        prefix = f'{name}.requant'
+        renames[name] = raw
+        new_inits += [numpy_helper.from_array(np.array(s, np.float32), f'{prefix}.scale'),
+                      numpy_helper.from_array(np.array(z, np.uint8), f'{prefix}.zero_point')]
+        extra_nodes[name] = [
+            helper.make_node('QuantizeLinear', [raw, f'{prefix}.scale', f'{prefix}.zero_point'],
+                             [f'{prefix}.int'], name=f'{prefix}/QuantizeLinear'),
+            helper.make_node('DequantizeLinear', [f'{prefix}.int', f'{prefix}.scale',
+                                                  f'{prefix}.zero_point'], [name],
+                             name=f'{prefix}/DequantizeLinear')]
+        report.requantized[name] = (s, z)
+    nodes = []
+    for node in out.graph.node:
+        orig = node.output[0] if node.output else None
+        nodes.append(node)
+        if orig in renames:
+            node.output[0] = renames[orig]
+            nodes.extend(extra_nodes[orig])
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(new_inits)
+    onnx.checker.check_model(out, full_check=True)
+    logger.info('ORT INT8: %s', report.summary())
+    return out, report
+

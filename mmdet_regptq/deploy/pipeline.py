@@ -1,0 +1,234 @@
+"""The deployment pipeline behind ``tools/deploy.py``, on mmdeploy's own APIs.
+
+mmdeploy's ``tools/deploy.py`` runs ``torch2onnx`` → ``to_backend`` → a backend-model check.
+``torch2onnx`` builds the *float* model from the checkpoint (``build_pytorch_model``) and
+has no step where a quantized model could be substituted, so :func:`export_detector`
+repeats its few lines with our step in between:
+
+    build_task_processor → build_pytorch_model → [quantize + load quantized.pth] →
+    create_input → mmdeploy.apis.onnx.export (under export_mode) → lower Q/DQ
+
+and everything after the ONNX file is mmdeploy's: ``mmdeploy.apis.utils.to_backend`` (our
+``tvm_int4`` / ``tvm_relax`` managers, or onnxruntime), ``build_backend_model`` (our
+``regptq_raw`` detector model) and ``build_test_runner`` for AP with mmdet's metric.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from mmdet_regptq.deploy.detector import RawDetector, quantize_for_deploy, raw_output_names
+from mmdet_regptq.deploy.export import (ExportReport, export_mode, finalize_onnx,
+                                        legacy_onnx_export)
+from mmdet_regptq.deploy.mmdeploy_plugin import regptq_options
+from mmdet_regptq.deploy.ort_int8 import make_ort_int8
+from mmdet_regptq.deploy.tensorrt import check_tensorrt_qdq
+
+__all__ = ['DeployResult', 'load_deploy_model', 'export_detector', 'deploy', 'evaluate',
+           'is_quantized_checkpoint']
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DeployResult:
+    """Files and checks of one deployment."""
+
+    onnx_file: str
+    backend_files: list[str] = field(default_factory=list)
+    export: ExportReport | None = None
+    notes: list[str] = field(default_factory=list)
+    max_abs_diff: float | None = None
+
+
+def is_quantized_checkpoint(path: str | Path | None) -> dict | None:
+    """``meta`` of a quantized checkpoint (``quantize_detector``'s ``quantized.pth``), else
+    None (a float checkpoint, or no checkpoint)."""
+    if path is None:
+        return None
+    ckpt = torch.load(str(path), map_location='cpu', weights_only=True)
+    meta = ckpt.get('meta', {}) if isinstance(ckpt, dict) else {}
+    return meta if isinstance(meta, dict) and 'quant' in meta and 'method' in meta else None
+
+
+def load_deploy_model(task_processor: Any, checkpoint: str | None) -> torch.nn.Module:
+    """The PyTorch model to export: float from a float checkpoint, or quantized (policy and
+    method from the checkpoint's meta) from a quantized one."""
+    meta = is_quantized_checkpoint(checkpoint)
+    if meta is None:
+        return task_processor.build_pytorch_model(checkpoint)
+    model = task_processor.build_pytorch_model(None)
+    quantize_for_deploy(model, quant=meta['quant'], method=meta['method'],
+                        quantized_checkpoint=str(checkpoint))
+    model._regptq_quantized = True
+    return model.eval()
+
+
+def _pad_to(inputs: torch.Tensor, shape: Sequence[int] | None) -> torch.Tensor:
+    if not shape:
+        return inputs
+    w, h = shape
+    return F.pad(inputs, (0, w - inputs.shape[-1], 0, h - inputs.shape[-2]))
+
+
+def _calib_feeds(task_processor: Any, model: torch.nn.Module, shape: Sequence[int] | None,
+                 extra: Sequence[torch.Tensor], num: int) -> list[dict[str, np.ndarray]]:
+    """Preprocessed images for the ORT INT8 output ranges: the model config's test set
+    when it is readable (``num`` images), else the given images."""
+    feeds = [{'input': t.cpu().numpy()} for t in extra]
+    try:
+        cfg = task_processor.model_cfg
+        loader_cfg = dict(cfg.test_dataloader)
+        loader_cfg.update(batch_size=1, num_workers=0, persistent_workers=False)
+        loader = task_processor.build_dataloader(loader_cfg)
+        for i, data in enumerate(loader):
+            if i >= num:
+                break
+            batch = model.data_preprocessor(data, False)['inputs']
+            feeds.append({'input': _pad_to(batch, shape).cpu().numpy()})
+    except Exception as err:  # noqa: BLE001 - no dataset here (e.g. COCO configs)
+        logger.warning('calibration images from the test set unavailable (%s); using the '
+                       'deployment image(s) only', err)
+    return feeds
+
+
+def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any,
+                    work_dir: str | Path, device: str = 'cpu',
+                    model: torch.nn.Module | None = None) -> DeployResult:
+    """Export the (quantized) detector's raw outputs to ``work_dir/<save_file>``.
+
+    Args:
+        deploy_cfg: deploy config (path or Config).
+        model_cfg: mmdet model config (path or Config).
+        checkpoint: float checkpoint, ``quantized.pth``, or None (random init).
+        img: image path / array used for the export (mmdeploy's ``img`` argument).
+        work_dir: output directory.
+        device: only ``'cpu'`` is exported (mmdeploy exports on CPU anyway).
+        model: an already built (and quantized) model to export instead of loading one.
+
+    Returns:
+        :class:`DeployResult` with the ONNX file (lowered and checked).
+    """
+    from mmdeploy.apis import build_task_processor
+    from mmdeploy.apis.onnx import export
+    from mmdeploy.utils import get_backend, get_input_shape, get_onnx_config, load_config
+
+    deploy_cfg, model_cfg = load_config(deploy_cfg, model_cfg)
+    opts = regptq_options(deploy_cfg)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    task_processor = build_task_processor(model_cfg, deploy_cfg, device)
+    if model is None:
+        model = load_deploy_model(task_processor, checkpoint)
+    quantized = getattr(model, '_regptq_quantized', False)
+    if opts['require_quantized'] and not quantized:
+        raise ValueError('this deploy config needs a quantized checkpoint (quantized.pth '
+                         'written by RegPTQHook / quantize_detector), got a float one')
+    shape = get_input_shape(deploy_cfg)
+    _, inputs = task_processor.create_input(img, shape,
+                                            data_preprocessor=model.data_preprocessor)
+    inputs = _pad_to(inputs if isinstance(inputs, torch.Tensor) else inputs[0], shape).cpu()
+    onnx_cfg = get_onnx_config(deploy_cfg)
+    raw = RawDetector(model).eval()
+    names = raw_output_names(model, inputs)
+    prefix = str(work_dir / Path(onnx_cfg.get('save_file', 'end2end.onnx')).stem)
+    context = dict(deploy_cfg=deploy_cfg)
+    with export_mode(raw) as report, legacy_onnx_export():
+        export(raw, inputs, output_path_prefix=prefix, backend=get_backend(deploy_cfg).value,
+               input_metas=None, context_info=context,
+               input_names=list(onnx_cfg.get('input_names', ['input'])), output_names=names,
+               opset_version=onnx_cfg.get('opset_version', 21), dynamic_axes=None,
+               keep_initializers_as_inputs=onnx_cfg.get('keep_initializers_as_inputs', False),
+               optimize=False)
+    onnx_file = prefix + '.onnx'
+    finalize_onnx(onnx_file, int4_weights=opts['int4_weights'], report=report)
+    result = DeployResult(onnx_file=onnx_file, export=report)
+    with torch.no_grad():
+        reference = [t.numpy() for t in raw(inputs)]
+    if opts['onnx_format'] == 'ort_int8':
+        feeds = _calib_feeds(task_processor, model, shape, [inputs], opts['calib_images'])
+        fused, int8_report = make_ort_int8(onnx.load(onnx_file), feeds)
+        onnx.save(fused, onnx_file)
+        result.notes.append(f'ORT INT8: {int8_report.summary()}')
+    elif opts['onnx_format'] == 'tensorrt':
+        check = check_tensorrt_qdq(onnx.load(onnx_file))
+        result.notes.append(check.summary())
+        if not check.ok:
+            raise ValueError('the export breaks TensorRT explicit-quantization rules:\n  '
+                             + '\n  '.join(check.errors[:20]))
+    result.notes.append(f'export: {report.summary()}')
+    np.savez(work_dir / 'reference_outputs.npz', input=inputs.numpy(),
+             **dict(zip(names, reference)))
+    return result
+
+
+def deploy(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any, *,
+           work_dir: str | Path, device: str = 'cpu', test_img: Any = None,
+           model: torch.nn.Module | None = None) -> DeployResult:
+    """``export_detector`` → ``to_backend`` → run the backend model on ``test_img``.
+
+    TensorRT is not installable here: for a ``tensorrt`` deploy config the validated ONNX
+    file is the result and ``notes`` says so.
+    """
+    from mmdeploy.apis import build_task_processor
+    from mmdeploy.apis.utils import to_backend
+    from mmdeploy.backend.base import get_backend_manager
+    from mmdeploy.utils import get_backend, load_config
+
+    deploy_cfg, model_cfg = load_config(deploy_cfg, model_cfg)
+    result = export_detector(deploy_cfg, model_cfg, checkpoint, img, work_dir, device,
+                             model=model)
+    backend = get_backend(deploy_cfg).value
+    manager = get_backend_manager(backend)
+    if backend == 'onnxruntime':
+        result.backend_files = [result.onnx_file]
+    elif manager is None or not manager.is_available():
+        result.notes.append(f'backend {backend!r} is not installed here: stopping at the '
+                            f'ONNX model {result.onnx_file}')
+        return result
+    else:
+        result.backend_files = list(to_backend(backend, [result.onnx_file], str(work_dir),
+                                               deploy_cfg=deploy_cfg, device=device))
+    task_processor = build_task_processor(model_cfg, deploy_cfg, device)
+    backend_model = task_processor.build_backend_model(result.backend_files)
+    stored = np.load(Path(work_dir) / 'reference_outputs.npz')
+    raw = backend_model.raw_forward(torch.from_numpy(stored['input']))
+    flat = [t for level in raw for t in level]
+    names = sorted((k for k in stored.files if k != 'input'),
+                   key=lambda k: tuple(int(p) for p in k[3:].split('_')))
+    result.max_abs_diff = max(float(np.abs(stored[n] - t.numpy()).max())
+                              for n, t in zip(names, flat))
+    result.notes.append(f'{backend}: raw outputs vs PyTorch model, max |diff| = '
+                        f'{result.max_abs_diff:.3g}')
+    if test_img is not None:
+        data, inputs = task_processor.create_input(test_img, None,
+                                                   data_preprocessor=None)
+        data = backend_model.data_preprocessor(data, False)
+        with torch.no_grad():
+            samples = backend_model(data['inputs'], data['data_samples'], mode='predict')
+        dets = samples[0].pred_instances
+        keep = dets.scores > 0.3
+        result.notes.append(f'{backend}: {int(keep.sum())} detections with score > 0.3 on '
+                            f'{test_img}')
+    return result
+
+
+def evaluate(deploy_cfg: Any, model_cfg: Any, backend_files: Sequence[str], *,
+             work_dir: str | Path, device: str = 'cpu') -> dict:
+    """AP of the deployed model on the model config's test set (mmdet's CocoMetric through
+    mmdeploy's ``build_test_runner``)."""
+    from mmdeploy.apis import build_task_processor
+    from mmdeploy.utils import load_config
+
+    deploy_cfg, model_cfg = load_config(deploy_cfg, model_cfg)
+    task_processor = build_task_processor(model_cfg, deploy_cfg, device)
+    backend_model = task_processor.build_backend_model(list(backend_files))
+    runner = task_processor.build_test_runner(backend_model, str(work_dir))
+    return runner.test()

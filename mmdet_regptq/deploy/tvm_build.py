@@ -1,0 +1,276 @@
+"""Compile ONNX models with TVM Relax for the CPU, and run the compiled artifact.
+
+An artifact is a directory with three files:
+
+- ``model.so``: the Relax VM executable for ``llvm`` with the host CPU (``mcpu`` from
+  LLVM's host detection, e.g. ``emeraldrapids``; JSON-dict target, TVM 0.27);
+- ``weights.npz``: the integer weights that are *inputs* of the compiled function, each
+  **bit-packed** (``pack_int``: eight 4-bit codes per int32 word for <= 4-bit grids, as
+  HAWQ), with its per-channel zero points; unpacked once when the artifact is loaded;
+- ``meta.json``: input/output names and shapes, the weight order, grids, the target.
+
+The INT4 model is the integer graph of :func:`to_integer_graph`: ``ConvInteger`` (Relax
+``nn.conv2d`` on the int8 operands with ``out_dtype='int32'``) and ``MatMulInteger``
+(the frontend's int32 matmul), a float rescale per output channel, and our activation
+QuantizeLinear/Clip as Relax ``quantize`` + integer ``clip``. Everything else (residual
+adds, ReLU, pooling, resize, the FP final layers) is float, with its constants compiled in.
+TVM's ONNX frontend has no ``ConvInteger`` converter; :func:`extra_onnx_converters` adds
+one for the duration of a conversion.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from mmdet_regptq.deploy.integer_graph import IntegerReport, PackedWeight, to_integer_graph
+from mmdet_regptq.quant.packing import pack_int, unpack_int
+
+__all__ = ['host_target', 'extra_onnx_converters', 'compile_onnx', 'build_artifact',
+           'TvmRunner', 'ARTIFACT_FILES']
+
+logger = logging.getLogger(__name__)
+
+ARTIFACT_FILES = ('model.so', 'weights.npz', 'meta.json')
+
+
+def host_target(mcpu: str | None = None) -> Any:
+    """``llvm`` target for this CPU (TVM 0.27 wants the JSON-dict form)."""
+    import tvm
+
+    if mcpu is None:
+        mcpu = str(tvm.target.codegen.llvm_get_system_cpu())
+    return tvm.target.Target({'kind': 'llvm', 'mcpu': mcpu})
+
+
+def _dtype(expr: Any) -> str:
+    return str(expr.ty.dtype)
+
+
+def _conv_integer_converter() -> type:
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class ConvInteger(OnnxOpConverter):
+        """ONNX ConvInteger → Relax ``nn.conv2d(..., out_dtype='int32')``.
+
+        Operands without zero points are used as they are (int8 x int8 for our 4-bit
+        layers); with zero points both are widened to int16 and the zero points
+        subtracted first (per channel for the weight), then convolved with int32
+        accumulation.
+        """
+
+        @classmethod
+        def _impl_v10(cls, bb: Any, inputs: Sequence[Any], attr: dict, params: Any) -> Any:
+            x, w = inputs[0], inputs[1]
+            x_zp = inputs[2] if len(inputs) > 2 else None
+            w_zp = inputs[3] if len(inputs) > 3 else None
+            if x_zp is not None or w_zp is not None or _dtype(x) != _dtype(w):
+                x = relax.op.astype(x, 'int16')
+                w = relax.op.astype(w, 'int16')
+                if x_zp is not None:
+                    x = relax.op.subtract(x, relax.op.astype(x_zp, 'int16'))
+                if w_zp is not None:
+                    zp = bb.normalize(relax.op.astype(w_zp, 'int16'))
+                    if len(zp.ty.shape) == 1:
+                        zp = relax.op.reshape(zp, (-1, 1, 1, 1))
+                    w = relax.op.subtract(w, zp)
+            ndim = len(inputs[0].ty.shape)
+            if ndim != 4:
+                raise NotImplementedError(f'ConvInteger on a {ndim}-d input')
+            return relax.op.nn.conv2d(
+                x, w, strides=attr.get('strides', 1), padding=attr.get('pads', 0),
+                dilation=attr.get('dilations', 1), groups=attr.get('group', 1),
+                data_layout='NCHW', kernel_layout='OIHW', out_dtype='int32')
+
+    return ConvInteger
+
+
+@contextlib.contextmanager
+def extra_onnx_converters() -> Iterator[None]:
+    """Add our converters (``ConvInteger``) to TVM's ONNX frontend, then restore it."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    original = onnx_frontend._get_convert_map
+    extra = {'ConvInteger': _conv_integer_converter()}
+
+    def convert_map() -> dict:
+        table = dict(original())
+        for name, conv in extra.items():
+            table.setdefault(name, conv)
+        return table
+
+    onnx_frontend._get_convert_map = convert_map
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
+
+
+def _as_graph_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """Move initializers ``names`` to graph inputs (runtime arguments of the compiled
+    function, so their storage can be packed)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    wanted = set(names)
+    moved = {i.name: i for i in out.graph.initializer if i.name in wanted}
+    missing = wanted - set(moved)
+    if missing:
+        raise KeyError(f'not initializers: {sorted(missing)}')
+    kept = [i for i in out.graph.initializer if i.name not in wanted]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    for name in names:
+        init = moved[name]
+        out.graph.input.append(onnx.helper.make_tensor_value_info(name, init.data_type,
+                                                                  list(init.dims)))
+    return out
+
+
+def compile_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], *,
+                 target: Any = None) -> Any:
+    """ONNX → Relax (our extra converters) → ``tvm.compile`` for ``target`` (host CPU).
+
+    Args:
+        model: the model; every graph input must be in ``input_shapes``.
+        input_shapes: name → shape of every graph input.
+        target: a TVM target (default :func:`host_target`).
+
+    Returns:
+        The Relax VM executable.
+    """
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    dtypes = {}
+    for inp in model.graph.input:
+        elem = inp.type.tensor_type.elem_type
+        dtypes[inp.name] = str(onnx.helper.tensor_dtype_to_np_dtype(elem))
+    with extra_onnx_converters():
+        mod = from_onnx(model, shape_dict={k: list(v) for k, v in input_shapes.items()},
+                        dtype_dict=dtypes, keep_params_in_input=False)
+    start = time.perf_counter()
+    executable = tvm.compile(mod, target=target if target is not None else host_target())
+    logger.info('tvm.compile: %.1f s', time.perf_counter() - start)
+    return executable
+
+
+def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: bool = True,
+                   target: Any = None) -> tuple[list[str], IntegerReport | None]:
+    """Compile an exported model into a TVM artifact directory (module doc).
+
+    Args:
+        model: an ``export_onnx`` model (Q/DQ) or a float ONNX model.
+        work_dir: directory for ``model.so`` / ``weights.npz`` / ``meta.json``.
+        integer: rewrite quantized layers into integer ops and store their weights packed
+            (False: compile the graph as it is, e.g. the FP32 reference).
+        target: TVM target (default: host CPU).
+
+    Returns:
+        ``([model.so, weights.npz, meta.json] paths, integer report or None)``.
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    report = None
+    packed: dict[str, PackedWeight] = {}
+    if integer:
+        model, report = to_integer_graph(model)
+        packed = report.weights
+    data_inputs = [i for i in model.graph.input
+                   if i.name not in {t.name for t in model.graph.initializer}]
+    input_shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
+                    for i in data_inputs}
+    if any(d <= 0 for shape in input_shapes.values() for d in shape):
+        raise ValueError(f'static input shapes are required, got {input_shapes}')
+    weight_names = list(packed)
+    compiled = _as_graph_inputs(model, weight_names)
+    shapes = dict(input_shapes)
+    arrays: dict[str, np.ndarray] = {}
+    weights_meta = []
+    for i, name in enumerate(weight_names):
+        pw = packed[name]
+        value = pw.graph_value()
+        shapes[name] = list(value.shape)
+        bits = pw.bits
+        arrays[f'w{i}.words'] = pack_int(_torch(pw.codes), bits, signed=pw.signed).numpy()
+        arrays[f'w{i}.zero_point'] = pw.zero_point.astype(np.int32)
+        weights_meta.append(dict(name=name, shape=list(pw.codes.shape), bits=bits,
+                                 signed=pw.signed, qmin=pw.qmin, qmax=pw.qmax,
+                                 centred=pw.centred, transpose=pw.transpose,
+                                 dtype=str(value.dtype)))
+    target = target if target is not None else host_target()
+    executable = compile_onnx(compiled, shapes, target=target)
+    so_path = work_dir / 'model.so'
+    executable.export_library(str(so_path))
+    np.savez(work_dir / 'weights.npz', **arrays)
+    meta = dict(inputs={k: list(v) for k, v in input_shapes.items()},
+                outputs=[o.name for o in model.graph.output], weights=weights_meta,
+                target=str(target), integer=integer,
+                layers=None if report is None else {k: list(v) for k, v in report.layers.items()})
+    (work_dir / 'meta.json').write_text(json.dumps(meta, indent=1))
+    return [str(work_dir / f) for f in ARTIFACT_FILES], report
+
+
+def _torch(array: np.ndarray) -> Any:
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(array.astype(np.int64)))
+
+
+def unpack_weight(words: np.ndarray, zero_point: np.ndarray, meta: Mapping[str, Any]
+                  ) -> np.ndarray:
+    """Rebuild a weight input of the compiled function from its packed storage."""
+    codes = unpack_int(_torch(words).to(dtype=__import__('torch').int32), meta['bits'],
+                       meta['shape'], signed=meta['signed']).numpy()
+    pw = PackedWeight(codes=codes.astype(np.int64), zero_point=zero_point.astype(np.int64),
+                      qmin=meta['qmin'], qmax=meta['qmax'], transpose=meta['transpose'],
+                      centred=meta['centred'])
+    return pw.graph_value()
+
+
+class TvmRunner:
+    """Load an artifact directory and run it on the CPU.
+
+    Args:
+        artifact: the directory, or any of its three files.
+    """
+
+    def __init__(self, artifact: str | Path) -> None:
+        import tvm
+        from tvm import relax
+
+        path = Path(artifact)
+        directory = path if path.is_dir() else path.parent
+        self.meta = json.loads((directory / 'meta.json').read_text())
+        self.device = tvm.cpu()
+        lib = tvm.runtime.load_module(str(directory / 'model.so'))
+        self.vm = relax.VirtualMachine(lib, self.device)
+        stored = np.load(directory / 'weights.npz')
+        self.weights = []
+        for i, wmeta in enumerate(self.meta['weights']):
+            value = unpack_weight(stored[f'w{i}.words'], stored[f'w{i}.zero_point'], wmeta)
+            self.weights.append(tvm.runtime.tensor(value, self.device))
+        self.input_names = list(self.meta['inputs'])
+        self.output_names = list(self.meta['outputs'])
+
+    def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        import tvm
+
+        args = []
+        for name in self.input_names:
+            value = inputs[name]
+            value = value.detach().cpu().numpy() if hasattr(value, 'detach') else value
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(value, np.float32),
+                                           self.device))
+        out = self.vm['main'](*args, *self.weights)
+        outs = [out] if not _is_tuple(out) else list(out)
+        return {name: o.numpy() for name, o in zip(self.output_names, outs)}
+
+
+def _is_tuple(value: Any) -> bool:
+    return not hasattr(value, 'numpy')

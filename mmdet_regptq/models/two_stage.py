@@ -1,0 +1,135 @@
+"""Two-stage detectors (Faster / Mask R-CNN): RPN + RoI heads on FIXED proposals.
+
+mmdet's own ``_forward`` selects proposals with the RPN and NMS, so the quantized model
+would run its RoI head on other boxes than the FP model and the two outputs could not be
+compared. :meth:`TwoStageAdapter.prepare_batch` therefore runs the FP model's RPN once per
+calibration batch and stores its proposals in the batch (``batch['proposals']``, a list of
+``[P_i, 4]``); :meth:`TwoStageAdapter.forward` runs backbone, neck, the RPN head (raw, no
+NMS) and the RoI head on those stored proposals: the RoI outputs of the FP and the quantized
+model stay aligned RoI by RoI, and the module calls are the same for every batch.
+"""
+from __future__ import annotations
+
+import torch
+from mmdet.structures.bbox import bbox2roi
+from mmengine.structures import InstanceData
+from torch import Tensor, nn
+
+from mmdet_regptq.calib.fgic import DetPredictions
+from mmdet_regptq.models.base import (DETECTOR_ADAPTERS, DetectorAdapter, RawOutputs,
+                                      branch_patterns, float_model, image_shapes, shape_list)
+from mmdet_regptq.models.dense import find_dense_decoder
+
+__all__ = ['TwoStageAdapter', 'decode_rois']
+
+
+def decode_rois(bbox_head: nn.Module, cls_score: Tensor, bbox_pred: Tensor | None,
+                rois: Tensor, img_shapes: list[tuple[int, int]]) -> list[DetPredictions]:
+    """RoI predictions per image, as ``BBoxHead._predict_by_feat_single`` before NMS.
+
+    Args:
+        bbox_head: the RoI bbox head (``bbox_coder``, ``num_classes``, ...).
+        cls_score: ``[R, C + 1]`` logits (background last).
+        bbox_pred: ``[R, 4C]`` (or ``[R, 4]`` class-agnostic) deltas, or ``None``.
+        rois: ``[R, 5]`` (image index, x1, y1, x2, y2).
+        img_shapes: ``(h, w)`` per image.
+
+    Returns:
+        Per image: softmax scores ``[R_i, C + 1]`` (``sigmoid=False``) and boxes decoded
+        from the RoIs, class-specific ``[R_i, C, 4]`` or class-agnostic ``[R_i, 4]``.
+    """
+    if bbox_head.custom_cls_channels:
+        scores = bbox_head.loss_cls.get_activation(cls_score)
+    else:
+        scores = cls_score.softmax(-1)
+    agnostic = bbox_head.reg_class_agnostic or bbox_pred is None
+    out = []
+    for i, shape in enumerate(img_shapes):
+        keep = rois[:, 0] == i
+        roi = rois[keep, 1:]
+        if bbox_pred is None:
+            boxes = roi
+        else:
+            per_roi = 1 if agnostic else bbox_head.num_classes
+            deltas = bbox_pred[keep].reshape(-1, bbox_head.bbox_coder.encode_size)
+            boxes = bbox_head.bbox_coder.decode(roi.repeat_interleave(per_roi, dim=0), deltas,
+                                                max_shape=shape)
+        boxes = boxes.reshape(roi.shape[0], 4) if agnostic else boxes.reshape(
+            roi.shape[0], bbox_head.num_classes, 4)
+        out.append(DetPredictions(scores[keep], boxes, shape, sigmoid=False))
+    return out
+
+
+@DETECTOR_ADAPTERS.register_module(name='TwoStageDetector')
+class TwoStageAdapter(DetectorAdapter):
+    """Faster / Mask R-CNN (``TwoStageDetector`` with an RPN and a standard RoI head).
+
+    ``forward`` returns ``RawOutputs(outputs=(rpn_outs, roi_outs), img_shapes, rois)`` with
+    ``rpn_outs = (cls_scores, bbox_preds)`` per level and ``roi_outs = (cls_score,
+    bbox_pred[, mask_preds])`` from ``roi_head.forward`` (Mask R-CNN's mask head runs on the
+    first 100 RoIs, as in mmdet). ``decode_stages`` gives ``'rpn'`` (objectness + decoded
+    anchors) and ``'roi'`` (softmax scores + class-specific boxes from the fixed proposals);
+    ``decode`` the RoI stage.
+
+    Head: ``rpn_head`` and ``roi_head``; regression branch: the RPN's shared conv and
+    ``rpn_reg``, and the RoI bbox head's shared and regression layers (``shared_convs``,
+    ``shared_fcs``, ``reg_convs``, ``reg_fcs``, ``fc_reg``): every layer the box outputs
+    depend on.
+
+    Args:
+        model: the detector.
+        max_proposals: keep at most this many proposals per image (``None``: the RPN test
+            config's ``max_per_img``).
+    """
+
+    head_scopes = ('rpn_head', 'roi_head')
+    final_stage = 'roi'
+
+    def __init__(self, model: nn.Module, *, max_proposals: int | None = None) -> None:
+        super().__init__(model)
+        if not getattr(model, 'with_rpn', False):
+            raise ValueError(f'{type(model).__name__}: TwoStageAdapter needs an RPN '
+                             '(detectors fed external proposals are not supported)')
+        self.max_proposals = max_proposals
+
+    def regression_layer_patterns(self) -> list[str]:
+        return [branch_patterns('rpn_head', 'rpn_conv|rpn_reg'),
+                branch_patterns('roi_head.bbox_head',
+                                'shared_convs|shared_fcs|reg_convs|reg_fcs|fc_reg')]
+
+    @torch.no_grad()
+    def prepare_batch(self, data: dict) -> dict:
+        """Preprocess and store the FP model's proposals (``batch['proposals']``)."""
+        batch = super().prepare_batch(data)
+        with float_model(self.model) as model:
+            feats = model.extract_feat(batch['inputs'])
+            results = model.rpn_head.predict(feats, batch['data_samples'], rescale=False)
+        batch['proposals'] = [r.bboxes[:self.max_proposals].detach().clone() for r in results]
+        return batch
+
+    def forward(self, model: nn.Module, batch: dict) -> RawOutputs:
+        if 'proposals' not in batch:
+            raise KeyError("TwoStageAdapter.forward: the batch has no 'proposals'; build "
+                           'batches with adapter.prepare_batch (it stores the FP proposals)')
+        feats = model.extract_feat(batch['inputs'])
+        rpn_outs = model.rpn_head(feats)
+        proposals = [InstanceData(bboxes=p) for p in batch['proposals']]
+        roi_outs = model.roi_head.forward(feats, proposals, batch['data_samples'])
+        return RawOutputs((rpn_outs, roi_outs),
+                          image_shapes(batch['data_samples'], batch['inputs'].device),
+                          bbox2roi(batch['proposals']))
+
+    def logits(self, raw: RawOutputs) -> Tensor:
+        return raw.outputs[1][0]
+
+    def decode_stages(self, raw: RawOutputs) -> dict[str, list[DetPredictions]]:
+        shapes = shape_list(raw.img_shapes)
+        rpn_head = self.model.rpn_head
+        (rpn_outs, roi_outs), bbox_head = raw.outputs, self.model.roi_head.bbox_head
+        bbox_pred = roi_outs[1] if len(roi_outs) > 1 else None
+        return {'rpn': find_dense_decoder(rpn_head)(rpn_head, rpn_outs, shapes),
+                'roi': decode_rois(bbox_head, roi_outs[0], bbox_pred, raw.rois, shapes)}
+
+    @property
+    def uses_sigmoid(self) -> bool:
+        return False

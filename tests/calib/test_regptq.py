@@ -1,0 +1,205 @@
+"""Reg-PTQ: FGIC filters and gradients (hand-made tensors), the method's switches on the toy
+model, and a calibration of a random-init RetinaNet on two synthetic images."""
+import logging
+import math
+
+import pytest
+import torch
+from calib_toy import forward_fn, make_batches, make_float, make_quant, single_thread
+
+from mmdet_regptq.calib import (DetPredictions, FGICConfig, FGICLoss, FisherMSE, GlobalLoss,
+                                OutputMSE, ReconContext, RegPTQ, aligned_iou, fgic_loss,
+                                fgic_mask, fgic_set_loss, output_mse)
+from mmdet_regptq.quant import LLAQuantizer, iter_quant_modules
+from mmdet_regptq.registry import PTQ_METHODS, build_from
+
+pytestmark = pytest.mark.usefixtures('single_thread')
+
+BOX = [0.0, 0.0, 10.0, 10.0]
+
+
+def _preds(scores, boxes, sigmoid=True, shape=(100, 200), grad=False):
+    return DetPredictions(torch.tensor(scores, requires_grad=grad),
+                          torch.tensor(boxes, requires_grad=grad), shape, sigmoid)
+
+
+# ---------------------------------------------------------------------- FGIC on tensors
+def test_confidence_filter_uses_the_fp_max_score():
+    fp = _preds([[0.5, 0.1], [1e-4, 1e-5], [3e-4, 0.0]], [BOX] * 3)
+    q = _preds([[0.5, 0.1], [0.9, 0.9], [0.0, 0.0]], [BOX] * 3)
+    assert fgic_mask(fp, q).tolist() == [True, False, True]     # theta_C = 2e-4 on FP only
+    assert fgic_mask(fp, q, FGICConfig(conf_filter=False)).tolist() == [True] * 3
+    assert fgic_mask(fp, q, FGICConfig(theta_c=0.2)).tolist() == [True, False, False]
+
+
+def test_iou_filter_between_fp_and_quantized_box():
+    shifted = [[9.0, 0.0, 19.0, 10.0], [5.0, 0.0, 15.0, 10.0], BOX]
+    fp = _preds([[0.5]] * 3, [BOX] * 3)
+    q = _preds([[0.5]] * 3, shifted)
+    assert torch.allclose(aligned_iou(fp.boxes, q.boxes), torch.tensor([10 / 190, 50 / 150, 1]))
+    assert fgic_mask(fp, q).tolist() == [False, True, True]     # theta_I = 0.1
+    assert fgic_mask(fp, q, FGICConfig(iou_filter=False)).tolist() == [True] * 3
+    both_off = FGICConfig(iou_filter=False, conf_filter=False)
+    assert fgic_mask(_preds([[0.0]] * 3, [BOX] * 3), q, both_off).all()
+
+
+def test_softmax_background_and_class_specific_boxes():
+    # softmax heads: the last column is the background, left out of the confidence filter
+    fp = _preds([[1e-4, 0.9999], [0.7, 0.3]], [[BOX, BOX], [BOX, BOX]], sigmoid=False)
+    far = [30.0, 30.0, 40.0, 40.0]
+    # class-specific boxes [N, K, 4]: compared at the FP model's top foreground class (0)
+    q = _preds([[0.5, 0.5], [0.5, 0.5]], [[BOX, far], [BOX, far]], sigmoid=False)
+    assert fgic_mask(fp, q).tolist() == [False, True]
+    q_wrong_class = _preds([[0.5, 0.5]] * 2, [[far, BOX], [far, BOX]], sigmoid=False)
+    assert fgic_mask(fp, q_wrong_class).tolist() == [False, False]
+
+
+def test_loss_value_matches_the_formula():
+    fp = _preds([[0.8, 0.1], [1e-5, 1e-5]], [BOX, BOX], shape=(10, 20))
+    q = _preds([[0.6, 0.2], [0.3, 0.1]], [[1.0, 0.0, 10.0, 12.0], [0.0, 0.0, 10.0, 10.0]],
+               shape=(10, 20))
+    cfg = FGICConfig(lambda_=2.0, entropy_offset=False)
+
+    def bce(y, p):
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    ce = [bce(0.8, 0.6) + bce(0.1, 0.2), bce(1e-5, 0.3) + bce(1e-5, 0.1)]
+    box = 1.0 / 20 + 2.0 / 10                   # |dx1| / w + |dy2| / h, first box only
+    expected = (ce[0] + ce[1] + 2.0 * box) / 2  # 1/n over both; the second is masked
+    assert float(fgic_set_loss(fp, q, cfg)) == pytest.approx(expected, rel=1e-5)
+    kl = float(fgic_set_loss(fp, q, FGICConfig(lambda_=2.0)))
+    entropy = bce(0.8, 0.8) + bce(0.1, 0.1) + 2 * bce(1e-5, 1e-5)
+    assert kl == pytest.approx(expected - entropy / 2, rel=1e-4)
+    assert float(fgic_set_loss(fp, fp)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradient_flows_into_the_quantized_side_only():
+    fp = _preds([[0.8, 0.1], [0.5, 0.5]], [BOX, BOX], grad=True)
+    q = _preds([[0.6, 0.2], [0.4, 0.4]], [[1.0, 0.0, 10.0, 12.0], [50.0, 50.0, 60.0, 60.0]],
+               grad=True)
+    loss = fgic_loss([fp, fp], [q, q])
+    loss.backward()
+    assert fp.scores.grad is None and fp.boxes.grad is None
+    assert q.scores.grad.abs().sum() > 0
+    assert q.boxes.grad[0].abs().sum() > 0                          # kept by the filter
+    assert torch.equal(q.boxes.grad[1], torch.zeros(4))             # IoU 0: masked
+    with pytest.raises(ValueError, match='same non-zero number'):
+        fgic_loss([fp], [q, q])
+
+
+def test_fgic_loss_callable_and_global_loss_term():
+    def decode(raw):
+        return {'a': [DetPredictions(raw[0], raw[1], (100, 100))],
+                'b': [DetPredictions(raw[0], raw[1], (100, 100))]}
+
+    fp = (torch.tensor([[0.9]]), torch.tensor([BOX]))
+    q = (torch.tensor([[0.5]], requires_grad=True), torch.tensor([[1.0, 1.0, 11.0, 11.0]]))
+    fn = FGICLoss(decode, dict(theta_i=0.05))
+    assert fn.cfg.theta_i == 0.05
+    value = fn(fp, q)
+    assert float(value) == pytest.approx(2 * float(fgic_set_loss(*[
+        DetPredictions(t[0], t[1], (100, 100)) for t in (fp, q)])), rel=1e-6)
+    term = GlobalLoss(loss_fn=fn, weight=0.5)
+    ctx = ReconContext(unit=None, pred=[], target=[], fisher=None, quantizers=[], iteration=0,
+                       total_iters=1, final_pred=q, final_target=fp)
+    assert float(term(ctx)) == pytest.approx(0.5 * float(value)) and term.seconds > 0
+    assert GlobalLoss.needs_final_outputs
+    with pytest.raises(ValueError, match='unknown FGIC fields'):
+        FGICConfig.from_cfg(dict(theta=1))
+    with pytest.raises(ValueError, match='p=0.5'):
+        FGICConfig(p=0.5)
+
+
+# ---------------------------------------------------------------------- method switches
+def test_switches_select_the_loss_terms_and_fgic_options():
+    method = build_from(PTQ_METHODS, dict(type='RegPTQ', conf_filter=False, theta_i=0.3,
+                                          lambda_=0.5, p=2), 'method')
+    assert isinstance(method, RegPTQ) and method.drop_prob == 0.5 and method.needs_fisher()
+    assert method.fgic == FGICConfig(lambda_=0.5, p=2.0, theta_i=0.3, conf_filter=False)
+    terms = method.losses(None, output_fn=None, global_loss=output_mse)
+    assert [type(t).__name__ for t in terms] == ['FisherMSE', 'RoundingRegularizer',
+                                                 'GlobalLoss']
+    local_only = RegPTQ(global_loss=False, fisher=False)
+    terms = local_only.losses(None, output_fn=None, global_loss=None)
+    assert [type(t) for t in terms][0] is OutputMSE and not any(
+        isinstance(t, (GlobalLoss, FisherMSE)) for t in terms)
+    with pytest.raises(ValueError, match='needs calibrate\\(global_loss'):
+        method.losses(None, output_fn=None, global_loss=None)
+    with pytest.raises(ValueError, match="llaq='bogus'"):
+        RegPTQ(llaq='bogus')
+    assert RegPTQ(llaq=True).llaq == 'reg' and RegPTQ(llaq=False).llaq_patterns() == []
+    with pytest.raises(ValueError, match='needs reg_layers'):
+        RegPTQ().llaq_patterns()
+    defaults = RegPTQ(reg_layers=['x'])
+    defaults.set_layer_defaults(head=['h'], regression=['r'])
+    assert defaults.reg_layers == ['x'] and defaults.head_layers == ['h']
+
+
+@pytest.mark.parametrize('llaq, expected', [('head', ['head.conv', 'head.cls']),
+                                            ('reg', ['head.cls']), (False, [])])
+def test_llaq_targets(llaq, expected):
+    model = make_quant(make_float(), 3, 4)
+    method = RegPTQ(llaq=llaq, head_layers=[r'head\..*'], reg_layers=['head.cls'],
+                    llaq_cfg=dict(k_candidates=(1.0, 2.0)))
+    assert method.install_llaq(model) == expected
+    got = [n for n, m in iter_quant_modules(model) if isinstance(m.weight_quantizer, LLAQuantizer)]
+    assert got == expected
+    assert all(m.weight_quantizer.bits == 3 for n, m in iter_quant_modules(model) if n in got)
+
+
+def test_calibrates_the_toy_with_llaq_fisher_and_the_global_term(caplog):
+    float_model, batches = make_float(), make_batches(2)
+    model = make_quant(float_model)
+    method = RegPTQ(iters=2, progress=False, log_interval=0, llaq='head',
+                    head_layers=[r'head\..*'])
+    logger = logging.getLogger('test_regptq')
+    with caplog.at_level(logging.INFO, logger='test_regptq'):
+        stats = method.calibrate(model, batches, forward_fn, global_loss=output_mse,
+                                 logger=logger)
+    assert len(stats) == 8 and all(math.isfinite(s.loss_after) for s in stats)
+    assert all(0 < s.tail_share < 1 for s in stats)
+    assert 'global term' in caplog.text
+    head = dict(iter_quant_modules(model))['head.conv']
+    assert isinstance(head.weight_quantizer, LLAQuantizer)
+    with torch.no_grad():
+        assert all(torch.isfinite(o).all() for o in model(batches[0]))
+    with pytest.raises(ValueError, match='needs calibrate'):
+        RegPTQ(iters=1, llaq=False).calibrate(make_quant(float_model), batches, forward_fn)
+
+
+# ---------------------------------------------------------------------- RetinaNet
+@pytest.mark.slow
+def test_regptq_calibrates_a_random_init_retinanet(synthetic_data, caplog):
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from mmdet_regptq.engine import build_calib_loader, quantize_detector
+    from mmdet_regptq.models import find_adapter
+
+    init_default_scope('mmdet')
+    cfg = Config.fromfile('configs/synthetic/retinanet_r18-16_fpn64_synthetic.py')
+    for step in cfg.test_dataloader.dataset.pipeline:   # 64x64: a quicker test
+        if step['type'] == 'Resize':
+            step['scale'] = (64, 64)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    loader = build_calib_loader(cfg, num_images=2, batch_size=2)
+    logger = logging.getLogger('test_regptq_retinanet')
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        result = quantize_detector(model, loader, quant=dict(w_bits=4, a_bits=4),
+                                   method=dict(type='RegPTQ', iters=2, progress=False,
+                                               log_interval=0), logger=logger)
+    stats = result['stats']
+    assert len(stats) == 21 and all(math.isfinite(s.loss_after) for s in stats)
+    assert 'global term' in caplog.text
+    llaq = [n for n, m in iter_quant_modules(model) if isinstance(m.weight_quantizer,
+                                                                   LLAQuantizer)]
+    assert llaq == ['bbox_head.reg_convs.0.conv', 'bbox_head.reg_convs.1.conv']
+    adapter = find_adapter(model)
+    batch = adapter.prepare_batch(next(iter(loader)))
+    with torch.no_grad():
+        raw = adapter.forward(model, batch)
+    assert all(torch.isfinite(t).all() for level in raw.outputs for t in level)
+    for pred in adapter.decode(raw):
+        assert torch.isfinite(pred.scores).all() and torch.isfinite(pred.boxes).all()

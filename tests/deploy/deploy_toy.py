@@ -1,0 +1,36 @@
+"""Tiny quantized models for the deployment tests (CPU, seconds)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmdet_regptq.quant import init_activation_quantizers, quantize_model
+
+
+class TinyNet(nn.Module):
+    """Conv-ReLU, a grouped residual conv, a 1x1 conv without bias, then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.c3 = nn.Conv2d(16, 8, 1, bias=False)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.relu(self.c1(x))
+        y = torch.relu(self.c2(y)) + y
+        y = self.c3(y)
+        return y, self.fc(y.mean((2, 3)))
+
+
+def make_quantized(policy: dict, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A calibrated (MinMax) TinyNet and its calibration input ``[2, 3, 16, 16]``."""
+    torch.manual_seed(seed)
+    model = TinyNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    quantize_model(model, dict(final_layers=[], **policy), example_forward=lambda m: m(x))
+    init_activation_quantizers(model, lambda: model(x))
+    return model, x
+
+

@@ -1,0 +1,101 @@
+"""Backend graphs: ONNX Runtime INT8, the integer graph + bit-packed weights, TensorRT rules,
+and the MMDeploy plugin registration."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from mmdet_regptq.deploy import (check_tensorrt_qdq, export_onnx, make_ort_int8,
+                                 to_integer_graph)
+from mmdet_regptq.deploy.tvm_build import unpack_weight
+from mmdet_regptq.deploy.verify import max_abs_diff, ort_run
+from mmdet_regptq.quant import pack_int
+
+from deploy_toy import make_quantized
+
+
+def test_ort_int8_graph(w4a4):
+    model, x, path, _ = w4a4
+    proto = onnx.load(str(path))
+    fused, report = make_ort_int8(proto, [{'input': x.numpy()}])
+    onnx.checker.check_model(fused, full_check=True)
+    # c1 -> ReLU -> c2's quantizer is fused as is; c2 feeds the residual add, c3 feeds the
+    # mean and the output: those two are requantized to uint8.
+    assert len(report.fused) == 1 and len(report.requantized) == 2
+    assert '/c3/Conv_output_0' in report.requantized or len(report.requantized) == 2
+    assert len(report.recentred) == 3          # the 4-bit weights: int8, zero point 0
+    out = ort_run(fused, {'input': x.numpy()})
+    with torch.no_grad():
+        ref = model(x)
+    diff = max_abs_diff(ref, [out['feat'], out['logits']])
+    scale = max(float(r.abs().max()) for r in ref)
+    print(f'ORT INT8 vs fake-quant: max |diff| = {diff:.3g} (outputs up to {scale:.3g})')
+    assert diff < 0.05 * scale
+
+
+def test_integer_graph_and_packing(single_thread, tmp_path):
+    model, x = make_quantized(dict(w_bits=4, a_bits=4, first_layer=None))
+    path = tmp_path / 'allint4.onnx'
+    export_onnx(model, x, path, output_names=['feat', 'logits'])
+    graph, report = to_integer_graph(onnx.load(str(path)))
+    ops = [n.op_type for n in graph.node]
+    assert ops.count('ConvInteger') == 3 and ops.count('MatMulInteger') == 1
+    assert 'Conv' not in ops and 'Gemm' not in ops
+    assert set(report.layers.values()) == {('int8', 'int8')}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    for name, packed in report.weights.items():
+        assert packed.bits == 4
+        words = pack_int(torch.from_numpy(packed.codes), 4, signed=packed.signed)
+        assert words.numel() == -(-packed.codes.size // 8)             # 8 codes per int32
+        meta = dict(bits=4, shape=list(packed.codes.shape), signed=packed.signed,
+                    qmin=packed.qmin, qmax=packed.qmax, centred=packed.centred,
+                    transpose=packed.transpose)
+        rebuilt = unpack_weight(words.numpy(), packed.zero_point, meta)
+        np.testing.assert_array_equal(rebuilt, inits[name])
+    # ORT runs ConvInteger/MatMulInteger on int8 x int8 with scalar zero points
+    out = ort_run(graph, {'input': x.numpy()})
+    with torch.no_grad():
+        ref = model(x)
+    diff = max_abs_diff(ref, [out['feat'], out['logits']])
+    print(f'integer graph (ORT) vs fake-quant: max |diff| = {diff:.3g}')
+    assert diff < 1e-4
+
+
+def test_tensorrt_rules(single_thread, tmp_path):
+    sym = dict(type='Uniform', symmetric=True, scale_method='minmax')
+    model, x = make_quantized(dict(w_bits=8, a_bits=8, weight=dict(sym, per_channel=True),
+                                   act=dict(sym, per_channel=False)))
+    path = tmp_path / 'trt.onnx'
+    export_onnx(model, x, path, int4_weights=False, opset=17)
+    check = check_tensorrt_qdq(onnx.load(str(path)))
+    assert check.ok, check.errors
+    assert check.int8_layers == 4 and check.activations == 4
+    # the default asymmetric 4-bit export breaks the rules (uint8, zero points, Clip)
+    model, x = make_quantized(dict(w_bits=4, a_bits=4))
+    export_onnx(model, x, tmp_path / 'asym.onnx')
+    bad = check_tensorrt_qdq(onnx.load(str(tmp_path / 'asym.onnx')))
+    assert not bad.ok
+    text = '\n'.join(bad.errors)
+    assert 'zero point must be 0' in text and 'Q directly followed by DQ' in text
+
+
+def test_mmdeploy_registration():
+    from mmdeploy.backend.base import BACKEND_MANAGERS, BACKEND_WRAPPER, get_backend_manager
+    from mmdeploy.codebase.mmdet.deploy import object_detection_model as odm
+    from mmdeploy.utils import Backend
+
+    from mmdet_regptq.deploy import mmdeploy_plugin
+    from mmdet_regptq.deploy.mmdeploy_plugin import regptq_options
+
+    manager = BACKEND_MANAGERS.find('tvm_int4')
+    assert manager is mmdeploy_plugin.TVMInt4Manager
+    assert get_backend_manager(Backend.TVM_INT4) is manager
+    assert Backend.TVM_INT4.value == 'tvm_int4' and Backend.TVM_RELAX.value == 'tvm_relax'
+    assert manager.is_available() and manager.get_version().startswith('0.')
+    assert BACKEND_WRAPPER.get('tvm_int4') is mmdeploy_plugin.TVMRelaxWrapper
+    assert getattr(odm, '__BACKEND_MODEL').get('regptq_raw') is mmdeploy_plugin.RawOutputDetector
+    assert regptq_options({})['onnx_format'] == 'qdq'
+    with pytest.raises(KeyError, match='allowed'):
+        regptq_options({'regptq': {'int4': True}})

@@ -1,0 +1,93 @@
+"""ONNX Q/DQ export: checker, INT4 initializers, numerics vs the fake-quant model."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+
+from mmdet_regptq.deploy import export_mode, export_onnx
+from mmdet_regptq.deploy.verify import (max_abs_diff, onnx_code_names, ort_run,
+                                        teacher_forced_codes)
+
+from deploy_toy import make_quantized
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {i.name: i for i in model.graph.initializer}
+
+
+def test_export_passes_checker_and_uses_int4(w4a4):
+    model, x, path, report = w4a4
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert not [n for n in proto.graph.node if n.domain]            # no custom op left
+    inits = _inits(proto)
+    assert inits['c1.weight.int'].data_type == TensorProto.UINT8    # 8-bit first layer
+    for name in ('c2', 'c3', 'fc'):
+        assert inits[f'{name}.weight.int'].data_type == TensorProto.UINT4
+        assert inits[f'{name}.weight.zero_point'].data_type == TensorProto.UINT4
+    assert report.weights['c2.weight'] == (4, 'uint4')
+    for node in proto.graph.node:
+        if node.op_type == 'DequantizeLinear' and node.input[0].endswith('weight.int'):
+            axis = [a.i for a in node.attribute if a.name == 'axis']
+            assert axis == [0]                                      # per output channel
+            assert numpy_helper.to_array(inits[node.input[1]]).ndim == 1
+        if node.op_type == 'QuantizeLinear':                        # activations per tensor
+            assert numpy_helper.to_array(inits[node.input[1]]).ndim == 0
+    assert any(n.op_type == 'Clip' for n in proto.graph.node)       # 4-bit grid in uint8
+
+
+def test_int4_initializer_round_trips(w4a4):
+    model, _, path, _ = w4a4
+    inits = _inits(onnx.load(str(path)))
+    for name in ('c2', 'c3', 'fc'):
+        layer = getattr(model, name)
+        codes = layer.weight_quantizer.to_int(layer.module.weight.detach()).numpy()
+        stored = numpy_helper.to_array(inits[f'{name}.weight.int']).astype(np.int64)
+        np.testing.assert_array_equal(stored, codes)
+        scale = numpy_helper.to_array(inits[f'{name}.weight.scale'])
+        zp = numpy_helper.to_array(inits[f'{name}.weight.zero_point']).astype(np.int64)
+        shape = [-1] + [1] * (codes.ndim - 1)
+        dq = (stored - zp.reshape(shape)) * scale.reshape(shape)
+        np.testing.assert_allclose(dq, layer.quantized_weight().detach().numpy(), atol=1e-6)
+
+
+def test_ort_matches_fake_quant(w4a4):
+    model, x, path, _ = w4a4
+    proto = onnx.load(str(path))
+    codes = onnx_code_names(proto)
+    out = ort_run(proto, {'input': x.numpy()}, extra_outputs=list(codes.values()))
+    with torch.no_grad():
+        ref = model(x)
+    diff = max_abs_diff(ref, [out['feat'], out['logits']])
+    print(f'ORT vs PyTorch fake-quant: max |diff| = {diff:.3g}')
+    assert diff < 1e-4
+    lsb = teacher_forced_codes(model, (x,), {k: out[v] for k, v in codes.items()})
+    assert len(lsb) == 4 and max(d.max_lsb for d in lsb) <= 1
+
+
+def test_export_mode_is_exact_and_restored(single_thread):
+    model, x = make_quantized(dict(w_bits=3, a_bits=4))
+    with torch.no_grad():
+        ref = model(x)
+        with export_mode(model) as report:
+            inside = model(x)
+            assert 'forward' in model.c2.weight_quantizer.__dict__
+        after = model(x)
+    assert 'forward' not in model.c2.weight_quantizer.__dict__
+    assert len(report.float_weights) == 0
+    for a, b, c in zip(ref, inside, after):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_int8_carriers_without_int4(tmp_path, single_thread):
+    model, x = make_quantized(dict(w_bits=4, a_bits=8, first_layer_bits=None))
+    path = tmp_path / 'int8.onnx'
+    export_onnx(model, x, path, int4_weights=False, opset=17)
+    inits = _inits(onnx.load(str(path)))
+    assert inits['c2.weight.int'].data_type == TensorProto.UINT8
+    assert not any(n.op_type == 'Clip' for n in onnx.load(str(path)).graph.node)
+    out = ort_run(str(path), {'input': x.numpy()})
+    with torch.no_grad():
+        assert max_abs_diff(model(x), list(out.values())) < 1e-4

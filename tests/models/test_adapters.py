@@ -1,0 +1,216 @@
+"""Detector adapters on random-init models from mmdet's own zoo configs (no download).
+
+Each config is shrunk (ResNet-18, narrow necks/heads, few proposals / decoder layers) so a
+model builds and runs in well under a second; the decoding code paths are those of the
+full-size models. Inputs: two images of different sizes (96x128, 128x112).
+"""
+import os
+
+import mmdet
+import pytest
+import torch
+from mmdet.registry import MODELS
+from mmdet.structures import DetDataSample
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+
+from mmdet_regptq.calib import FGICConfig
+from mmdet_regptq.models import (DenseHeadAdapter, DETRAdapter, RawOutputs, TwoStageAdapter,
+                                 find_adapter)
+from mmdet_regptq.models.dense import DENSE_DECODERS, find_dense_decoder
+
+ZOO = os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs')
+SIZES = [(96, 128), (128, 112)]
+
+_R18 = {'backbone.depth': 18, 'neck.in_channels': [64, 128, 256, 512], 'neck.out_channels': 32}
+_HEAD = {'bbox_head.in_channels': 32, 'bbox_head.feat_channels': 32, 'bbox_head.stacked_convs': 1}
+_RCNN = {**_R18, 'rpn_head.in_channels': 32, 'rpn_head.feat_channels': 32,
+         'roi_head.bbox_roi_extractor.out_channels': 32, 'roi_head.bbox_head.in_channels': 32,
+         'roi_head.bbox_head.fc_out_channels': 64}
+#: config → (overrides of ``model``, adapter class, decoder of the dense head or None)
+ZOO_MODELS = {
+    'retinanet/retinanet_r50_fpn_1x_coco.py': ({**_R18, **_HEAD}, DenseHeadAdapter, 'BaseDenseHead'),
+    'fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py': ({**_R18, **_HEAD}, DenseHeadAdapter,
+                                                   'BaseDenseHead'),
+    'atss/atss_r50_fpn_1x_coco.py': ({**_R18, **_HEAD}, DenseHeadAdapter, 'BaseDenseHead'),
+    'gfl/gfl_r50_fpn_1x_coco.py': ({**_R18, **_HEAD}, DenseHeadAdapter, 'GFLHead'),
+    'yolof/yolof_r50-c5_8xb8-1x_coco.py': (
+        {'backbone.depth': 18, 'neck.in_channels': 512, 'neck.out_channels': 32,
+         'neck.block_mid_channels': 16, 'neck.num_residual_blocks': 1,
+         'neck.block_dilations': [2], 'bbox_head.in_channels': 32}, DenseHeadAdapter,
+        'BaseDenseHead'),
+    'rtmdet/rtmdet_tiny_8xb32-300e_coco.py': ({}, DenseHeadAdapter, 'BaseDenseHead'),
+    'yolox/yolox_tiny_8xb8-300e_coco.py': ({}, DenseHeadAdapter, 'YOLOXHead'),
+    'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py': (_RCNN, TwoStageAdapter, None),
+    'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py': (
+        {**_RCNN, 'roi_head.mask_roi_extractor.out_channels': 32,
+         'roi_head.mask_head.in_channels': 32, 'roi_head.mask_head.conv_out_channels': 32,
+         'roi_head.mask_head.num_convs': 1}, TwoStageAdapter, None),
+    'detr/detr_r50_8xb2-150e_coco.py': (
+        {'backbone.depth': 18, 'neck.in_channels': [512], 'encoder.num_layers': 1,
+         'decoder.num_layers': 2}, DETRAdapter, None),
+}
+
+
+def _no_init_cfg(cfg):
+    """Drop every ``init_cfg`` (pretrained weights are never downloaded)."""
+    if isinstance(cfg, dict):
+        if 'init_cfg' in cfg:
+            cfg['init_cfg'] = None
+        for value in cfg.values():
+            _no_init_cfg(value)
+    elif isinstance(cfg, list):
+        for value in cfg:
+            _no_init_cfg(value)
+
+
+def build_zoo_model(rel_path, overrides):
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(os.path.join(ZOO, rel_path))
+    cfg.merge_from_dict({f'model.{k}': v for k, v in overrides.items()})
+    _no_init_cfg(cfg.model)
+    torch.manual_seed(0)
+    return MODELS.build(cfg.model).eval()
+
+
+def make_data(sizes=SIZES):
+    gen = torch.Generator().manual_seed(0)
+    return dict(
+        inputs=[(torch.rand(3, *s, generator=gen) * 255).to(torch.uint8) for s in sizes],
+        data_samples=[DetDataSample(metainfo=dict(img_shape=s, ori_shape=s,
+                                                  scale_factor=(1.0, 1.0))) for s in sizes])
+
+
+@pytest.fixture(scope='module', autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _num_priors(head, maps):
+    return sum(m.shape[-2] * m.shape[-1] for m in maps) * head.prior_generator.num_base_priors[0]
+
+
+def _expected_counts(adapter, raw):
+    """Stage → number of predictions per image: priors, proposals or queries."""
+    model = adapter.model
+    if isinstance(adapter, DenseHeadAdapter):
+        return {'det': [_num_priors(model.bbox_head, raw.outputs[0])] * 2}
+    if isinstance(adapter, TwoStageAdapter):
+        rpn = _num_priors(model.rpn_head, raw.outputs[0][0])
+        return {'rpn': [rpn] * 2, 'roi': [int((raw.rois[:, 0] == i).sum()) for i in range(2)]}
+    return {'det': [model.num_queries] * 2}
+
+
+@pytest.mark.parametrize('rel_path', list(ZOO_MODELS))
+def test_zoo_model_forward_and_decode(rel_path):
+    overrides, adapter_cls, decoder = ZOO_MODELS[rel_path]
+    model = build_zoo_model(rel_path, overrides)
+    options = {'max_proposals': 12} if adapter_cls is TwoStageAdapter else {}
+    adapter = find_adapter(model, **options)
+    assert type(adapter) is adapter_cls
+    if decoder is not None:
+        assert find_dense_decoder(model.bbox_head) is DENSE_DECODERS.get(decoder)
+    batch = adapter.prepare_batch(make_data())
+    with torch.no_grad():
+        raw = adapter.forward(model, batch)
+        stages = adapter.decode_stages(raw)
+    assert isinstance(raw, RawOutputs) and raw.img_shapes.tolist() == [list(s) for s in SIZES]
+    counts = _expected_counts(adapter, raw)
+    assert set(stages) == set(counts)
+    for stage, preds in stages.items():
+        assert [p.scores.shape[0] for p in preds] == counts[stage], stage
+        for pred, (h, w) in zip(preds, SIZES):
+            scores, boxes = pred.scores, pred.boxes
+            assert pred.img_shape == (h, w) and boxes.shape[-1] == 4
+            assert boxes.shape[0] == scores.shape[0]
+            assert torch.isfinite(scores).all() and scores.min() >= 0 and scores.max() <= 1
+            assert torch.isfinite(boxes).all() and boxes.min() >= 0
+            assert boxes[..., 0::2].max() <= w and boxes[..., 1::2].max() <= h
+            if not pred.sigmoid:   # softmax with the background last
+                assert torch.allclose(scores.sum(-1), torch.ones(len(scores)), atol=1e-4)
+    final = adapter.decode(raw)
+    assert all(torch.equal(a.boxes, b.boxes) for a, b in zip(final, stages[adapter.final_stage]))
+    logits = adapter.logits(raw)
+    assert logits.dim() == 2 and torch.isfinite(logits).all()
+    loss = adapter.global_loss(FGICConfig())(raw, raw)
+    assert abs(float(loss)) < 1e-4                        # identical outputs: L_G = 0
+
+
+def _names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d,
+                                                                  torch.nn.Linear))]
+
+
+def _matching(patterns, names):
+    import re
+    return [n for n in names if any(re.fullmatch(p, n) for p in patterns)]
+
+
+def test_head_and_regression_patterns_dense_two_stage_detr():
+    retina = build_zoo_model('retinanet/retinanet_r50_fpn_1x_coco.py', {**_R18, **_HEAD})
+    adapter = find_adapter(retina)
+    names = _names(retina)
+    reg = _matching(adapter.regression_layer_patterns(), names)
+    head = _matching(adapter.head_layer_patterns(), names)
+    assert reg == ['bbox_head.reg_convs.0.conv', 'bbox_head.retina_reg']
+    assert head == [n for n in names if n.startswith('bbox_head.')] and len(head) == 4
+
+    yolox = build_zoo_model('yolox/yolox_tiny_8xb8-300e_coco.py', {})
+    reg = _matching(find_adapter(yolox).regression_layer_patterns(), _names(yolox))
+    assert reg and all('reg' in n for n in reg) and not any('obj' in n for n in reg)
+
+    faster = build_zoo_model('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', _RCNN)
+    adapter = find_adapter(faster)
+    reg = _matching(adapter.regression_layer_patterns(), _names(faster))
+    assert reg == ['rpn_head.rpn_conv', 'rpn_head.rpn_reg', 'roi_head.bbox_head.fc_reg',
+                   'roi_head.bbox_head.shared_fcs.0', 'roi_head.bbox_head.shared_fcs.1']
+    head = _matching(adapter.head_layer_patterns(), _names(faster))
+    assert 'roi_head.bbox_head.fc_cls' in head and 'rpn_head.rpn_cls' in head
+
+    detr = build_zoo_model('detr/detr_r50_8xb2-150e_coco.py', ZOO_MODELS[
+        'detr/detr_r50_8xb2-150e_coco.py'][0])
+    adapter = find_adapter(detr)
+    reg = _matching(adapter.regression_layer_patterns(), _names(detr))
+    assert reg and all(n.startswith('bbox_head.') and 'reg' in n for n in reg)
+    head = _matching(adapter.head_layer_patterns(), _names(detr))
+    assert any(n.startswith('encoder.') for n in head) and not any(
+        n.startswith('backbone.') for n in head)
+
+
+def test_two_stage_proposals_are_fixed_and_outputs_aligned():
+    model = build_zoo_model('faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', _RCNN)
+    adapter = find_adapter(model, max_proposals=10)
+    batch = adapter.prepare_batch(make_data())
+    assert [p.shape for p in batch['proposals']] == [(10, 4), (10, 4)]
+    with torch.no_grad():
+        fp = adapter.forward(model, batch)
+        for p in model.roi_head.bbox_head.parameters():   # "quantization noise"
+            p.add_(0.01 * torch.randn_like(p))
+        q = adapter.forward(model, batch)
+    assert torch.equal(fp.rois, q.rois)                         # same RoIs, RoI by RoI
+    assert fp.outputs[1][0].shape == q.outputs[1][0].shape == (20, 81)
+    fp_roi, q_roi = adapter.decode_stages(fp)['roi'], adapter.decode_stages(q)['roi']
+    assert fp_roi[0].boxes.shape == q_roi[0].boxes.shape == (10, 80, 4)
+    assert float(adapter.global_loss()(fp, q)) > 0
+    with pytest.raises(KeyError, match='proposals'):
+        adapter.forward(model, {k: v for k, v in batch.items() if k != 'proposals'})
+
+
+def test_global_loss_backpropagates_into_the_quantized_outputs():
+    model = build_zoo_model('retinanet/retinanet_r50_fpn_1x_coco.py', {**_R18, **_HEAD})
+    adapter = find_adapter(model)
+    batch = adapter.prepare_batch(make_data())
+    with torch.no_grad():
+        fp = adapter.forward(model, batch)
+    q = adapter.forward(model, batch)
+    noisy = RawOutputs(tuple([m + 0.05 * torch.randn_like(m) for m in level]
+                             for level in q.outputs), q.img_shapes)
+    loss = adapter.global_loss(dict(theta_i=0.0))(fp, noisy)
+    loss.backward()
+    head = model.bbox_head
+    assert loss > 0
+    assert head.retina_reg.weight.grad.abs().sum() > 0
+    assert head.retina_cls.weight.grad.abs().sum() > 0

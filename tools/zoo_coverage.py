@@ -1,0 +1,595 @@
+"""Model-zoo coverage: does "add three lines to any MMDet config" hold for mmdet's own zoo?
+
+For one representative config of every 2D detection / instance segmentation folder of
+mmdet's bundled zoo configs (``mmdet/.mim/configs``) this builds the detector with random
+init (no pretrained weights, no downloads), predicts in FP on 2 synthetic images, then
+quantizes it with the default policy (W4A4, first layer 8 bit, final layers FP), runs the
+calibration (Reg-PTQ; QDrop while Reg-PTQ is not registered) with 2 iterations per unit on
+those 2 images, and predicts again. Each config runs in its own process with a timeout.
+
+    nice -n 15 env OMP_NUM_THREADS=1 .venv/bin/python tools/zoo_coverage.py \
+        --out work_dirs/zoo_coverage            # table: work_dirs/zoo_coverage/coverage.md
+    .venv/bin/python tools/zoo_coverage.py --list          # representatives only
+    .venv/bin/python tools/zoo_coverage.py --one retinanet/retinanet_r50_fpn_1x_coco.py
+
+Choices (see ``pick_representative``): ``*_tta.py`` files are never picked; tracking,
+re-id and video folders are out; SyncBN becomes BN (one process); the input size is the
+config's test pipeline size, capped (``--max-size``) for CPU time; images are the bundled
+synthetic set (``data/synthetic``) through the config's own test pipeline, annotation
+loading steps removed.
+
+The helpers (``offline_cfg``, ``capped_test_pipeline``, ``synthetic_batch``,
+``count_quantized``) are also used by ``tests/test_zoo_configs.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC = REPO / 'data' / 'synthetic'
+
+#: Folders that are not 2D detection / instance segmentation, with the reason.
+EXCLUDED = {
+    '_base_': 'config fragments, not a detector',
+    'common': 'shared schedules and datasets, not a detector',
+    'bytetrack': 'multi-object tracking', 'deepsort': 'multi-object tracking',
+    'ocsort': 'multi-object tracking', 'qdtrack': 'multi-object tracking',
+    'sort': 'multi-object tracking', 'strongsort': 'multi-object tracking',
+    'reid': 're-identification',
+    'mask2former_vis': 'video instance segmentation',
+    'masktrack_rcnn': 'video instance segmentation',
+}
+
+#: Folder -> representative where the name heuristic would pick a less typical config.
+PREFERRED = {
+    'mask2former': 'mask2former_r50_8xb2-lsj-50e_coco.py',     # instance, not panoptic
+    'rtmdet': 'rtmdet_tiny_8xb32-300e_coco.py',                # detection, not -ins/-rotated
+    'yolox': 'yolox_tiny_8xb8-300e_coco.py',
+    'ssd': 'ssd300_coco.py',
+    'pascal_voc': 'faster-rcnn_r50_fpn_1x_voc0712.py',
+    'dcn': 'faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py',       # the folder's subject: DCN
+    'dcnv2': 'faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco.py',
+    'detectors': 'detectors_cascade-rcnn_r50_1x_coco.py',
+    'lad': 'lad_r50-paa-r101_fpn_2xb8_coco_1x.py',             # R50 student
+    'libra_rcnn': 'libra-faster-rcnn_r50_fpn_1x_coco.py',      # no precomputed proposals
+    'guided_anchoring': 'ga-retinanet_r50_fpn_1x_coco.py',
+    'pvt': 'retinanet_pvt-t_fpn_1x_coco.py',
+    'regnet': 'retinanet_regnetx-800MF_fpn_1x_coco.py',
+    'res2net': 'faster-rcnn_res2net-101_fpn_2x_coco.py',
+    'v3det': 'faster_rcnn_r50_fpn_8x4_sample1e-3_mstrain_v3det_2x.py',
+    'hrnet': 'faster-rcnn_hrnetv2p-w18-1x_coco.py',
+}
+
+_PENALTY = ('r101', 'x101', 'r152', 'x152', 'swin-l', 'swin-b', 'swinl', 'swinb', 'hourglass',
+            'amp', 'lsj', 'ms-', '-ms', '3x', '2x', '20e', 'pretrain', 'syncbn', '90k', 'crop',
+            'panoptic', 'tta', 'wandb', '-l_', '_l_', '-x_', '_x_', 'large', 'rotated')
+
+
+# ------------------------------------------------------------------------ choosing configs
+def zoo_root() -> Path:
+    """``mmdet/.mim/configs`` of the installed mmdet."""
+    import mmdet
+    return Path(mmdet.__file__).parent / '.mim' / 'configs'
+
+
+def _score(name: str) -> tuple:
+    low = name.lower()
+    return (0 if 'r50' in low or 'r-50' in low else 1,
+            sum(tok in low for tok in _PENALTY),
+            0 if '1x' in low else 1,
+            len(name), name)
+
+
+def pick_representative(folder: Path) -> Path | None:
+    """The most typical detector config of a zoo folder (``None`` if it has none).
+
+    ``PREFERRED`` first; else R50 over other backbones, fewest "heavier variant" tokens
+    (R101/X101, AMP, LSJ, multi-scale, long schedules, ...), 1x, then the shortest name.
+    ``*_tta.py`` files are test-time-augmentation fragments and never picked.
+    """
+    files = sorted(p for p in folder.glob('*.py') if not p.name.endswith('_tta.py'))
+    if not files:
+        return None
+    preferred = PREFERRED.get(folder.name)
+    if preferred and (folder / preferred).is_file():
+        return folder / preferred
+    return min(files, key=lambda p: _score(p.name))
+
+
+def representatives(root: Path | None = None) -> list[tuple[str, Path | None, str]]:
+    """``(folder, config or None, reason when skipped)`` for every zoo folder."""
+    root = root or zoo_root()
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != '__pycache__'):
+        if folder.name in EXCLUDED:
+            out.append((folder.name, None, EXCLUDED[folder.name]))
+            continue
+        cfg = pick_representative(folder)
+        out.append((folder.name, cfg, '' if cfg else 'no config file'))
+    return out
+
+
+# ------------------------------------------------------------------------ offline configs
+def _is_remote(value: Any) -> bool:
+    return isinstance(value, str) and (
+        '://' in value or value.startswith(('open-mmlab', 'mmcls', 'torchvision', 'mmpretrain')))
+
+
+def offline_cfg(node: Any) -> Any:
+    """Make a model config build without network or process group (in place; returns it).
+
+    ``init_cfg`` of type ``Pretrained`` (or pointing at a remote checkpoint) -> ``None``;
+    ``pretrained`` / ``teacher_ckpt`` / ``checkpoint`` keys naming a file or URL -> ``None``;
+    ``SyncBN`` / ``MMSyncBN`` norm layers -> ``BN``.
+    """
+    if isinstance(node, dict):
+        for key in list(node):
+            value = node[key]
+            if key == 'init_cfg':
+                items = value if isinstance(value, list) else [value]
+                kept = [c for c in items if not (isinstance(c, dict) and (
+                    c.get('type') == 'Pretrained' or _is_remote(c.get('checkpoint'))))]
+                node[key] = (kept if isinstance(value, list) else (kept[0] if kept else None))
+            elif key in ('pretrained', 'teacher_ckpt') or (
+                    key == 'checkpoint' and _is_remote(value)):
+                node[key] = None
+            elif key == 'type' and value in ('SyncBN', 'MMSyncBN', 'NaiveSyncBN'):
+                node[key] = 'BN'
+            else:
+                offline_cfg(value)
+    elif isinstance(node, (list, tuple)):
+        for item in node:
+            offline_cfg(item)
+    return node
+
+
+_DROP_TRANSFORMS = ('LoadAnnotations', 'LoadPanopticAnnotations', 'LoadTrackAnnotations',
+                    'FilterAnnotations', 'LoadProposals', 'LoadSemSegAnnotations')
+
+
+def _cap_size(size: Any, factor: float) -> Any:
+    if isinstance(size, int):
+        return max(32, int(round(size * factor)))
+    if isinstance(size, (tuple, list)) and all(isinstance(s, (int, float)) for s in size):
+        return tuple(max(32, int(round(s * factor))) for s in size)
+    return size
+
+
+def capped_test_pipeline(cfg: Any, max_size: int = 320, max_fixed: int = 640) -> list[dict]:
+    """The config's test pipeline without annotation loading, its size capped.
+
+    A keep-ratio ``Resize`` (and a fixed ``Pad`` size) is scaled so that its longer side is
+    at most ``max_size``; a fixed-shape resize (``keep_ratio=False``, ``FixShapeResize``)
+    keeps the config's size up to ``max_fixed`` because anchors/priors may assume it.
+    """
+    if cfg.get('test_dataloader') is not None:
+        pipeline = copy.deepcopy(cfg.test_dataloader['dataset'].get('pipeline'))
+    else:
+        pipeline = copy.deepcopy(cfg.get('test_pipeline'))
+    if not pipeline:
+        raise ValueError('the config has no test pipeline')
+    pipeline = [dict(t) for t in pipeline]
+    factor = 1.0
+    out = []
+    for t in pipeline:
+        kind = str(t.get('type', '')).split('.')[-1]
+        if kind in _DROP_TRANSFORMS:
+            continue
+        if kind == 'LoadImageFromFile':
+            t['backend_args'] = None
+        if kind in ('Resize', 'RandomResize') and t.get('scale') is not None:
+            scale = t['scale']
+            longest = max(scale) if isinstance(scale, (tuple, list)) else scale
+            fixed = not t.get('keep_ratio', False)
+            limit = max_fixed if fixed else max_size
+            factor = min(1.0, limit / longest)
+            t['scale'] = _cap_size(scale, factor)
+        if kind == 'FixShapeResize':
+            factor = min(1.0, max_fixed / max(t['width'], t['height']))
+            t['width'], t['height'] = _cap_size((t['width'], t['height']), factor)
+        if kind == 'Pad' and t.get('size') is not None:
+            t['size'] = _cap_size(t['size'], factor if factor < 1 else
+                                  min(1.0, max_size / max(t['size'])))
+        out.append(t)
+    return out
+
+
+def synthetic_images(num: int = 2, split: str = 'val') -> list[Path]:
+    """The first ``num`` images of the bundled synthetic set."""
+    images = sorted((SYNTHETIC / split).glob('*.jpg'))[:num]
+    if len(images) < num:
+        raise FileNotFoundError(f'{SYNTHETIC / split} has {len(images)} images, need {num}; '
+                                'run python -m mmdet_regptq.datasets.synthetic')
+    return images
+
+
+def synthetic_batch(cfg: Any, num_images: int = 2, max_size: int = 320) -> dict:
+    """One collated batch (``inputs`` + ``data_samples``) of synthetic images through the
+    config's capped test pipeline, as mmdet's dataloader would yield it."""
+    from mmcv.transforms import Compose
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import init_default_scope
+
+    from mmdet.registry import TRANSFORMS
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    steps = capped_test_pipeline(cfg, max_size)
+    pipeline = Compose([TRANSFORMS.build(t) for t in steps])
+    keys = ' '.join(str(t.get('meta_keys', '')) for t in steps)
+    classes = ('circle', 'rectangle', 'triangle', 'ellipse', 'star', 'cross')
+    data = []
+    for i, path in enumerate(synthetic_images(num_images)):
+        item = dict(img_path=str(path), img_id=i)
+        if 'text' in keys:
+            item.update(text=classes, custom_entities=True)
+        data.append(pipeline(item))
+    return pseudo_collate(data)
+
+
+# ------------------------------------------------------------------------ measuring
+def conv_linear_ids(model: Any) -> set[int]:
+    """ids of every Conv2d / Linear module of a float model."""
+    from torch import nn
+    return {id(m) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def count_quantized(model: Any, float_ids: set[int]) -> int:
+    """How many of ``float_ids`` now have a weight quantizer (MHA: in/out projections)."""
+    from torch import nn
+
+    from mmdet_regptq.quant import iter_quant_modules
+    done: set[int] = set()
+    for _, wrapper in iter_quant_modules(model):
+        if isinstance(wrapper.module, nn.MultiheadAttention):
+            if getattr(wrapper, 'out_weight_quantizer', None) is not None:
+                done.add(id(wrapper.module.out_proj))
+        elif wrapper.weight_quantizer is not None:
+            done.add(id(wrapper.module))
+    return len(done & float_ids)
+
+
+def finite_outputs(results: list) -> bool:
+    """Whether every float tensor in the predicted data samples is finite."""
+    import torch
+
+    def walk(obj: Any) -> bool:
+        if isinstance(obj, torch.Tensor):
+            return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+        if hasattr(obj, 'all_items'):
+            return all(walk(v) for _, v in obj.all_items())
+        if isinstance(obj, (list, tuple)):
+            return all(walk(v) for v in obj)
+        if isinstance(obj, dict):
+            return all(walk(v) for v in obj.values())
+        return True
+    return walk(results)
+
+
+def default_method() -> str:
+    """'RegPTQ' when registered, else 'QDrop' (Reg-PTQ is being written in parallel)."""
+    from mmdet_regptq.registry import PTQ_METHODS
+    return 'RegPTQ' if PTQ_METHODS.get('RegPTQ') is not None else 'QDrop'
+
+
+def classify_fp(err: str) -> str:
+    """Reason class of a failure before quantization (the FP model)."""
+    low = err.lower()
+    if 'modulenotfounderror' in low or 'no module named' in low or (
+            'importerror' in low and 'cannot import' in low) or 'please install' in low \
+            or 'pip install' in low or 'is not installed' in low:
+        return 'optional package missing'
+    if ('not implemented for' in low and 'cpu' in low) or 'only supports gpu' in low or \
+            'cuda' in low or 'not compiled with gpu' in low:
+        return 'mmcv op without CPU kernel'
+    if 'http' in low or 'connection' in low or 'huggingface' in low or 'resolve' in low:
+        return 'needs a download'
+    if 'timeout' in low:
+        return 'timeout'
+    if 'no test pipeline' in low or 'model' in low and 'keyerror' in low:
+        return 'config is not a single detector'
+    return 'other'
+
+
+def classify_quant(stage: str, err: str) -> str:
+    """Reason class of a failure after the FP model worked."""
+    low = err.lower()
+    if stage == 'timeout':
+        return 'timeout'
+    if 'must match the size of tensor' in low or 'size mismatch' in low or (
+            'shape' in low and 'mismatch' in low):
+        return f'{stage}: data-dependent shapes differ between FP and quantized passes'
+    if 'not finite' in low or 'nan' in low or 'inf' in low:
+        return f'{stage}: non-finite values'
+    if 'used before init_from' in low:
+        return f'{stage}: quantizer never saw data (module bypassed by the forward)'
+    if 'notimplementederror' in low:
+        return f'{stage}: detector has no raw forward (_forward)'
+    return f'{stage}: {err.split(":")[0].strip()[:60]}'
+
+
+def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | None = None,
+            seed: int = 0, on_stage: Any = None) -> dict:
+    """Build, FP-predict, quantize, calibrate and predict one zoo config (this process).
+
+    ``on_stage(row)`` is called after the FP prediction and after the calibration, so that a
+    parent that kills this process on timeout still knows how far it got.
+    """
+    on_stage = on_stage or (lambda row: None)
+    import torch
+    from mmengine.config import Config
+    from mmengine.logging import MMLogger
+    from mmengine.registry import init_default_scope
+
+    import mmdet_regptq  # noqa: F401
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmdet_regptq.engine.ptq import quantize_detector
+
+    logger = MMLogger.get_instance('zoo_coverage', log_level='WARNING')
+    MMLogger.get_instance('mmengine', log_level='WARNING')
+    register_all_modules()
+    path = Path(config) if Path(config).is_file() else zoo_root() / config
+    row: dict[str, Any] = dict(config=str(path.relative_to(zoo_root())) if str(path).startswith(
+        str(zoo_root())) else str(path), fp_ok=False, calibrated=False, predicted=False,
+        stage='load', error='', n_conv_linear=0, n_quantized=0)
+    method = method or default_method()
+    row['method'] = method
+    start = time.perf_counter()
+    try:
+        cfg = Config.fromfile(str(path))
+        if cfg.get('model') is None:
+            raise KeyError('the config has no model (not a detector config)')
+        init_default_scope(cfg.get('default_scope', 'mmdet'))
+        model_cfg = offline_cfg(copy.deepcopy(cfg.model))
+        row['stage'] = 'build'
+        torch.manual_seed(seed)
+        model = MODELS.build(model_cfg)
+        model.init_weights()
+        model.eval()
+        row['stage'] = 'data'
+        batch = synthetic_batch(cfg, 2, max_size)
+        row['input'] = 'x'.join(str(s) for s in batch['inputs'][0].shape[-2:])
+        row['stage'] = 'fp predict'
+        with torch.no_grad():
+            fp_out = model.test_step(batch)
+        if not finite_outputs(fp_out):
+            raise FloatingPointError('FP predictions are not finite')
+        row['fp_ok'] = True
+        float_ids = conv_linear_ids(model)
+        row['n_conv_linear'] = len(float_ids)
+        row['stage'] = 'quantize+calibrate'
+        on_stage(row)
+        result = quantize_detector(
+            model, [batch], quant=dict(w_bits=4, a_bits=4),
+            method=dict(type=method, iters=iters, progress=False, log_interval=0),
+            seed=seed, logger=logger)
+        row['n_quantized'] = count_quantized(model, float_ids)
+        row['n_units'] = len(result.get('stats', []))
+        row['calibrated'] = True
+        row['stage'] = 'predict'
+        on_stage(row)
+        with torch.no_grad():
+            q_out = model.test_step(batch)
+        if not finite_outputs(q_out):
+            raise FloatingPointError('quantized predictions are not finite')
+        row['predicted'] = True
+        row['stage'] = 'done'
+    except BaseException as err:  # noqa: BLE001 - every failure is a table row
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        lines = [ln for ln in f'{type(err).__name__}: {err}'.splitlines() if ln.strip()]
+        row['error'] = lines[0][:300] if lines else type(err).__name__
+        row['traceback'] = traceback.format_exc()[-4000:]
+        if row.get('n_conv_linear') and row['stage'] == 'quantize+calibrate':
+            from mmdet_regptq.quant import iter_quant_modules
+            row['n_quantized'] = count_quantized(model, float_ids) if any(
+                True for _ in iter_quant_modules(model)) else 0
+    row['seconds'] = round(time.perf_counter() - start, 1)
+    return row
+
+
+# ------------------------------------------------------------------------ the sweep
+def _run_child(config: Path, out_json: Path, log: Path, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), '--one', str(config),
+           '--result', str(out_json), '--max-size', str(args.max_size),
+           '--iters', str(args.iters)]
+    if args.method:
+        cmd += ['--method', args.method]
+    def limit_cpu() -> None:   # CPU seconds, not wall time: the machine is shared
+        resource.setrlimit(resource.RLIMIT_CPU, (args.timeout, args.timeout + 10))
+
+    with open(log, 'w') as log_f:
+        proc = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, cwd=REPO,
+                                start_new_session=True, preexec_fn=limit_cpu)
+        try:
+            proc.wait(timeout=args.wall_timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)   # the child's own process group
+            proc.wait()
+    if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL) or proc.returncode is None:
+        row = json.loads(out_json.read_text()) if out_json.is_file() else {}
+        what = (f'{args.timeout} s CPU' if proc.returncode == -signal.SIGXCPU
+                else f'{args.wall_timeout} s wall')
+        return dict(row, timeout_in=row.get('stage', 'load'), stage='timeout',
+                    error=f"timeout after {what} in {row.get('stage', 'load')}")
+    if out_json.is_file():
+        return json.loads(out_json.read_text())
+    tail = [ln for ln in log.read_text(errors='replace').splitlines() if ln.strip()][-1:]
+    return dict(stage='crash', error=f'process exited with {proc.returncode}: '
+                + (tail[0][:200] if tail else ''))
+
+
+def finalize(row: dict) -> dict:
+    """Add the failure class and the table cells to a result row."""
+    if row.get('stage') == 'timeout':
+        row['failure'] = f"timeout (in {row.get('timeout_in', 'load')})"
+    elif not row.get('fp_ok'):
+        row['failure'] = classify_fp(
+            row.get('error', '') + row.get('traceback', '')[-1500:])
+    elif not row.get('predicted'):
+        row['failure'] = classify_quant(row.get('stage', ''), row.get('error', ''))
+    else:
+        row['failure'] = ''
+    return row
+
+
+def _pct(row: dict) -> str:
+    n = row.get('n_conv_linear') or 0
+    if not n or not row.get('fp_ok'):
+        return '-'
+    q = row.get('n_quantized') or 0
+    return f'{100 * q / n:.0f}% ({q}/{n})'
+
+
+def _yes(flag: Any) -> str:
+    return 'yes' if flag else 'no'
+
+
+def render(rows: list[dict], skipped: list[tuple[str, str]], args: argparse.Namespace) -> str:
+    """Markdown report: summary, main table, FP failures, quantization failures, skips."""
+    fp_ok = [r for r in rows if r.get('fp_ok')]
+    full = [r for r in fp_ok if r.get('predicted')]
+    calibrated = [r for r in fp_ok if r.get('calibrated')]
+    methods = sorted({r.get('method', '?') for r in rows if r.get('method')})
+    lines = [
+        '# MMDet zoo coverage', '',
+        f'Command: `nice -n 15 env OMP_NUM_THREADS=1 .venv/bin/python tools/zoo_coverage.py '
+        f'--max-size {args.max_size} --iters {args.iters} --timeout {args.timeout}'
+        + (f' --method {args.method}' if args.method else '') + '`', '',
+        f'- folders swept: {len(rows)} (+{len(skipped)} out of scope)',
+        f'- FP builds and predicts: {len(fp_ok)} / {len(rows)}',
+        f'- of those, quantized + calibrated: {len(calibrated)} / {len(fp_ok)}; '
+        f'quantized + calibrated + predicts: **{len(full)} / {len(fp_ok)}'
+        + (f' ({100 * len(full) / len(fp_ok):.0f}%)**' if fp_ok else '**'),
+        f'- calibration method: {", ".join(methods)} ({args.iters} iterations per unit, '
+        '2 synthetic images, W4A4 default policy)', '',
+        '| folder | config | input | FP builds+predicts | % Conv/Linear quantized | '
+        'calibrated | predicted | s | error |',
+        '|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        err = (r.get('error') or '').replace('|', '\\|').replace('\n', ' ')[:140]
+        lines.append(f"| {r['folder']} | {Path(r.get('config', '')).name} | "
+                     f"{r.get('input', '-')} | {_yes(r.get('fp_ok'))} | {_pct(r)} | "
+                     f"{_yes(r.get('calibrated'))} | {_yes(r.get('predicted'))} | "
+                     f"{r.get('seconds', '-')} | {err} |")
+    fp_fail = [r for r in rows if not r.get('fp_ok')]
+    lines += ['', f'## FP failures ({len(fp_fail)}): not counted in the quantization rate', '',
+              '| folder | config | reason | error |', '|---|---|---|---|']
+    for r in fp_fail:
+        err = (r.get('error') or '').replace('|', '\\|')[:160]
+        lines.append(f"| {r['folder']} | {Path(r.get('config', '')).name} | "
+                     f"{r.get('failure')} | {err} |")
+    q_fail = [r for r in fp_ok if not r.get('predicted')]
+    lines += ['', f'## Quantization failures ({len(q_fail)})', '',
+              '| folder | config | class | error |', '|---|---|---|---|']
+    for r in q_fail:
+        err = (r.get('error') or '').replace('|', '\\|')[:160]
+        lines.append(f"| {r['folder']} | {Path(r.get('config', '')).name} | "
+                     f"{r.get('failure')} | {err} |")
+    classes: dict[str, int] = {}
+    for r in q_fail:
+        classes[r['failure']] = classes.get(r['failure'], 0) + 1
+    if classes:
+        lines += ['', 'By class: ' + '; '.join(f'{k}: {v}' for k, v in
+                                               sorted(classes.items(), key=lambda kv: -kv[1]))]
+    lines += ['', '## Out of scope', '', ', '.join(f'{f} ({why})' for f, why in skipped), '']
+    return '\n'.join(lines)
+
+
+def sweep(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    (out / 'logs').mkdir(parents=True, exist_ok=True)
+    (out / 'results').mkdir(parents=True, exist_ok=True)
+    reps = representatives()
+    if args.only:
+        wanted = set(args.only.split(','))
+        reps = [r for r in reps if r[0] in wanted]
+    skipped = [(f, why) for f, cfg, why in reps if cfg is None]
+    rows = []
+    for folder, cfg, _ in (reversed(reps) if args.reverse else reps):
+        if cfg is None:
+            continue
+        res_path = out / 'results' / f'{folder}.json'
+        if res_path.is_file() and not args.rerun:
+            row = json.loads(res_path.read_text())
+        else:
+            t0 = time.perf_counter()
+            tmp = out / 'results' / f'.{folder}.{os.getpid()}.child.json'
+            tmp.unlink(missing_ok=True)
+            row = _run_child(cfg, tmp, out / 'logs' / f'{folder}.log', args)
+            tmp.unlink(missing_ok=True)
+            row.setdefault('config', str(cfg.relative_to(zoo_root())))
+            row.setdefault('seconds', round(time.perf_counter() - t0, 1))
+            row['folder'] = folder
+            finalize(row)
+            part = res_path.with_suffix(f'.{os.getpid()}.tmp')
+            part.write_text(json.dumps(row, indent=1))
+            os.replace(part, res_path)
+        row['folder'] = folder
+        rows.append(finalize(row))
+        print(f"{folder:22s} fp={_yes(row.get('fp_ok')):3s} quant={_pct(row):14s} "
+              f"calib={_yes(row.get('calibrated')):3s} pred={_yes(row.get('predicted')):3s} "
+              f"{row.get('seconds', '-')}s {row.get('error', '')[:90]}", flush=True)
+        report = out / 'coverage.md'
+        rows.sort(key=lambda r: r['folder'])
+        tmp = report.with_suffix(f'.{os.getpid()}.tmp')
+        tmp.write_text(render(rows, skipped, args))
+        os.replace(tmp, report)
+    print((out / 'coverage.md').read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--out', default=str(REPO / 'work_dirs' / 'zoo_coverage'))
+    parser.add_argument('--max-size', type=int, default=320,
+                        help='cap of the longer side of keep-ratio test resizes')
+    parser.add_argument('--iters', type=int, default=2, help='calibration iterations per unit')
+    parser.add_argument('--timeout', type=int, default=900,
+                        help='CPU seconds per config (RLIMIT_CPU of its process)')
+    parser.add_argument('--wall-timeout', type=int, default=4 * 3600,
+                        help='wall-clock seconds per config')
+    parser.add_argument('--method', default=None,
+                        help='PTQ method (default: RegPTQ if registered, else QDrop)')
+    parser.add_argument('--only', default='', help='comma-separated folders')
+    parser.add_argument('--rerun', action='store_true', help='ignore stored results')
+    parser.add_argument('--reverse', action='store_true',
+                        help='last folder first (a second sweep process on the same --out '
+                             'meets the first one in the middle; stored results are reused)')
+    parser.add_argument('--list', action='store_true', help='print the representatives')
+    parser.add_argument('--one', default=None, help='run one config in this process')
+    parser.add_argument('--result', default=None, help='with --one: write the row as JSON')
+    args = parser.parse_args(argv)
+    if args.list:
+        for folder, cfg, why in representatives():
+            print(f'{folder:22s} {cfg.name if cfg else "-":70s} {why}')
+        return
+    if args.one:
+        def write(row: dict) -> None:
+            if args.result:
+                part = Path(f'{args.result}.part')
+                part.write_text(json.dumps(row, indent=1))
+                os.replace(part, args.result)
+        row = run_one(args.one, max_size=args.max_size, iters=args.iters, method=args.method,
+                      on_stage=write)
+        text = json.dumps(row, indent=1)
+        if args.result:
+            Path(args.result).write_text(text)
+        print(text)
+        return
+    sweep(args)
+
+
+if __name__ == '__main__':
+    main()
