@@ -56,6 +56,10 @@ logger = logging.getLogger(__name__)
 QUANT_DOMAIN = 'mmdet_regptq'
 #: First opset with INT4/UINT4 Q/DQ and 16-bit Q/DQ.
 INT4_OPSET = 21
+#: Highest opset torch's TorchScript exporter knows. A higher requested opset is traced at
+#: this one and the model's opset import is raised afterwards: opset 21 only extends
+#: operator type lists (int4/uint4/...) over 20, no semantics change.
+TORCHSCRIPT_MAX_OPSET = 20
 
 
 @dataclass
@@ -341,7 +345,8 @@ def _constant_value(model: onnx.ModelProto, name: str) -> np.ndarray:
 
 
 def lower_quant_ops(model: onnx.ModelProto, *, int4_weights: bool = True,
-                    report: ExportReport | None = None) -> onnx.ModelProto:
+                    report: ExportReport | None = None,
+                    target_opset: int | None = None) -> onnx.ModelProto:
     """Rewrite the ``mmdet_regptq`` custom nodes into standard Q/DQ (see the module doc).
 
     Args:
@@ -349,12 +354,18 @@ def lower_quant_ops(model: onnx.ModelProto, *, int4_weights: bool = True,
         int4_weights: store grids of <= 4 bits as INT4/UINT4 initializers (needs opset >=
             21; otherwise int8/uint8 carriers are used and a warning is logged).
         report: filled with the lowered weights and activations.
+        target_opset: raise the default-domain opset import to this (e.g. a model traced at
+            20 by the TorchScript exporter, saved as 21 for INT4).
 
     Returns:
         The model, with the custom opset import removed.
     """
     report = report if report is not None else ExportReport()
     graph = model.graph
+    for imp in model.opset_import:
+        if imp.domain in ('', 'ai.onnx') and target_opset and imp.version < target_opset:
+            imp.version = target_opset
+            model.ir_version = max(model.ir_version, 10 if target_opset >= 21 else 8)
     opset = max((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')),
                 default=0)
     if int4_weights and opset < INT4_OPSET:
@@ -477,20 +488,21 @@ def export_onnx(model: nn.Module, args: Tensor | Sequence[Tensor], path: str | P
         with export_mode(model) as report, legacy_onnx_export(), torch.no_grad():
             torch.onnx.export(model, args, str(path), input_names=list(input_names),
                               output_names=list(output_names) if output_names else None,
-                              opset_version=opset, dynamic_axes=dynamic_axes,
-                              do_constant_folding=True)
+                              opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
+                              dynamic_axes=dynamic_axes, do_constant_folding=True)
     finally:
         model.train(training)
-    finalize_onnx(path, int4_weights=int4_weights, report=report)
+    finalize_onnx(path, int4_weights=int4_weights, report=report, target_opset=opset)
     return report
 
 
 def finalize_onnx(path: str | Path, *, int4_weights: bool = True,
-                  report: ExportReport | None = None) -> ExportReport:
+                  report: ExportReport | None = None,
+                  target_opset: int | None = None) -> ExportReport:
     """Lower the custom nodes of an exported file in place, then check it."""
     report = report if report is not None else ExportReport()
     model = onnx.load(str(path))
-    lower_quant_ops(model, int4_weights=int4_weights, report=report)
+    lower_quant_ops(model, int4_weights=int4_weights, report=report, target_opset=target_opset)
     check_onnx(model)
     onnx.save(model, str(path))
     logger.info('exported %s: %s', path, report.summary())

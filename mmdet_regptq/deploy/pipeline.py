@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from mmdet_regptq.deploy.detector import RawDetector, quantize_for_deploy, raw_output_names
-from mmdet_regptq.deploy.export import (ExportReport, export_mode, finalize_onnx,
-                                        legacy_onnx_export)
+from mmdet_regptq.deploy.export import (TORCHSCRIPT_MAX_OPSET, ExportReport, export_mode,
+                                        finalize_onnx, legacy_onnx_export)
 from mmdet_regptq.deploy.mmdeploy_plugin import regptq_options
 from mmdet_regptq.deploy.ort_int8 import make_ort_int8
 from mmdet_regptq.deploy.tensorrt import check_tensorrt_qdq
@@ -65,7 +65,8 @@ def load_deploy_model(task_processor: Any, checkpoint: str | None) -> torch.nn.M
     if meta is None:
         return task_processor.build_pytorch_model(checkpoint)
     model = task_processor.build_pytorch_model(None)
-    quantize_for_deploy(model, quant=meta['quant'], method=meta['method'],
+    method = meta['method'] if isinstance(meta['method'], dict) else dict(type=meta['method'])
+    quantize_for_deploy(model, quant=meta['quant'], method=method,
                         quantized_checkpoint=str(checkpoint))
     model._regptq_quantized = True
     return model.eval()
@@ -139,16 +140,18 @@ def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img
     raw = RawDetector(model).eval()
     names = raw_output_names(model, inputs)
     prefix = str(work_dir / Path(onnx_cfg.get('save_file', 'end2end.onnx')).stem)
+    opset = onnx_cfg.get('opset_version', 21)
     context = dict(deploy_cfg=deploy_cfg)
     with export_mode(raw) as report, legacy_onnx_export():
         export(raw, inputs, output_path_prefix=prefix, backend=get_backend(deploy_cfg).value,
                input_metas=None, context_info=context,
                input_names=list(onnx_cfg.get('input_names', ['input'])), output_names=names,
-               opset_version=onnx_cfg.get('opset_version', 21), dynamic_axes=None,
+               opset_version=min(opset, TORCHSCRIPT_MAX_OPSET), dynamic_axes=None,
                keep_initializers_as_inputs=onnx_cfg.get('keep_initializers_as_inputs', False),
                optimize=False)
     onnx_file = prefix + '.onnx'
-    finalize_onnx(onnx_file, int4_weights=opts['int4_weights'], report=report)
+    finalize_onnx(onnx_file, int4_weights=opts['int4_weights'], report=report,
+                  target_opset=opset)
     result = DeployResult(onnx_file=onnx_file, export=report)
     with torch.no_grad():
         reference = [t.numpy() for t in raw(inputs)]

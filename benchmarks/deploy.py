@@ -1,0 +1,300 @@
+"""Deployment benchmark: storage and CPU latency of FP32 / INT8 / INT4 detectors.
+
+    nice -n 15 .venv/bin/python benchmarks/deploy.py [--models r50,retinanet,fcos,frcnn]
+        [--runs 20] [--tvm-runs 20] [--size 512] [--threads 2] [--csv out.csv]
+
+Models: ``r50`` = RetinaNet R50-FPN built from mmdet's own zoo config
+(``mmdet::retinanet/retinanet_r50_fpn_1x_coco.py``, random init, ``init_cfg=None``: no
+download); ``retinanet`` / ``fcos`` / ``frcnn`` = the bundled synthetic detectors (their
+configs; the trained checkpoint when ``--checkpoints`` points at them, else random init —
+size and speed do not depend on the weights). Quantized models are calibrated with MinMax
+on random images (speed/size only; accuracy is ``tools/deploy.py --eval``).
+
+Storage (bytes of the weights as stored; BatchNorm folded into the convs first):
+- FP32: every parameter as float32 (also the size of a weights-only ``torch.save``);
+- INT8: every Conv/Linear (first layer and prediction layers included) 8-bit codes, one
+  byte each, + per-channel float32 scale and 8-bit zero point; the rest float32;
+- INT4 (packed): 4-bit codes packed eight per int32 word (HAWQ), first layer 8 bit, every
+  other Conv/Linear including the final prediction layers 4 bit, per-channel float32 scale
+  and zero point stored in 4 bits; biases and the rest float32;
+- INT4*: the same with the whole detection head (bbox/rpn/roi heads) kept FP32 (the paper's
+  "INT4 with FP heads").
+
+Latency: batch 1, ``size x size`` input, median of ``--runs`` timed runs after 3 warm-up
+runs, the backends interleaved round by round (the CPU is shared: interleaving spreads the
+load over all rows). Rows: FP32 ONNX Runtime, INT8 ONNX Runtime (W8A8: per-channel
+symmetric int8 weights, uint8 activations, the ``ort_int8`` rewrite), FP32 TVM
+(``tvm_relax``), INT4 TVM (``tvm_int4``: W4A4, integer convs, packed weights). TVM is
+untuned (no MetaSchedule database): its rows show what the default lowering gives.
+Two-stage detectors (``frcnn``) have no raw single graph: storage only.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import logging
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BUNDLED = {
+    'retinanet': 'configs/synthetic/retinanet_r18-16_fpn64_synthetic.py',
+    'fcos': 'configs/synthetic/fcos_r18-16_fpn64_synthetic.py',
+    'frcnn': 'configs/synthetic/faster-rcnn_r18-16_fpn64_synthetic.py',
+}
+HEAD_SCOPES = ('bbox_head', 'rpn_head', 'roi_head')
+
+W4A4 = dict(w_bits=4, a_bits=4, quantize_final=True)
+W8A8 = dict(w_bits=8, a_bits=8, quantize_final=True,
+            weight=dict(type='Uniform', per_channel=True, symmetric=True, scale_method='minmax'),
+            act=dict(type='Uniform', per_channel=False, symmetric=False, scale_method='minmax'))
+
+
+def model_config(name: str) -> Any:
+    from mmengine.config import Config
+
+    if name == 'r50':
+        import mmdet
+        path = Path(mmdet.__file__).parent / '.mim/configs/retinanet/retinanet_r50_fpn_1x_coco.py'
+        cfg = Config.fromfile(str(path))
+        cfg.model.backbone.init_cfg = None
+        return cfg
+    return Config.fromfile(str(ROOT / BUNDLED[name]))
+
+
+# ----------------------------------------------------------------------------- storage
+def storage_bytes(model: torch.nn.Module, bits_of: Callable[[str], int | None]) -> int:
+    """Bytes of the folded model's weights with Conv/Linear weights at ``bits_of(name)``
+    bits (None = float32); everything else float32."""
+    from mmdet_regptq.quant import find_quantizable, packed_numel
+
+    total = 0
+    quantized = set()
+    for name, module in find_quantizable(model):
+        weight = module.weight
+        bits = bits_of(name)
+        if bits is None:
+            continue
+        quantized.add(id(weight))
+        c_out = weight.shape[0]
+        total += packed_numel(weight.numel(), bits) * 4 if bits < 8 else weight.numel()
+        total += c_out * 4                                    # float32 scale
+        total += math.ceil(c_out * bits / 8)                  # zero point in `bits`
+    for p in model.parameters():
+        if id(p) not in quantized:
+            total += p.numel() * 4
+    return total
+
+
+def folded_float(cfg: Any, checkpoint: str | None) -> torch.nn.Module:
+    """The float detector with its BatchNorms folded (what every format stores)."""
+    from mmdet_regptq.deploy import build_detector
+    from mmdet_regptq.quant import fold_bn
+
+    model = build_detector(cfg, checkpoint)
+    x = torch.zeros(1, 3, 64, 64)
+    fold_bn(model, lambda m: m._forward(x) if not hasattr(m, 'roi_head') else m.extract_feat(x))
+    return model
+
+
+def storage_rows(name: str, cfg: Any, checkpoint: str | None) -> list[dict]:
+    model = folded_float(cfg, checkpoint)
+    from mmdet_regptq.quant import find_quantizable
+
+    layers = [n for n, _ in find_quantizable(model)]
+    first = _first_layer(model, layers)
+    def in_head(n: str) -> bool:
+        return n.split('.')[0] in HEAD_SCOPES
+
+    fp32 = storage_bytes(model, lambda n: None)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / 'fp32.pth'
+        torch.save(build_float_state(cfg, checkpoint), path)
+        file_bytes = path.stat().st_size
+    for fmt, fn in (('FP32', lambda n: None), ('INT8', lambda n: 8),
+                    ('INT4 packed', lambda n: 8 if n == first else 4),
+                    ('INT4* (FP heads)', lambda n: None if in_head(n) else (8 if n == first else 4))):
+        b = storage_bytes(model, fn)
+        rows.append(dict(model=name, format=fmt, MB=round(b / 2**20, 2),
+                         ratio=round(fp32 / b, 2)))
+    rows[0]['file_MB'] = round(file_bytes / 2**20, 2)
+    return rows
+
+
+def build_float_state(cfg: Any, checkpoint: str | None) -> dict:
+    from mmdet_regptq.deploy import build_detector
+    return {k: v for k, v in build_detector(cfg, checkpoint).state_dict().items()}
+
+
+def _first_layer(model: torch.nn.Module, layers: list[str]) -> str:
+    """The first Conv to run (the stem), as the policy's 'auto' finds it."""
+    stems = [n for n in layers if n.startswith('backbone.')]
+    return stems[0] if stems else layers[0]
+
+
+# ----------------------------------------------------------------------------- latency
+def export_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work: Path,
+                    tvm: bool) -> dict[str, Callable[[np.ndarray], Any]]:
+    """Build the four deployments of one detector; returns row name → run(input)."""
+    import onnx
+    import onnxruntime as ort
+
+    from mmdet_regptq.deploy import (RawDetector, build_detector, export_onnx, make_ort_int8,
+                                     quantize_for_deploy, raw_output_names)
+    from mmdet_regptq.deploy.tvm_build import TvmRunner, build_artifact
+
+    x = torch.randn(1, 3, size, size)
+    runs: dict[str, Callable[[np.ndarray], Any]] = {}
+
+    def ort_session(path: Path) -> Callable:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+        return lambda feed: sess.run(None, {'input': feed})
+
+    fp = build_detector(cfg, checkpoint)
+    names = raw_output_names(fp, x)
+    export_onnx(RawDetector(fp), x, work / f'{name}_fp32.onnx', output_names=names, opset=17)
+    runs['FP32 ORT'] = ort_session(work / f'{name}_fp32.onnx')
+
+    q8 = build_detector(cfg, checkpoint)
+    quantize_for_deploy(q8, quant=W8A8, method=dict(type='MinMax'), input_shape=(size, size))
+    export_onnx(RawDetector(q8), x, work / f'{name}_w8a8.onnx', output_names=names,
+                int4_weights=False, opset=17)
+    fused, report = make_ort_int8(onnx.load(str(work / f'{name}_w8a8.onnx')),
+                                  [{'input': x.numpy()}])
+    logging.info('%s INT8 ORT: %s', name, report.summary())
+    onnx.save(fused, str(work / f'{name}_w8a8_ort.onnx'))
+    runs['INT8 ORT'] = ort_session(work / f'{name}_w8a8_ort.onnx')
+
+    if tvm:
+        build_artifact(onnx.load(str(work / f'{name}_fp32.onnx')), work / f'{name}_tvm_fp32',
+                       integer=False)
+        fp32_tvm = TvmRunner(work / f'{name}_tvm_fp32')
+        runs['FP32 TVM'] = lambda feed: fp32_tvm({'input': feed})
+        q4 = build_detector(cfg, checkpoint)
+        quantize_for_deploy(q4, quant=W4A4, method=dict(type='MinMax'),
+                            input_shape=(size, size))
+        export_onnx(RawDetector(q4), x, work / f'{name}_w4a4.onnx', output_names=names)
+        _, int_report = build_artifact(onnx.load(str(work / f'{name}_w4a4.onnx')),
+                                       work / f'{name}_tvm_int4', integer=True)
+        logging.info('%s INT4 TVM: %s', name, int_report.summary())
+        int4_tvm = TvmRunner(work / f'{name}_tvm_int4')
+        runs['INT4 TVM'] = lambda feed: int4_tvm({'input': feed})
+    return runs
+
+
+def time_interleaved(runs: dict[str, Callable], feed: np.ndarray, n: dict[str, int],
+                     warmup: int = 3) -> dict[str, list[float]]:
+    """Warm up every row, then run the rows round-robin until each has ``n[row]`` timings."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn(feed)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    while any(len(times[k]) < n[k] for k in runs):
+        for key, fn in runs.items():
+            if len(times[key]) >= n[key]:
+                continue
+            start = time.perf_counter()
+            fn(feed)
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
+def latency_rows(name: str, cfg: Any, checkpoint: str | None, args: argparse.Namespace,
+                 work: Path) -> list[dict]:
+    runs = export_variants(name, cfg, checkpoint, args.size, work, tvm=not args.skip_tvm)
+    feed = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(
+        np.float32)
+    n = {k: (args.tvm_runs if 'TVM' in k else args.runs) for k in runs}
+    times = time_interleaved(runs, feed, n, warmup=1 if args.tvm_runs < 3 else 3)
+    base = statistics.median(times['FP32 ORT'])
+    rows = []
+    for key, ts in times.items():
+        med = statistics.median(ts)
+        rows.append(dict(model=name, backend=key, ms=round(med * 1e3, 1), runs=len(ts),
+                         speedup_vs_fp32_ort=round(base / med, 2)))
+    return rows
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    widths = {k: max(len(k), *(len(str(r.get(k, ''))) for r in rows)) for k in keys}
+    print(f'\n{title}')
+    print(' | '.join(k.ljust(widths[k]) for k in keys))
+    print('-+-'.join('-' * widths[k] for k in keys))
+    for r in rows:
+        print(' | '.join(str(r.get(k, '')).ljust(widths[k]) for k in keys))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', default='r50,retinanet,fcos,frcnn')
+    parser.add_argument('--latency-models', default=None,
+                        help='models to time (default: --models minus frcnn)')
+    parser.add_argument('--checkpoints', nargs='*', default=[],
+                        help='name=path of trained checkpoints of the bundled detectors')
+    parser.add_argument('--size', type=int, default=512)
+    parser.add_argument('--runs', type=int, default=20)
+    parser.add_argument('--tvm-runs', type=int, default=20)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--skip-tvm', action='store_true')
+    parser.add_argument('--skip-latency', action='store_true')
+    parser.add_argument('--work-dir', default='work_dirs/benchmark_deploy')
+    parser.add_argument('--csv', default='work_dirs/benchmark_deploy/deploy.csv')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+    import mmdet_regptq  # noqa: F401
+    import mmdet_regptq.deploy  # noqa: F401
+
+    torch.set_num_threads(args.threads)
+    checkpoints = dict(c.split('=', 1) for c in args.checkpoints)
+    models = args.models.split(',')
+    timed = (args.latency_models.split(',') if args.latency_models
+             else [m for m in models if m != 'frcnn'])
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    storage, latency = [], []
+    for name in models:
+        cfg = model_config(name)
+        storage += storage_rows(name, cfg, checkpoints.get(name))
+        print_table([r for r in storage if r['model'] == name], f'storage: {name}')
+    for name in ([] if args.skip_latency else timed):
+        cfg = model_config(name)
+        rows = latency_rows(name, cfg, checkpoints.get(name), args, work)
+        latency += rows
+        print_table(rows, f'latency: {name}, 1x3x{args.size}x{args.size}, '
+                          f'{args.threads} threads')
+    print_table(storage, 'storage (MB of weights as stored; ratio = FP32 / format)')
+    print_table(latency, f'latency (ms, median; batch 1, {args.size}x{args.size}, '
+                         f'{args.threads} threads)')
+    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.csv, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['table', 'model', 'format_or_backend', 'MB_or_ms', 'ratio_or_speedup',
+                         'runs'])
+        for r in storage:
+            writer.writerow(['storage', r['model'], r['format'], r['MB'], r['ratio'], ''])
+        for r in latency:
+            writer.writerow(['latency', r['model'], r['backend'], r['ms'],
+                             r['speedup_vs_fp32_ort'], r['runs']])
+    print(f'\nCSV: {args.csv}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
