@@ -10,9 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / 'data' / 'synthetic'
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope='session', autouse=True)
 def synthetic_data() -> Path:
-    """The default synthetic set (seed 0), generated once per machine (~20 s)."""
+    """The default synthetic set (seed 0), generated once per machine (~20 s); autouse
+    because many tests read data/synthetic through the configs."""
     from mmdet_regptq.datasets.synthetic import generate
     generate(DATA, seed=0)
     return DATA
