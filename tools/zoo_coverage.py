@@ -156,8 +156,9 @@ def offline_cfg(node: Any) -> Any:
     return node
 
 
-_DROP_TRANSFORMS = ('LoadAnnotations', 'LoadPanopticAnnotations', 'LoadTrackAnnotations',
-                    'FilterAnnotations', 'LoadProposals', 'LoadSemSegAnnotations')
+_ANNOTATION_LOADERS = ('LoadAnnotations', 'LoadPanopticAnnotations', 'LoadTrackAnnotations',
+                       'FilterAnnotations', 'LoadSemSegAnnotations')
+_NEVER = ('LoadProposals',)   # precomputed proposal files: there are none for these images
 
 
 def _cap_size(size: Any, factor: float) -> Any:
@@ -168,8 +169,13 @@ def _cap_size(size: Any, factor: float) -> Any:
     return size
 
 
-def capped_test_pipeline(cfg: Any, max_size: int = 320, max_fixed: int = 640) -> list[dict]:
-    """The config's test pipeline without annotation loading, its size capped.
+def capped_test_pipeline(cfg: Any, max_size: int = 320, max_fixed: int = 640, *,
+                         annotations: bool = False) -> list[dict]:
+    """The config's test pipeline, its size capped.
+
+    ``annotations=False`` drops the annotation loading steps; ``True`` keeps box/mask
+    loading (panoptic loading becomes box + mask loading: the synthetic set has no
+    panoptic maps), as the calibration images get it through the train set.
 
     A keep-ratio ``Resize`` (and a fixed ``Pad`` size) is scaled so that its longer side is
     at most ``max_size``; a fixed-shape resize (``keep_ratio=False``, ``FixShapeResize``)
@@ -186,8 +192,12 @@ def capped_test_pipeline(cfg: Any, max_size: int = 320, max_fixed: int = 640) ->
     out = []
     for t in pipeline:
         kind = str(t.get('type', '')).split('.')[-1]
-        if kind in _DROP_TRANSFORMS:
+        if kind in _NEVER or (kind in _ANNOTATION_LOADERS and not annotations):
             continue
+        if kind in ('LoadPanopticAnnotations', 'LoadSemSegAnnotations', 'LoadTrackAnnotations'):
+            t = dict(type='LoadAnnotations', with_bbox=True, with_mask=True)
+        elif kind == 'LoadAnnotations':
+            t['with_seg'] = False
         if kind == 'LoadImageFromFile':
             t['backend_args'] = None
         if kind in ('Resize', 'RandomResize') and t.get('scale') is not None:
@@ -218,21 +228,29 @@ def synthetic_images(num: int = 2, split: str = 'val') -> list[Path]:
 
 def synthetic_batch(cfg: Any, num_images: int = 2, max_size: int = 320) -> dict:
     """One collated batch (``inputs`` + ``data_samples``) of synthetic images through the
-    config's capped test pipeline, as mmdet's dataloader would yield it."""
+    config's capped test pipeline, with their boxes and masks, as the calibration loader
+    (train images through the test pipeline) would yield it."""
     from mmcv.transforms import Compose
     from mmengine.dataset import pseudo_collate
     from mmengine.registry import init_default_scope
 
+    from mmdet.datasets import CocoDataset
     from mmdet.registry import TRANSFORMS
     init_default_scope(cfg.get('default_scope', 'mmdet'))
-    steps = capped_test_pipeline(cfg, max_size)
+    steps = capped_test_pipeline(cfg, max_size, annotations=True)
     pipeline = Compose([TRANSFORMS.build(t) for t in steps])
     keys = ' '.join(str(t.get('meta_keys', '')) for t in steps)
     classes = ('circle', 'rectangle', 'triangle', 'ellipse', 'star', 'cross')
+    dataset = CocoDataset(data_root=str(SYNTHETIC), ann_file='annotations/instances_val.json',
+                          data_prefix=dict(img=''), metainfo=dict(classes=classes),
+                          pipeline=[], test_mode=True)
+    if len(dataset) < num_images:
+        raise FileNotFoundError(f'{SYNTHETIC} has {len(dataset)} val images, need '
+                                f'{num_images}; run python -m mmdet_regptq.datasets.synthetic')
     data = []
-    for i, path in enumerate(synthetic_images(num_images)):
-        item = dict(img_path=str(path), img_id=i)
-        if 'text' in keys:
+    for i in range(num_images):
+        item = dataset.get_data_info(i)
+        if 'text' in keys:                     # grounding detectors: class names as prompt
             item.update(text=classes, custom_entities=True)
         data.append(pipeline(item))
     return pseudo_collate(data)

@@ -70,14 +70,14 @@ class RegPTQHook(Hook):
 
     # --- validation during training ---------------------------------------------------
     def before_val(self, runner) -> None:
-        if not self.on_val or runner.train_loop is None or not hasattr(runner, '_train_loop') \
-                or not _is_training_run(runner):
-            model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        if not _is_training_run(runner):  # `runner.val()`: quantize in place, as for test
             if not getattr(model, '_regptq_quantized', False):
                 self.result = self._quantize(runner, model)
             return
+        if not self.on_val:
+            return
         self._float_model = runner.model
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         quantized = copy.deepcopy(model)
         self.result = self._quantize(runner, quantized, save=False)
         runner.model = quantized

@@ -34,6 +34,7 @@ from mmdet_regptq.engine.checkpoint import check_finite
 from mmdet_regptq.io import atomic_save
 
 PARTIAL_NAME = 'quantized.partial.pth'
+FINAL_NAME = 'quantized.pth'
 PARTIAL_VERSION = 1
 _HARD_ALPHA = 10.0
 
@@ -165,9 +166,12 @@ class CalibrationResume:
         self.remove_stale_tmp()
 
     def remove_stale_tmp(self) -> list[Path]:
-        """Delete temporary files a killed writer left in ``work_dir``."""
-        stale = list(self.work_dir.glob(f'.{PARTIAL_NAME}.*.tmp')) if self.work_dir.is_dir() \
-            else []
+        """Delete temporary files a killed writer left in ``work_dir`` (of the partial and of
+        the final ``quantized.pth``; ``atomic_save`` names them ``.<name>.<random>.tmp``)."""
+        if not self.work_dir.is_dir():
+            return []
+        stale = [p for name in (PARTIAL_NAME, FINAL_NAME)
+                 for p in self.work_dir.glob(f'.{name}.*.tmp')]
         for path in stale:
             path.unlink(missing_ok=True)
         return stale

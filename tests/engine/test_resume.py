@@ -87,6 +87,7 @@ def test_other_settings_do_not_resume(reference, tmp_path, caplog):
     model = torch.nn.Conv2d(1, 1, 1)
     resume.save(model, 2, 'unit')
     (tmp_path / f'.{PARTIAL_NAME}.abc123.tmp').write_bytes(b'half')   # left by a SIGKILL
+    (tmp_path / '.quantized.pth.x1y2.tmp').write_bytes(b'half')
     other = CalibrationResume(tmp_path, {'seed': 1, 'quant': {'w_bits': 4}},
                               logging.getLogger('test.other'))
     with caplog.at_level(logging.WARNING, logger='test.other'):

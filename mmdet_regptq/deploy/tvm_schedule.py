@@ -1,0 +1,173 @@
+"""Hand-written CPU schedules for the TIR that TVM Relax legalizes a model into.
+
+TVM's default CPU lowering leaves every operator as a naive single-threaded loop nest
+(~100x slower than ONNX Runtime here, BUILD_NOTES.md). Without a MetaSchedule tuning run
+(hours on this shared 2-core machine), :func:`schedule_cpu` applies one fixed schedule per
+kind of block, after ``LegalizeOps`` / ``FuseTIR``:
+
+- a direct NCHW convolution block (``conv2d_nchw``, int8 x int8 -> int32 or float32):
+  output channels split by ``F`` (register tile, unrolled), output columns split by ``V``
+  (vectorized, AVX-512 lanes), loops ordered ``n, f_o, y | x_o | rc, ry, rx | f_i, x_i``,
+  the ``n, f_o, y`` loops fused and parallel, the accumulator tile in a local buffer
+  (``cache_write``) written back once per tile, reduction init split off;
+  its padding block is inlined;
+- every other block without reduction axes (padding, casts, rescale, bias, ReLU, adds,
+  resize, pooling windows are reductions and stay as they are): the outer loops fused and
+  parallel, the innermost loop vectorized when it is short.
+
+Any block a rule cannot handle is left unscheduled (logged at DEBUG): the schedule only
+changes loop structure, never the computed values (integer results are identical; float
+results differ only by summation order).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+__all__ = ['schedule_cpu', 'cpu_pipeline']
+
+logger = logging.getLogger(__name__)
+
+_LANES = 16           # int32/float32 lanes of a 512-bit vector
+_TILE_F = (8, 4, 2, 1)
+
+
+def _extent(sch: Any, loop: Any) -> int | None:
+    try:
+        return int(sch.get(loop).extent)
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _iter_types(sch: Any, block: Any) -> list[int]:
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+
+
+def _schedule_conv(sch: Any, block: Any) -> None:
+    loops = sch.get_loops(block)
+    if len(loops) != 7:
+        raise ValueError('not a 7-loop NCHW conv')
+    n, f, y, x, rc, ry, rx = loops
+    f_ext, x_ext = _extent(sch, f), _extent(sch, x)
+    tf = next(t for t in _TILE_F if f_ext % t == 0)
+    tx = _largest_divisor(x_ext, _LANES)
+    f_o, f_i = sch.split(f, [None, tf])
+    x_o, x_i = sch.split(x, [None, tx])
+    sch.reorder(n, f_o, y, x_o, rc, ry, rx, f_i, x_i)
+    outer = sch.fuse(n, f_o, y)
+    sch.parallel(outer)
+    local = sch.cache_write(block, 0, 'local')
+    sch.reverse_compute_at(local, x_o)
+    init = sch.decompose_reduction(block, rc)
+    init_loops = sch.get_loops(init)
+    sch.vectorize(init_loops[-1])
+    sch.unroll(f_i)
+    sch.vectorize(x_i)
+    wb_loops = sch.get_loops(local)
+    sch.vectorize(wb_loops[-1])
+
+
+def _schedule_spatial(sch: Any, block: Any) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [_extent(sch, lp) for lp in loops]
+    if any(e is None for e in extents):
+        raise ValueError('dynamic extents')
+    inner = loops[-1]
+    outer = loops[:-1]
+    if outer:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+    if extents[-1] <= 64 and extents[-1] > 1:
+        sch.vectorize(inner)
+    elif extents[-1] > 64:
+        _, vi = sch.split(inner, [None, _largest_divisor(extents[-1], _LANES)])
+        sch.vectorize(vi)
+
+
+def schedule_cpu(mod: Any) -> Any:
+    """Apply the fixed schedules (module doc) to every PrimFunc of ``mod``."""
+    import tvm
+    from tvm import s_tir
+
+    out = mod
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            continue
+        sch = s_tir.Schedule(func)
+        try:
+            root = sch.get_sblock('root')
+            blocks = sch.get_child_blocks(root)
+        except Exception:  # noqa: BLE001 - no root block: leave the function alone
+            continue
+        names = [sch.get(b).name_hint for b in blocks]
+        changed = False
+        conv_names = [n for n in names if n.startswith('conv2d_nchw')]
+        if conv_names:
+            for pad in [n for n in names if n.startswith('pad_temp')]:
+                try:
+                    sch.compute_inline(sch.get_sblock(pad))
+                except Exception as err:  # noqa: BLE001
+                    logger.debug('%s: inline %s: %s', gv.name_hint, pad, err)
+        for name in list(names):
+            try:
+                block = sch.get_sblock(name)
+            except Exception:  # noqa: BLE001 - inlined
+                continue
+            try:
+                if name.startswith('conv2d_nchw'):
+                    _schedule_conv(sch, block)
+                    changed = True
+                elif all(t == 0 for t in _iter_types(sch, block)):
+                    _schedule_spatial(sch, block)
+                    changed = True
+            except Exception as err:  # noqa: BLE001 - keep the default lowering
+                logger.debug('%s: block %s left unscheduled: %s', gv.name_hint, name, err)
+                sch = _retry_without(func, name, sch)
+        if changed:
+            out = _replace(out, gv, sch.mod['main'])
+    return out
+
+
+def _retry_without(func: Any, failed: str, sch: Any) -> Any:
+    """A failed rule may leave the schedule half-applied; the caller keeps ``sch`` (a
+    schedule's state is transactional per primitive, so earlier primitives stand)."""
+    return sch
+
+
+def _replace(mod: Any, gv: Any, func: Any) -> Any:
+    mod = mod.shallow_copy() if hasattr(mod, 'shallow_copy') else mod
+    mod[gv] = func
+    return mod
+
+
+def cpu_pipeline(target: Any) -> Any:
+    """TVM's default CPU Relax pipeline with :func:`schedule_cpu` after legalization."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    @tvm.transform.module_pass(opt_level=0, name='RegPTQScheduleCPU')
+    def schedule_pass(mod: Any, _ctx: Any) -> Any:
+        return schedule_cpu(mod)
+
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(target)
+                + cpu_generic.legalize_passes(target)
+                + [schedule_pass]
+                + cpu_generic.dataflow_lower_passes(target)
+                + cpu_generic.finalize_passes(target))
+            return seq(mod)
+
+    return pipeline
