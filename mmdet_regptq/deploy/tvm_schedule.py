@@ -65,11 +65,9 @@ def _schedule_conv(sch: Any, block: Any) -> None:
     sch.parallel(outer)
     local = sch.cache_write(block, 0, 'local')
     sch.reverse_compute_at(local, x_o)
-    init = sch.decompose_reduction(block, rc)
-    init_loops = sch.get_loops(init)
-    sch.vectorize(init_loops[-1])
     sch.unroll(f_i)
-    sch.vectorize(x_i)
+    sch.vectorize(x_i)              # before decompose_reduction (needs the init)
+    sch.decompose_reduction(block, rc)
     wb_loops = sch.get_loops(local)
     sch.vectorize(wb_loops[-1])
 
@@ -110,13 +108,6 @@ def schedule_cpu(mod: Any) -> Any:
             continue
         names = [sch.get(b).name_hint for b in blocks]
         changed = False
-        conv_names = [n for n in names if n.startswith('conv2d_nchw')]
-        if conv_names:
-            for pad in [n for n in names if n.startswith('pad_temp')]:
-                try:
-                    sch.compute_inline(sch.get_sblock(pad))
-                except Exception as err:  # noqa: BLE001
-                    logger.debug('%s: inline %s: %s', gv.name_hint, pad, err)
         for name in list(names):
             try:
                 block = sch.get_sblock(name)
