@@ -1,8 +1,8 @@
 """FP vs quantized detections side by side (like the paper's Figure S2), drawn with mmdet's
 own ``DetLocalVisualizer``, with per-image counts of missed / extra / shifted boxes.
 
-Counts (:func:`metrics.match_detections`, detections with score >= ``score_thr``):
-a quantized detection matches an FP one of the same class with IoU >= ``match_iou``;
+Counts (:func:`metrics.match_detections` on the drawn detections, score >= ``score_thr``
+on both sides): a quantized box matches an FP one of the same class with IoU >= ``match_iou``;
 ``missed`` FP detections have no match, ``extra`` quantized ones have none, ``shifted``
 matches have IoU < ``shift_iou``, ``relabeled`` missed ones are covered by a box of
 another class.
@@ -127,7 +127,7 @@ def run_compare(fp_bench: DetectorBench, q_bench: DetectorBench, cfg: CompareCon
     vis = _visualizer(fp_bench.dataset_meta)
     panels = []
     for ref, cur in zip(fp_dets, q_dets):
-        diff = match_detections(ref, cur, cfg.proxy)
+        diff = match_detections(ref, cur, cfg.proxy, displayed=True)
         matched = diff.matched
         row = dict(image=Path(ref.img_path).name, fp_dets=diff.num_ref, q_dets=diff.num_cur,
                    missed=diff.missed, extra=diff.extra, shifted=diff.shifted,
@@ -151,7 +151,7 @@ def run_compare(fp_bench: DetectorBench, q_bench: DetectorBench, cfg: CompareCon
 
 
 def _plot_pairs(panels: list, path: Path, label: str) -> Path:
-    fig, axes = new_figure(2, len(panels), size=(3.6, 3.9))
+    fig, axes = new_figure(2, len(panels), size=(4.5, 4.9))  # ~ the drawn size: no resampling
     for (row, (fp_img, q_img)), ax_row in zip(panels, axes):
         ax_row[0].imshow(fp_img)
         ax_row[0].set_title(f'{row["image"]}  FP: {row["fp_dets"]} boxes', fontsize=9)

@@ -24,7 +24,7 @@ index; two-stage detectors: RoI head on the FP model's proposals):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -168,8 +168,26 @@ class ImageDiff:
     iou: Tensor
 
 
-def match_detections(ref: Detections, cur: Detections, cfg: ProxyConfig) -> ImageDiff:
-    """Greedy same-class matching of the modified detections to the FP ones."""
+def _above(det: Detections, thr: float) -> Detections:
+    keep = det.scores >= thr
+    return replace(det, bboxes=det.bboxes[keep], scores=det.scores[keep], labels=det.labels[keep])
+
+
+def match_detections(ref: Detections, cur: Detections, cfg: ProxyConfig, *,
+                     displayed: bool = False) -> ImageDiff:
+    """Greedy same-class matching of the modified detections to the FP ones.
+
+    Args:
+        ref: FP detections of one image.
+        cur: modified detections of the same image.
+        cfg: thresholds.
+        displayed: match only detections with score >= ``score_thr`` on both sides (what
+            a picture drawn at that threshold shows: matched + missed = FP boxes, matched
+            + extra = quantized boxes). Default: every detection can match, so a detection
+            whose score fell below the threshold counts as a score change, not a miss.
+    """
+    if displayed:
+        ref, cur = _above(ref, cfg.score_thr), _above(cur, cfg.score_thr)
     n, m = len(ref.scores), len(cur.scores)
     iou = box_iou(ref.bboxes, cur.bboxes) if n and m else torch.zeros(n, m)
     same = ref.labels[:, None] == cur.labels[None, :]

@@ -191,7 +191,7 @@ def _measures(table: Table) -> list[tuple[str, str]]:
            (f'{pre}_box', f'box change\n(L1 / image size, {where})'),
            (f'{pre}_gl', 'global loss L_G (FGIC)' if has_out else 'global-loss proxy')]
     if any(r.get('mAP') is not None for r in rows):
-        out.append(('mAP', 'COCO mAP (val subset)'))
+        out += [('mAP', 'COCO mAP (val subset)'), ('mAP_75', 'COCO AP@0.75 (val subset)')]
     return out
 
 
@@ -203,7 +203,7 @@ _STYLES = {'gaussian': '-', 'uniform': '--'}
 def plot_noise(table: Table, path: str | Path, *, title: str = '') -> Path:
     """One panel per measure; colour = part, line style = noise kind; log x."""
     measures = _measures(table)
-    ncols = 2 if len(measures) > 2 else len(measures)
+    ncols = min(len(measures), 3)
     nrows = math.ceil(len(measures) / ncols)
     fig, axes = new_figure(ncols, nrows, size=(4.8, 3.6))
     flat = [ax for row in axes for ax in row]
@@ -222,15 +222,22 @@ def plot_noise(table: Table, path: str | Path, *, title: str = '') -> Path:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, _STYLES.get(kind, ':'), color=_COLORS.get(part), marker='o',
                         markersize=3.5, label=f'{part} / {kind}')
-        if col == 'mAP' and fp.get('mAP') is not None:
-            ax.axhline(fp['mAP'], color='black', linestyle=':', linewidth=1, label='FP')
+        if col.startswith('mAP') and fp.get(col) is not None:
+            ax.axhline(fp[col], color='black', linestyle=':', linewidth=1, label='FP')
         ax.set_xscale('log')
         ax.set_xticks(levels, [f'{v:g}' for v in levels])
         ax.minorticks_off()
         ax.set_xlabel('noise std / channel weight std')
         ax.set_title(label, fontsize=9)
         ax.grid(True, which='both', alpha=0.3)
-    flat[0].legend(fontsize=8)
+    if len(flat) > len(measures):  # a free panel: the legend goes there
+        spare = flat[len(measures)]
+        spare.set_visible(True)
+        spare.set_axis_off()
+        spare.legend(*flat[0].get_legend_handles_labels(), loc='center', fontsize=10,
+                     title='part / noise (same std)')
+    else:
+        flat[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
     return save_figure(fig, path)
@@ -242,10 +249,10 @@ def noise_verdict(table: Table, *, with_ap: bool) -> list[str]:
     fp = next(r for r in table.rows if r['part'] == 'fp')
     measures = [m for m in ('out_gl', 'det_gl', 'det_miss') if rows and rows[0].get(m) is not None]
     if with_ap:
-        measures = ['mAP'] + measures
+        measures = ['mAP', 'mAP_75'] + measures
 
     def damage(r: dict, m: str) -> float:
-        return fp['mAP'] - r['mAP'] if m == 'mAP' else r[m]
+        return fp[m] - r[m] if m.startswith('mAP') else r[m]
 
     def pick(part: str, kind: str) -> dict[float, dict]:
         return {r['level']: r for r in rows if r['part'] == part and r['noise'] == kind}
@@ -260,9 +267,10 @@ def noise_verdict(table: Table, *, with_ap: bool) -> list[str]:
                 break
             worse = sum(damage(reg[lv], m) > damage(cls[lv], m) for lv in levels)
             top = levels[-1]
+            unit = ' (AP drop)' if m.startswith('mAP') else ''
             lines.append(f'{kind:8s} {m:8s}: reg worse than cls at {worse}/{len(levels)} levels; '
                          f'at level {top:g}: reg {damage(reg[top], m):.4f} vs cls '
-                         f'{damage(cls[top], m):.4f}' + (' (AP drop)' if m == 'mAP' else ''))
+                         f'{damage(cls[top], m):.4f}{unit}')
     for part in sorted({r['part'] for r in rows}, key=PARTS.index):
         gauss, unif = pick(part, 'gaussian'), pick(part, 'uniform')
         levels = sorted(set(gauss) & set(unif))

@@ -92,5 +92,5 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, format='png')
+    fig.savefig(path, format='png', bbox_inches='tight')  # keeps multi-line titles whole
     return path

@@ -42,6 +42,8 @@ __all__ = ['IntegerReport', 'PackedWeight', 'to_integer_graph']
 logger = logging.getLogger(__name__)
 
 _CARRIER_RANGE = {np.dtype('uint8'): (0, 255), np.dtype('int8'): (-128, 127)}
+#: Integers up to 2^24 are exact in float32 (and so are their sums while they stay below).
+FP32_EXACT = 1 << 24
 
 
 @dataclass
@@ -88,18 +90,23 @@ class PackedWeight:
 class IntegerReport:
     """Per rewritten layer (by its output tensor): ``(activation dtype, weight dtype)`` of
     the integer op; ``weights``: new initializer name → :class:`PackedWeight`;
-    ``skipped``: float Conv/Gemm left as they were (FP layers) with the reason."""
+    ``skipped``: float Conv/Gemm left as they were (FP layers) with the reason;
+    ``accumulate``: weight name → ``'float32'`` when every partial sum of the layer is an
+    integer below 2^24 in magnitude (``K * max|x| * max|w|``), so float32 lanes hold the
+    int32 accumulator exactly, else ``'int32'``."""
 
     layers: dict[str, tuple[str, str]] = field(default_factory=dict)
     weights: dict[str, PackedWeight] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    accumulate: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}
         for a, w in self.layers.values():
             kinds[f'{a}x{w}'] = kinds.get(f'{a}x{w}', 0) + 1
-        return (f'{len(self.layers)} integer layers {kinds}, {len(self.skipped)} float '
-                'Conv/Gemm kept')
+        fp32 = sum(v == 'float32' for v in self.accumulate.values())
+        return (f'{len(self.layers)} integer layers {kinds} ({fp32} with exact float32 '
+                f'accumulation), {len(self.skipped)} float Conv/Gemm kept')
 
 
 def _act_grid(index: GraphIndex, name: str, zp_dtype: np.dtype) -> tuple[int, int]:
@@ -187,7 +194,13 @@ class _Rewriter:
         else:
             carrier = np.dtype(zw.dtype)
             w_arr, w_zp_arr, w_kind = codes.astype(carrier), zw_arr.astype(carrier), str(carrier)
-        wname = self.init(np.ascontiguousarray(w_arr.T if gemm else w_arr), f'{prefix}.weight')
+        wname = self.init(np.ascontiguousarray(w_arr.T if gemm else w_arr),
+                          f'rq_w{len(self.report.weights)}')   # an identifier: TVM keeps it
+        max_x = max(abs(lo - zx_val), abs(hi - zx_val))
+        max_w = int(np.abs(centred).max(initial=0))
+        reduce = int(np.prod(codes.shape[1:]))              # C_in / groups * kh * kw, or K
+        self.report.accumulate[wname] = ('float32' if reduce * max_x * max_w < FP32_EXACT
+                                         else 'int32')
         qmin, qmax = _weight_grid(idx, w_dq, codes)
         self.report.weights[wname] = PackedWeight(codes=codes, zero_point=zw_arr, qmin=qmin,
                                                   qmax=qmax, transpose=gemm,

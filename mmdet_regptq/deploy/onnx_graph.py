@@ -37,12 +37,18 @@ class GraphIndex:
         self.graph_outputs = {o.name for o in graph.output}
 
     def const(self, name: str) -> np.ndarray | None:
-        """Value of an initializer or Constant node output (None if not constant)."""
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == 'Constant':
-            return numpy_helper.to_array(attrs(node)['value'])
+        """Value of an initializer or Constant node output, also through Identity nodes
+        (the exporter emits ``Identity`` for initializers with equal values); None if not
+        constant."""
+        for _ in range(16):
+            if name in self.inits:
+                return numpy_helper.to_array(self.inits[name])
+            node = self.producer.get(name)
+            if node is not None and node.op_type == 'Constant':
+                return numpy_helper.to_array(attrs(node)['value'])
+            if node is None or node.op_type != 'Identity':
+                return None
+            name = node.input[0]
         return None
 
     def users(self, name: str) -> list[onnx.NodeProto]:

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from mmdet_regptq.deploy.integer_graph import IntegerReport, PackedWeight, to_integer_graph
+from mmdet_regptq.deploy.tvm_schedule import cpu_pipeline
 from mmdet_regptq.quant.packing import pack_int, unpack_int
 
 __all__ = ['host_target', 'extra_onnx_converters', 'compile_onnx', 'build_artifact',
@@ -53,22 +54,25 @@ def _dtype(expr: Any) -> str:
     return str(expr.ty.dtype)
 
 
-def _conv_integer_converter() -> type:
+def _conv_integer_converter(float_exact: frozenset = frozenset()) -> type:
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
     class ConvInteger(OnnxOpConverter):
-        """ONNX ConvInteger → Relax ``nn.conv2d(..., out_dtype='int32')``.
+        """ONNX ConvInteger → Relax ``nn.conv2d`` with an exact integer accumulator.
 
         Operands without zero points are used as they are (int8 x int8 for our 4-bit
         layers); with zero points both are widened to int16 and the zero points
-        subtracted first (per channel for the weight), then convolved with int32
-        accumulation.
+        subtracted first (per channel for the weight). The accumulation is int32
+        (``out_dtype='int32'``), or — for weights in ``float_exact``, layers whose every
+        partial sum is an integer below 2^24 — float32 lanes holding the same integers
+        exactly (AVX-512 FMA instead of the slow 32-bit integer multiply), cast to int32.
         """
 
         @classmethod
         def _impl_v10(cls, bb: Any, inputs: Sequence[Any], attr: dict, params: Any) -> Any:
             x, w = inputs[0], inputs[1]
+            exact_fp32 = getattr(w, 'name_hint', None) in float_exact
             x_zp = inputs[2] if len(inputs) > 2 else None
             w_zp = inputs[3] if len(inputs) > 3 else None
             if x_zp is not None or w_zp is not None or _dtype(x) != _dtype(w):
@@ -84,21 +88,30 @@ def _conv_integer_converter() -> type:
             ndim = len(inputs[0].ty.shape)
             if ndim != 4:
                 raise NotImplementedError(f'ConvInteger on a {ndim}-d input')
-            return relax.op.nn.conv2d(
+            if exact_fp32:
+                x = relax.op.astype(x, 'float32')
+                w = relax.op.astype(w, 'float32')
+            acc = relax.op.nn.conv2d(
                 x, w, strides=attr.get('strides', 1), padding=attr.get('pads', 0),
                 dilation=attr.get('dilations', 1), groups=attr.get('group', 1),
-                data_layout='NCHW', kernel_layout='OIHW', out_dtype='int32')
+                data_layout='NCHW', kernel_layout='OIHW',
+                out_dtype='float32' if exact_fp32 else 'int32')
+            return relax.op.astype(acc, 'int32') if exact_fp32 else acc
 
     return ConvInteger
 
 
 @contextlib.contextmanager
-def extra_onnx_converters() -> Iterator[None]:
-    """Add our converters (``ConvInteger``) to TVM's ONNX frontend, then restore it."""
+def extra_onnx_converters(float_exact: Sequence[str] = ()) -> Iterator[None]:
+    """Add our converters (``ConvInteger``) to TVM's ONNX frontend, then restore it.
+
+    Args:
+        float_exact: weight input names whose layers accumulate exactly in float32 lanes.
+    """
     from tvm.relax.frontend.onnx import onnx_frontend
 
     original = onnx_frontend._get_convert_map
-    extra = {'ConvInteger': _conv_integer_converter()}
+    extra = {'ConvInteger': _conv_integer_converter(frozenset(float_exact))}
 
     def convert_map() -> dict:
         table = dict(original())
@@ -133,14 +146,33 @@ def _as_graph_inputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.Model
     return out
 
 
+def _int4_to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """INT4/UINT4 initializers (left on layers that stay Q/DQ) as int8/uint8: TVM's ONNX
+    frontend cannot read 4-bit tensors."""
+    from onnx import TensorProto, numpy_helper
+
+    widen = {TensorProto.INT4: np.int8, TensorProto.UINT4: np.uint8}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = [numpy_helper.from_array(numpy_helper.to_array(i).astype(widen[i.data_type]), i.name)
+             if i.data_type in widen else i for i in out.graph.initializer]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    return out
+
+
 def compile_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], *,
-                 target: Any = None) -> Any:
+                 target: Any = None, schedule: bool = True,
+                 float_exact: Sequence[str] = ()) -> Any:
     """ONNX → Relax (our extra converters) → ``tvm.compile`` for ``target`` (host CPU).
 
     Args:
         model: the model; every graph input must be in ``input_shapes``.
         input_shapes: name → shape of every graph input.
         target: a TVM target (default :func:`host_target`).
+        schedule: apply our fixed CPU schedules (``tvm_schedule``); False = TVM's default
+            (unscheduled) lowering.
+        float_exact: see :func:`extra_onnx_converters`.
 
     Returns:
         The Relax VM executable.
@@ -152,17 +184,21 @@ def compile_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     for inp in model.graph.input:
         elem = inp.type.tensor_type.elem_type
         dtypes[inp.name] = str(onnx.helper.tensor_dtype_to_np_dtype(elem))
-    with extra_onnx_converters():
+    with extra_onnx_converters(float_exact):
         mod = from_onnx(model, shape_dict={k: list(v) for k, v in input_shapes.items()},
                         dtype_dict=dtypes, keep_params_in_input=False)
     start = time.perf_counter()
-    executable = tvm.compile(mod, target=target if target is not None else host_target())
+    target = target if target is not None else host_target()
+    pipeline = cpu_pipeline(target) if schedule else None
+    executable = (tvm.compile(mod, target=target, relax_pipeline=pipeline) if pipeline
+                  else tvm.compile(mod, target=target))
     logger.info('tvm.compile: %.1f s', time.perf_counter() - start)
     return executable
 
 
 def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: bool = True,
-                   target: Any = None) -> tuple[list[str], IntegerReport | None]:
+                   target: Any = None, schedule: bool = True
+                   ) -> tuple[list[str], IntegerReport | None]:
     """Compile an exported model into a TVM artifact directory (module doc).
 
     Args:
@@ -171,6 +207,7 @@ def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: boo
         integer: rewrite quantized layers into integer ops and store their weights packed
             (False: compile the graph as it is, e.g. the FP32 reference).
         target: TVM target (default: host CPU).
+        schedule: apply our fixed CPU schedules (False: TVM's default lowering).
 
     Returns:
         ``([model.so, weights.npz, meta.json] paths, integer report or None)``.
@@ -189,7 +226,7 @@ def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: boo
     if any(d <= 0 for shape in input_shapes.values() for d in shape):
         raise ValueError(f'static input shapes are required, got {input_shapes}')
     weight_names = list(packed)
-    compiled = _as_graph_inputs(model, weight_names)
+    compiled = _as_graph_inputs(_int4_to_int8(model), weight_names)
     shapes = dict(input_shapes)
     arrays: dict[str, np.ndarray] = {}
     weights_meta = []
@@ -205,13 +242,16 @@ def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: boo
                                  centred=pw.centred, transpose=pw.transpose,
                                  dtype=str(value.dtype)))
     target = target if target is not None else host_target()
-    executable = compile_onnx(compiled, shapes, target=target)
+    float_exact = [k for k, v in (report.accumulate if report else {}).items() if v == 'float32']
+    executable = compile_onnx(compiled, shapes, target=target, schedule=schedule,
+                              float_exact=float_exact)
     so_path = work_dir / 'model.so'
     executable.export_library(str(so_path))
     np.savez(work_dir / 'weights.npz', **arrays)
     meta = dict(inputs={k: list(v) for k, v in input_shapes.items()},
                 outputs=[o.name for o in model.graph.output], weights=weights_meta,
-                target=str(target), integer=integer,
+                target=str(target), integer=integer, scheduled=schedule,
+                accumulate=None if report is None else report.accumulate,
                 layers=None if report is None else {k: list(v) for k, v in report.layers.items()})
     (work_dir / 'meta.json').write_text(json.dumps(meta, indent=1))
     return [str(work_dir / f) for f in ARTIFACT_FILES], report

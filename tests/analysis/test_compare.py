@@ -36,6 +36,7 @@ def test_compare_cli_retinanet(quantized_retinanet, tmp_path):
         assert min(n.values()) >= 0
         assert n['missed'] + n['shifted'] <= n['fp_dets'] and n['extra'] <= n['q_dets']
         assert n['relabeled'] <= n['missed']
+        assert n['fp_dets'] - n['missed'] == n['q_dets'] - n['extra']  # both: the matches
         if r['mean_iou']:
             assert 0.5 <= float(r['mean_iou']) <= 1.0
     assert int(rows[-1]['fp_dets']) > 0  # the trained detector finds shapes

@@ -61,3 +61,10 @@ def test_table_csv_round_trip(tmp_path):
         table.add(c=1)
     assert table.to_csv(tmp_path / 't.csv').read_text().splitlines() == ['a,b', 'x,0.5', 'y,']
     assert '-' in table.format().splitlines()[-1]
+
+
+def test_displayed_matching_ignores_boxes_below_the_threshold():
+    low = dets([[0, 0, 50, 50]], [0.2], [0])  # still there, but not drawn at 0.3
+    assert match_detections(REF, low, ProxyConfig()).missed == 2
+    diff = match_detections(REF, low, ProxyConfig(), displayed=True)
+    assert (diff.num_ref, diff.missed, diff.num_cur, diff.extra) == (3, 3, 0, 0)

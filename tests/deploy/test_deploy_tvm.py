@@ -25,6 +25,8 @@ def test_tvm_int4_compiles_and_matches(w4a4, tmp_path):
     meta = json.loads(Path(files[2]).read_text())
     assert sorted(w['bits'] for w in meta['weights']) == [4, 4, 4, 8]
     assert {tuple(v) for v in meta['layers'].values()} == {('int8', 'int8'), ('uint8', 'uint8')}
+    # every layer's partial sums are integers below 2^24 here: exact in float32 lanes
+    assert set(meta['accumulate'].values()) == {'float32'} and meta['scheduled']
     stored = np.load(files[1])
     packed = [stored[f'w{i}.words'] for i, w in enumerate(meta['weights']) if w['bits'] == 4]
     assert all(p.dtype == np.int32 for p in packed)
