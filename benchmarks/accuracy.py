@@ -7,7 +7,12 @@ calibrating in ``before_test``. Each run is a subprocess, so its peak RSS is its
     python benchmarks/accuracy.py --detectors retinanet --methods MinMax QDrop RegPTQ \
         --bits w4a8 w4a4 w3a3 w2a4 --iters 200 --num-images 64
 
-Prints a table, and writes ``results.csv`` and ``accuracy.png`` into ``--out``.
+A method is a registered name (``QDrop``) or ``LABEL=TYPE{json options}`` for a variant,
+e.g. ``'RegPTQ-noFGIC=RegPTQ{"global_loss": false}'`` (``benchmarks/ablation.py`` runs the
+Reg-PTQ component ablation this way). ``--reuse`` keeps the rows whose log already holds a
+result (a grid interrupted half-way goes on where it stopped).
+
+Prints a table, and writes ``results.csv`` (row by row) and ``accuracy.png`` into ``--out``.
 """
 from __future__ import annotations
 
@@ -38,6 +43,20 @@ def parse_bits(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def parse_method(spec: str) -> tuple[str, str, dict]:
+    """``QDrop`` -> ('QDrop', 'QDrop', {}); ``L=RegPTQ{"llaq": false}`` -> (L, RegPTQ, {...})."""
+    match = re.fullmatch(r'(?:([\w.+-]+)=)?(\w+)(\{.*\})?', spec.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f'--methods {spec!r}: expected NAME or LABEL=NAME{{json options}}')
+    label, kind, options = match.groups()
+    try:
+        opts = json.loads(options) if options else {}
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f'--methods {spec!r}: options are not JSON: {err}')
+    return label or kind, kind, opts
+
+
 def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> dict:
     """Evaluate one (detector, method, bits) in this process; returns the row."""
     import resource
@@ -49,7 +68,8 @@ def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> 
     name = DETECTORS[detector]
     cfg = Config.fromfile(ROOT / 'configs' / 'synthetic' / f'{name}.py')
     cfg.load_from = str(ROOT / 'checkpoints' / f'{name}.pth')
-    cfg.work_dir = str(Path(args.out) / detector / f'{method}_{bits}')
+    label, kind, options = parse_method(method)
+    cfg.work_dir = str(Path(args.out) / detector / f'{label}_{bits}')
     cfg.test_dataloader.num_workers = 0
     cfg.test_dataloader.persistent_workers = False
     if args.val_images:  # CocoMetric scores every image of its ann_file: use a subset file
@@ -61,7 +81,7 @@ def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> 
     if method != 'FP':
         w_bits, a_bits = parse_bits(bits)
         hook = dict(type='RegPTQHook', quant=dict(w_bits=w_bits, a_bits=a_bits),
-                    method=dict(type=method, iters=args.iters),
+                    method=dict(type=kind, iters=args.iters, **options),
                     calib=dict(num_images=args.num_images, batch_size=2, seed=args.seed),
                     save=False)
         cfg.custom_hooks = [hook]
@@ -72,7 +92,7 @@ def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> 
         if type(h).__name__ == 'RegPTQHook' and h.result is not None:
             calib_seconds = h.result['seconds']
     return {
-        'detector': detector, 'method': method, 'bits': bits if method != 'FP' else 'fp32',
+        'detector': detector, 'method': label, 'bits': bits if method != 'FP' else 'fp32',
         'bbox_mAP': metrics['coco/bbox_mAP'], 'bbox_mAP_50': metrics['coco/bbox_mAP_50'],
         'bbox_mAP_75': metrics['coco/bbox_mAP_75'],
         'iters': args.iters if method != 'FP' else 0,
@@ -87,7 +107,14 @@ def spawn(detector: str, method: str, bits: str, args: argparse.Namespace) -> di
     """Run one combination in a subprocess (own peak RSS, own logs)."""
     log_dir = Path(args.out) / detector
     log_dir.mkdir(parents=True, exist_ok=True)
-    log = log_dir / f'{method}_{bits}.log'
+    log = log_dir / f'{parse_method(method)[0]}_{bits}.log'
+    if args.reuse and log.is_file():
+        lines = [ln for ln in log.read_text().splitlines() if ln.startswith('RESULT ')]
+        if lines:
+            row = json.loads(lines[-1][len('RESULT '):])
+            print(f'  {detector:12s} {row["method"]:9s} {row["bits"]:6s} AP '
+                  f'{row["bbox_mAP"]:.3f}  (reused {log})', flush=True)
+            return row
     cmd = [sys.executable, __file__, '--one', detector, method, bits, '--out', args.out,
            '--iters', str(args.iters), '--num-images', str(args.num_images),
            '--seed', str(args.seed), '--val-images', str(args.val_images)]
@@ -130,7 +157,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--detectors', nargs='+', default=list(DETECTORS), choices=list(DETECTORS))
     parser.add_argument('--methods', nargs='+',
@@ -142,32 +169,40 @@ def main() -> None:
     parser.add_argument('--val-images', type=int, default=0, help='0 = the whole val split')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--no-fp', action='store_true', help='skip the FP rows')
+    parser.add_argument('--reuse', action='store_true',
+                        help='keep the result of a run whose log already has one')
     parser.add_argument('--out', default=str(ROOT / 'work_dirs' / 'bench_accuracy'))
     parser.add_argument('--one', nargs=3, metavar=('DETECTOR', 'METHOD', 'BITS'),
                         help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for bits in args.bits:
         parse_bits(bits)
+    for method in args.methods:
+        parse_method(method)
     if args.one:
         row = run_one(*args.one, args)
         print('RESULT ' + json.dumps(row), flush=True)
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict] = []
+    csv_path = out / 'results.csv'
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        with open(csv_path, 'w', newline='') as f:
+            writer = csv.DictWriter(f, FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
     print(f'{len(args.detectors)} detectors x {len(args.methods)} methods x {len(args.bits)} '
           f'bit widths; {args.iters} iters/unit, {args.num_images} calibration images', flush=True)
     for det in args.detectors:
         if not args.no_fp:
-            rows.append(spawn(det, 'FP', 'fp32', args))
+            record(spawn(det, 'FP', 'fp32', args))
         for bits in args.bits:
             for method in args.methods:
-                rows.append(spawn(det, method, bits, args))
-    csv_path = out / 'results.csv'
-    with open(csv_path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+                record(spawn(det, method, bits, args))
     plot(rows, out / 'accuracy.png')
     print('\n| detector | method | bits | AP | AP50 | AP75 | calib s | peak RSS MB |')
     print('|---|---|---|---|---|---|---|---|')

@@ -31,7 +31,6 @@ Two-stage detectors (``frcnn``) have no raw single graph: storage only.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import logging
 import math
@@ -123,9 +122,12 @@ def storage_rows(name: str, cfg: Any, checkpoint: str | None) -> list[dict]:
         path = Path(tmp) / 'fp32.pth'
         torch.save(build_float_state(cfg, checkpoint), path)
         file_bytes = path.stat().st_size
-    for fmt, fn in (('FP32', lambda n: None), ('INT8', lambda n: 8),
-                    ('INT4 packed', lambda n: 8 if n == first else 4),
-                    ('INT4* (FP heads)', lambda n: None if in_head(n) else (8 if n == first else 4))):
+
+    def int4(n: str) -> int:
+        return 8 if n == first else 4
+
+    for fmt, fn in (('FP32', lambda n: None), ('INT8', lambda n: 8), ('INT4 packed', int4),
+                    ('INT4* (FP heads)', lambda n: None if in_head(n) else int4(n))):
         b = storage_bytes(model, fn)
         rows.append(dict(model=name, format=fmt, MB=round(b / 2**20, 2),
                          ratio=round(fp32 / b, 2)))

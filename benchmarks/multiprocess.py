@@ -1,13 +1,13 @@
 """One process vs MMEngine's distributed launcher: same quantized model, same AP.
 
-Runs mmdet's own ``tools/test.py`` with ``RegPTQHook`` twice on the bundled RetinaNet:
+Runs mmdet's own ``tools/test.py`` with ``RegPTQHook`` twice on a bundled detector:
 once as a single process and once under ``torchrun`` with 2 processes (gloo backend on
 CPU, ``--launcher pytorch``: the path users take on multi-GPU machines). Every rank
 calibrates on the same seeded images; rank 0 writes ``quantized.pth``; the test images are
 split across the ranks and CocoMetric gathers them. Prints both APs and whether the two
 ``quantized.pth`` files hold identical tensors.
 
-    nice -n 15 .venv/bin/python benchmarks/multiprocess.py [--checkpoint ckpt.pth]
+    nice -n 15 .venv/bin/python benchmarks/multiprocess.py [--detector NAME]
 """
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_CFG = ROOT / 'configs' / 'synthetic' / 'retinanet_r18-16_fpn64_synthetic.py'
-CKPT_CANDIDATES = (ROOT / 'checkpoints' / 'retinanet_r18-16_fpn64_synthetic.pth',
-                   ROOT / 'work_dirs' / 'retinanet_r18-16_fpn64_synthetic' / 'epoch_24.pth')
+DETECTORS = ('retinanet_r18-16_fpn64_synthetic', 'fcos_r18-16_fpn64_synthetic',
+             'faster-rcnn_r18-16_fpn64_synthetic')
 
 CONFIG = '''_base_ = {base!r}
 custom_imports = dict(imports=['mmdet_regptq'], allow_failed_imports=False)
@@ -72,8 +71,8 @@ def _same_quantized(a: Path, b: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--checkpoint', default=None, help='detector checkpoint (default: '
-                        'the bundled RetinaNet)')
+    parser.add_argument('--detector', default=DETECTORS[0], choices=DETECTORS,
+                        help='bundled detector (config + checkpoints/<name>.pth)')
     parser.add_argument('--method', default='QDrop')
     parser.add_argument('--iters', type=int, default=20)
     parser.add_argument('--num-images', type=int, default=8, help='calibration images')
@@ -81,16 +80,15 @@ def main() -> None:
     parser.add_argument('--nproc', type=int, default=2)
     parser.add_argument('--out', default=str(ROOT / 'work_dirs' / 'multiprocess'))
     args = parser.parse_args()
-    ckpt = args.checkpoint or next((str(p) for p in CKPT_CANDIDATES if p.is_file()), None)
-    if ckpt is None:
-        sys.exit('no checkpoint: pass --checkpoint (the bundled RetinaNet is not trained yet)')
+    base_cfg = ROOT / 'configs' / 'synthetic' / f'{args.detector}.py'
+    ckpt = str(ROOT / 'checkpoints' / f'{args.detector}.pth')
     from mmdet_regptq.datasets.subset import write_coco_subset
     data = ROOT / 'data' / 'synthetic'
     ann = write_coco_subset(data / 'annotations' / 'instances_val.json', args.val_images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = out / 'retinanet_multiprocess.py'
-    cfg.write_text(CONFIG.format(base=str(BASE_CFG), method=args.method, iters=args.iters,
+    cfg = out / f'{args.detector}_multiprocess.py'
+    cfg.write_text(CONFIG.format(base=str(base_cfg), method=args.method, iters=args.iters,
                                  num_images=args.num_images,
                                  ann=str(ann.relative_to(data)), ann_abs=str(ann)))
     import mmdet
@@ -114,7 +112,7 @@ def main() -> None:
         results[name] = (_ap(work_dir), work_dir / 'quantized.pth')
     (ap1, q1), (ap2, q2) = results.values()
     diff = _same_quantized(q1, q2)
-    print(f'RetinaNet (bundled), W4A4 {args.method} {args.iters} iters/unit, '
+    print(f'{args.detector} (bundled), W4A4 {args.method} {args.iters} iters/unit, '
           f'{args.num_images} calibration images, {args.val_images} val images')
     print('| run | bbox mAP |\n|---|---|')
     for name, (ap, _) in results.items():

@@ -16,6 +16,14 @@ Each fix is small, idempotent, edits nothing on disk, and has a test in
    those data classes, and ``getattr`` *only* for a HistoryBuffer's statistics methods.
    Any other global still raises. Bundled checkpoints are stripped to ``state_dict`` +
    plain ``meta`` and load without any of this.
+
+2. **MMEngine's distributed launcher on a CPU-only machine.** ``--launcher pytorch``
+   (torchrun, gloo) calls ``torch.cuda.set_device(LOCAL_RANK)`` before
+   ``init_process_group`` and wraps the model in DDP with ``device_ids=[LOCAL_RANK]``;
+   without CUDA the first raises and torch's DDP refuses device ids for a CPU module.
+   Only when CUDA is unavailable: the process group is initialised without
+   ``set_device`` and DDP gets ``device_ids=None`` (what torch asks for CPU modules).
+   With CUDA both are left exactly as mmengine wrote them.
 """
 from __future__ import annotations
 
@@ -93,6 +101,32 @@ def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
                           pickle_module=_restricted_pickle)
 
 
+def _init_dist_pytorch_cpu(original: Any) -> Any:
+    """mmengine's ``_init_dist_pytorch`` without ``torch.cuda.set_device`` on CPU hosts."""
+    import torch.distributed as torch_dist
+
+    def init(backend: str, init_backend: str = 'torch', **kwargs: Any) -> None:
+        if torch.cuda.is_available() or init_backend != 'torch':
+            return original(backend, init_backend=init_backend, **kwargs)
+        torch_dist.init_process_group(backend=backend, **kwargs)
+
+    init.__wrapped__ = original
+    return init
+
+
+def _ddp_init_cpu(original: Any) -> Any:
+    """``MMDistributedDataParallel.__init__`` with ``device_ids=None`` on CPU hosts."""
+
+    def init(self: Any, module: Any, detect_anomalous_params: bool = False,
+             **kwargs: Any) -> None:
+        if not torch.cuda.is_available() and kwargs.get('device_ids') is not None:
+            kwargs['device_ids'] = None
+        original(self, module, detect_anomalous_params, **kwargs)
+
+    init.__wrapped__ = original
+    return init
+
+
 def apply() -> None:
     """Apply every fix once per process."""
     global _applied
@@ -102,4 +136,9 @@ def apply() -> None:
 
     torch.serialization.add_safe_globals(checkpoint_safe_globals())
     CheckpointLoader.register_scheme(prefixes='', force=True)(load_local_checkpoint)
+
+    import mmengine.dist.utils as dist_utils
+    from mmengine.model.wrappers import MMDistributedDataParallel
+    dist_utils._init_dist_pytorch = _init_dist_pytorch_cpu(dist_utils._init_dist_pytorch)
+    MMDistributedDataParallel.__init__ = _ddp_init_cpu(MMDistributedDataParallel.__init__)
     _applied = True

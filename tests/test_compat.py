@@ -52,3 +52,45 @@ def test_apply_is_idempotent_and_keeps_the_loader_restricted(tmp_path):
         _load_checkpoint(str(path), map_location='cpu')
     with pytest.raises(Exception, match='only the statistics'):
         compat._history_buffer_getattr('text', 'upper')
+
+
+DIST = '''
+import os, torch
+{imp}
+from mmengine.dist import init_dist, get_world_size, get_rank, all_reduce
+from mmengine.model.wrappers import MMDistributedDataParallel
+init_dist('pytorch', backend='gloo')
+model = MMDistributedDataParallel(torch.nn.Linear(2, 2),
+                                  device_ids=[int(os.environ['LOCAL_RANK'])])
+x = torch.tensor([float(get_rank() + 1)])
+all_reduce(x)
+print('world', get_world_size(), 'sum', int(x))
+'''
+
+
+def _torchrun(tmp_path, imp):
+    script = tmp_path / 'dist.py'
+    script.write_text(DIST.format(imp=imp))
+    env = {**__import__('os').environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node',
+                           '2', '--master_port', str(_free_port()), str(script)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_launcher_fails_on_cpu_without_the_fix(tmp_path):
+    proc = _torchrun(tmp_path, 'pass')
+    assert proc.returncode != 0
+    assert 'NVIDIA driver' in proc.stderr or 'CUDA' in proc.stderr, proc.stderr[-2000:]
+
+
+def test_distributed_launcher_on_cpu_with_the_fix(tmp_path):
+    proc = _torchrun(tmp_path, 'import mmdet_regptq')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('world 2 sum 3') == 2

@@ -295,6 +295,27 @@ def finite_outputs(results: list) -> bool:
     return walk(results)
 
 
+def recompute_bn_stats(model: Any, batch: dict) -> None:
+    """Set every BatchNorm's running statistics from one train-mode pass of the backbone
+    and neck over ``batch`` (cumulative average), then back to eval mode."""
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    try:
+        with torch.no_grad():
+            data = model.data_preprocessor(batch, False)
+            model.train()
+            model.extract_feat(data['inputs'])
+    finally:
+        model.eval()
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
+
 def default_method() -> str:
     """'RegPTQ' when registered, else 'QDrop' (Reg-PTQ is being written in parallel)."""
     from mmdet_regptq.registry import PTQ_METHODS
@@ -308,7 +329,10 @@ def classify_fp(err: str) -> str:
             'importerror' in low and 'cannot import' in low) or 'please install' in low \
             or 'pip install' in low or 'is not installed' in low:
         return 'optional package missing'
+    if 'required positional argument' in low or 'unexpected keyword argument' in low:
+        return 'zoo config does not build in mmdet 3.3'
     if ('not implemented for' in low and 'cpu' in low) or 'only supports gpu' in low or \
+            'implementation for device cpu not found' in low or \
             'cuda' in low or 'not compiled with gpu' in low:
         return 'mmcv op without CPU kernel'
     if 'http' in low or 'connection' in low or 'huggingface' in low or 'resolve' in low:
@@ -383,7 +407,14 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
         with torch.no_grad():
             fp_out = model.test_step(batch)
         if not finite_outputs(fp_out):
-            raise FloatingPointError('FP predictions are not finite')
+            # random init: without trained BN statistics some deep backbones blow up
+            # (Darknet-53's boxes overflow); take the statistics from the 2 images
+            recompute_bn_stats(model, batch)
+            row['note'] = 'BN statistics from the 2 images (random init: non-finite FP)'
+            with torch.no_grad():
+                fp_out = model.test_step(batch)
+            if not finite_outputs(fp_out):
+                raise FloatingPointError('FP predictions are not finite (random init)')
         row['fp_ok'] = True
         float_ids = conv_linear_ids(model)
         row['n_conv_linear'] = len(float_ids)
@@ -408,7 +439,7 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         lines = [ln for ln in f'{type(err).__name__}: {err}'.splitlines() if ln.strip()]
-        row['error'] = lines[0][:300] if lines else type(err).__name__
+        row['error'] = ' '.join(lines[0].split())[:300] if lines else type(err).__name__
         row['traceback'] = traceback.format_exc()[-4000:]
         if row.get('n_conv_linear') and row['stage'] == 'quantize+calibrate':
             from mmdet_regptq.quant import iter_quant_modules
@@ -481,12 +512,16 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: argparse.Name
     full = [r for r in fp_ok if r.get('predicted')]
     calibrated = [r for r in fp_ok if r.get('calibrated')]
     methods = sorted({r.get('method', '?') for r in rows if r.get('method')})
+    pending = [f for f, cfg, _ in representatives() if cfg is not None] if args.render_only \
+        else []
+    missing = sorted(set(pending) - {r['folder'] for r in rows})
     lines = [
         '# MMDet zoo coverage', '',
         f'Command: `nice -n 15 env OMP_NUM_THREADS=1 .venv/bin/python tools/zoo_coverage.py '
         f'--max-size {args.max_size} --iters {args.iters} --timeout {args.timeout}'
         + (f' --method {args.method}' if args.method else '') + '`', '',
-        f'- folders swept: {len(rows)} (+{len(skipped)} out of scope)',
+        f'- folders swept: {len(rows)} (+{len(skipped)} out of scope)'
+        + (f'; not run yet: {len(missing)} ({", ".join(missing)})' if missing else ''),
         f'- FP builds and predicts: {len(fp_ok)} / {len(rows)}',
         f'- of those, quantized + calibrated: {len(calibrated)} / {len(fp_ok)}; '
         f'quantized + calibrated + predicts: **{len(full)} / {len(fp_ok)}'
@@ -498,6 +533,8 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: argparse.Name
         '|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         err = (r.get('error') or '').replace('|', '\\|').replace('\n', ' ')[:140]
+        if r.get('note'):
+            err = f"{err} *({r['note']})*".strip()
         lines.append(f"| {r['folder']} | {Path(r.get('config', '')).name} | "
                      f"{r.get('input', '-')} | {_yes(r.get('fp_ok'))} | {_pct(r)} | "
                      f"{_yes(r.get('calibrated'))} | {_yes(r.get('predicted'))} | "
@@ -540,6 +577,8 @@ def sweep(args: argparse.Namespace) -> None:
         if cfg is None:
             continue
         res_path = out / 'results' / f'{folder}.json'
+        if args.render_only and not res_path.is_file():
+            continue
         if res_path.is_file() and not args.rerun:
             row = json.loads(res_path.read_text())
         else:
@@ -586,6 +625,8 @@ def main(argv: list[str] | None = None) -> None:
                         help='last folder first (a second sweep process on the same --out '
                              'meets the first one in the middle; stored results are reused)')
     parser.add_argument('--list', action='store_true', help='print the representatives')
+    parser.add_argument('--render-only', action='store_true',
+                        help='write coverage.md from the stored results, run nothing')
     parser.add_argument('--one', default=None, help='run one config in this process')
     parser.add_argument('--result', default=None, help='with --one: write the row as JSON')
     args = parser.parse_args(argv)

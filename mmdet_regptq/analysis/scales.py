@@ -140,7 +140,8 @@ def run_scales(bench: DetectorBench, cfg: ScalesConfig,
         out_dir = Path(out_dir)
         result.files.append(table.to_csv(out_dir / 'scales.csv'))
         result.files.append(plot_scales(table, best, out_dir / 'scales.png',
-                                        title=f'{cfg.layer} (W{cfg.bits})'))
+                                        title=f'{cfg.layer} (W{cfg.bits})',
+                                        fp_map=ref.ap['mAP'] if ref.ap else None))
     return result
 
 
@@ -162,7 +163,7 @@ def _best(table: Table) -> dict[str, float]:
 
 
 def plot_scales(table: Table, best: dict[str, float], path: str | Path, *,
-                title: str = '') -> Path:
+                title: str = '', fp_map: float | None = None) -> Path:
     """Local MSE (left axis) and the global measure (right axis) against the factor; AP in a
     second panel; vertical lines at each measure's best factor."""
     gcol = _global_column(table)
@@ -195,6 +196,8 @@ def plot_scales(table: Table, best: dict[str, float], path: str | Path, *,
         ax.axvline(best['local_mse'], color='tab:blue', linestyle='--', linewidth=1,
                    label='best local MSE')
         ax.axvline(1.0, color='0.5', linestyle=':', linewidth=1)
+        if fp_map is not None:
+            ax.axhline(fp_map, color='black', linestyle=':', linewidth=1, label='FP')
         ax.set_xlabel('scale / min-error scale')
         ax.set_ylabel('COCO mAP (val subset)')
         ax.set_title(f'best mAP at x{best["mAP"]:g}', fontsize=9)

@@ -45,7 +45,8 @@ class SensitivityConfig:
         with_ap: rank by COCO AP drop (else by the global-loss proxy).
         suggest_bits: bits suggested for the most sensitive layers (2..8).
         top_k: suggest at most this many layers.
-        min_drop: suggest only layers whose drop exceeds this.
+        min_drop: suggest only layers whose drop exceeds this (with AP also the largest
+            AP gain of any single layer: the evaluation noise of the few images).
         proxy: thresholds of the FP-vs-quantized measures.
     """
     bits: int = 4
@@ -132,7 +133,7 @@ def run_sensitivity(bench: DetectorBench, cfg: SensitivityConfig,
     columns = ['rank', 'layer', 'part', 'w_bits', 'a_bits', 'drop'] + [
         k for k in (rows[0] if rows else {}) if k not in ('layer', 'part', 'w_bits', 'a_bits',
                                                            'drop', 'mAP_50', 'mAP_75')]
-    what = 'mAP drop' if cfg.with_ap else f'{measure} (global-loss proxy)'
+    what = 'mAP drop' if cfg.with_ap else f'{measure} (global loss vs FP)'
     table = Table(columns, title=f'one layer quantized at a time: drop = {what}'
                                  + (f'; FP mAP {ref.ap["mAP"]:.4f}' if ref.ap else ''))
     for rank, row in enumerate(rows, 1):
@@ -140,11 +141,21 @@ def run_sensitivity(bench: DetectorBench, cfg: SensitivityConfig,
     spec = {'w_bits': cfg.suggest_bits}
     if cfg.a_bits is not None:
         spec['a_bits'] = max(cfg.suggest_bits, cfg.a_bits)
-    picked = [r['layer'] for r in rows if r['drop'] > cfg.min_drop][:cfg.top_k]
+    # AP of a few images is coarse: a layer that "improves" AP by x shows the noise level
+    floor = max([0.0] + [-r['drop'] for r in rows]) if cfg.with_ap else 0.0
+    threshold = max(cfg.min_drop, floor)
+    picked = [r['layer'] for r in rows if r['drop'] > threshold][:cfg.top_k]
     overrides = {name: dict(spec) for name in picked}
     QuantPolicy(overrides=overrides)  # the suggestion must be a valid policy field
-    suggestion = format_overrides(overrides) if overrides else \
-        f'no layer drops more than {cfg.min_drop}: no override suggested'
+    if overrides:
+        suggestion = format_overrides(overrides)
+    elif floor > cfg.min_drop:
+        suggestion = (f'no override suggested: no AP drop exceeds {floor:.4f}, the largest AP '
+                      f'gain of a single quantized layer on {bench.num_images} images (the '
+                      'evaluation noise); rank by the global-loss proxy (no --num-images), '
+                      'use more images or fewer bits')
+    else:
+        suggestion = f'no override suggested: no layer drops more than {cfg.min_drop}'
     result = SensitivityResult(table, 'mAP' if cfg.with_ap else measure, overrides, suggestion)
     if out_dir is not None:
         out_dir = Path(out_dir)

@@ -369,8 +369,10 @@ def lower_quant_ops(model: onnx.ModelProto, *, int4_weights: bool = True,
     opset = max((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')),
                 default=0)
     if int4_weights and opset < INT4_OPSET:
-        logger.warning('int4_weights needs opset >= %d (got %d): int8 carriers are used',
-                       INT4_OPSET, opset)
+        if any(n.domain == QUANT_DOMAIN and n.op_type == 'DequantizeWeight'
+               and _attrs(n)['qmax'] - _attrs(n)['qmin'] < 16 for n in graph.node):
+            logger.warning('int4_weights needs opset >= %d (got %d): int8 carriers are used',
+                           INT4_OPSET, opset)
         int4_weights = False
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []

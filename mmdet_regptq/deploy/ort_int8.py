@@ -191,8 +191,8 @@ def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np
     for node in todo:
         name = node.output[0]
         lo, hi = ranges[name]
-        scale, zp = qparams_from_range(torch.tensor([min(lo, 0.0)]), torch.tensor([max(hi, 0.0)]),
-                                       grid)
+        scale, zp = qparams_from_range(torch.tensor([min(lo, 0.0)]),
+                                       torch.tensor([max(hi, 0.0)]), grid)
         s, z = float(scale[0]), int(zp[0])
         raw = f'{name}.fp'
         prefix = f'{name}.requant'

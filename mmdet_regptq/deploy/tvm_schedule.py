@@ -120,18 +120,14 @@ def schedule_cpu(mod: Any) -> Any:
                 elif all(t == 0 for t in _iter_types(sch, block)):
                     _schedule_spatial(sch, block)
                     changed = True
-            except Exception as err:  # noqa: BLE001 - keep the default lowering
-                logger.debug('%s: block %s left unscheduled: %s', gv.name_hint, name, err)
-                sch = _retry_without(func, name, sch)
+            except Exception as err:  # noqa: BLE001 - keep what was applied so far
+                # each primitive is checked before it changes the schedule, so a failing
+                # rule leaves a valid (partly scheduled) function
+                logger.debug('%s: block %s left (partly) unscheduled: %s', gv.name_hint,
+                             name, err)
         if changed:
             out = _replace(out, gv, sch.mod['main'])
     return out
-
-
-def _retry_without(func: Any, failed: str, sch: Any) -> Any:
-    """A failed rule may leave the schedule half-applied; the caller keeps ``sch`` (a
-    schedule's state is transactional per primitive, so earlier primitives stand)."""
-    return sch
 
 
 def _replace(mod: Any, gv: Any, func: Any) -> Any:

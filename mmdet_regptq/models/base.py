@@ -40,7 +40,8 @@ FINAL_LAYER_NAMES = (
     'bbox_pred', 'object_pred', 'vfnet_cls', 'vfnet_reg', 'vfnet_reg_refine', 'fcos_cls',
     'fcos_reg', 'fcos_centerness', 'reppoints_cls_out', 'reppoints_pts_init_out',
     'reppoints_pts_refine_out', 'conv_seg', 'cls_branches', 'reg_branches', 'fc_mask_iou',
-    'conv_kernel', 'conv_mask', 'heatmap_head', 'wh_head', 'offset_head', 'fc_centerness')
+    'conv_kernel', 'conv_mask', 'heatmap_head', 'wh_head', 'offset_head', 'fc_centerness',
+    'convs_pred')
 
 
 def final_layer_patterns(names: tuple[str, ...] = FINAL_LAYER_NAMES) -> list[str]:

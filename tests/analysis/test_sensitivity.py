@@ -39,3 +39,14 @@ def test_suggested_overrides_are_what_the_hook_accepts(retina_bench):
     assert policy.bits_for(name) == (8, 8)
     assert_range(res.table.column('drop'), 0.0, 10.0, 'drop')
     assert {r['a_bits'] for r in res.table.rows} == {6}
+
+
+def test_ap_ranking_suggests_only_drops_above_the_evaluation_noise(retina_bench):
+    res = run_sensitivity(retina_bench, SensitivityConfig(bits=2, layers=r'bbox_head\..*',
+                                                          with_ap=True, top_k=4))
+    assert res.measure == 'mAP'
+    assert_range(res.table.column('mAP'), 0.0, 1.0, 'mAP')
+    drops = {r['layer']: r['drop'] for r in res.table.rows}
+    floor = max([0.0] + [-d for d in drops.values()])
+    assert all(drops[name] > floor for name in res.overrides)
+    assert res.overrides or 'evaluation noise' in res.suggestion

@@ -214,3 +214,19 @@ def test_global_loss_backpropagates_into_the_quantized_outputs():
     assert loss > 0
     assert head.retina_reg.weight.grad.abs().sum() > 0
     assert head.retina_cls.weight.grad.abs().sum() > 0
+
+
+def test_yolov3_prediction_convs_are_final_layers():
+    """YOLOv3 names its per-level 1x1 prediction convs ``convs_pred``: they must be kept
+    float by default like every other head's final layer."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    from mmdet_regptq.models import final_layer_patterns
+    register_all_modules()
+    head = MODELS.build(dict(type='YOLOV3Head', num_classes=3, in_channels=[32, 16, 8],
+                             out_channels=[32, 16, 8]))
+    names = [f'bbox_head.{n}' for n, m in head.named_modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    finals = _matching(final_layer_patterns(), names)
+    assert finals == [f'bbox_head.convs_pred.{i}' for i in range(3)]
