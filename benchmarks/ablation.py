@@ -15,6 +15,7 @@ Rows (``--methods`` replaces them):
 - ``RegPTQ-noFGIC``: no global loss and plain output MSE (LLAQ only).
 - ``RegPTQ-noFilter``: FGIC without the confidence / IoU filters.
 - ``RegPTQ-k1``: LLAQ initialised at the paper's ``k = 1`` instead of the ``k`` search.
+- ``RegPTQ-g8``: ``L_G`` on every 8th iteration only (``global_interval=8``): the time knob.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ VARIANTS = [
     'RegPTQ-noFGIC=RegPTQ{"global_loss": false, "fisher": false}',
     'RegPTQ-noFilter=RegPTQ{"conf_filter": false, "iou_filter": false}',
     'RegPTQ-k1=RegPTQ{"llaq_cfg": {"k_candidates": [1.0]}}',
+    'RegPTQ-g8=RegPTQ{"global_interval": 8}',
 ]
 
 

@@ -126,12 +126,23 @@ class _Loop:
                               self.fp_input_prob)
         return args, detach_to(entry.kwargs, self.device)
 
-    def context(self, draw: int, iteration: int, mix: bool) -> ReconContext:
-        """Forward of draw ``draw`` (an entry, or a batch in tail mode) → loss context."""
+    def context(self, draw: int, iteration: int, mix: bool,
+                with_tail: bool = True) -> ReconContext:
+        """Forward of draw ``draw`` (an entry, or a batch in tail mode) → loss context.
+
+        In tail mode with ``with_tail=False`` the batch's entries run through the unit only
+        (no final outputs: the terms that need them are left out of that iteration)."""
         if self.tail is None:
             entries = [self.cache[draw]]
             args, kwargs = self._inputs(entries[0], mix)
             outputs, final_pred, final_target = [self.unit.module(*args, **kwargs)], None, None
+        elif not with_tail:
+            entries = [self.cache[i] for i in self.by_batch[draw]]
+            outputs = []
+            for entry in entries:
+                args, kwargs = self._inputs(entry, mix)
+                outputs.append(self.unit.module(*args, **kwargs))
+            final_pred, final_target = None, None
         else:
             entries = [self.cache[i] for i in self.by_batch[draw]]
             result = self.tail.run(draw, substitute=lambda c: self._inputs(entries[c], mix))
@@ -147,7 +158,9 @@ class _Loop:
             total_iters=self.iters, final_pred=final_pred, final_target=final_target)
 
     def score(self, ctx: ReconContext, regularizers: bool = True) -> dict[str, Tensor]:
-        return {t.name: t(ctx) for t in self.losses if regularizers or not t.is_regularizer}
+        return {t.name: t(ctx) for t in self.losses
+                if (regularizers or not t.is_regularizer)
+                and (ctx.final_pred is not None or not t.needs_final_outputs)}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -209,7 +222,7 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
                 losses: Sequence[ReconLoss], param_groups: Sequence[OptimGroup],
                 tail: TailRunner | None = None, drop_prob: float = 0.0,
                 fp_input_prob: float = 0.0, seed: int = 0, log_interval: int = 500,
-                logger: logging.Logger | None = None) -> ReconStats:
+                logger: logging.Logger | None = None, tail_interval: int = 1) -> ReconStats:
     """Reconstruct ``unit`` (whose quantization the caller has switched on).
 
     Per iteration: draw a cached entry (seeded generator) — or, when a loss needs final
@@ -230,6 +243,9 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
         seed: seeds the entry draws and the random masks (global RNG forked, restored).
         log_interval: log the loss terms every this many iterations.
         logger: defaults to the current MMLogger.
+        tail_interval: with a tail, run it (and the terms that need final outputs) on every
+            ``tail_interval``-th iteration only, the others on the unit alone: the tail's
+            forward + backward is most of a global-loss iteration's cost.
 
     Returns:
         :class:`ReconStats`.
@@ -243,6 +259,10 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
         raise ValueError(f'reconstruct({unit.name!r}): the activation cache is empty')
     if not losses:
         raise ValueError(f'reconstruct({unit.name!r}): no loss terms')
+    if isinstance(tail_interval, bool) or not isinstance(tail_interval, int) \
+            or tail_interval < 1:
+        raise ValueError(f'reconstruct({unit.name!r}): tail_interval={tail_interval!r} must be '
+                         'an int >= 1')
     if any(t.needs_final_outputs for t in losses) and tail is None:
         raise ValueError(f'reconstruct({unit.name!r}): a loss needs final outputs; pass a '
                          'TailRunner prepared for this unit')
@@ -268,7 +288,8 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
         optimizers = _optimizers(param_groups, iters)
         for it in range(iters):
             draw = int(torch.randint(loop.num_draws(), (1,), generator=gen))
-            terms = loop.score(loop.context(draw, it, mix=True))
+            terms = loop.score(loop.context(draw, it, mix=True,
+                                            with_tail=it % tail_interval == 0))
             total = sum(terms.values())
             if not torch.isfinite(total):
                 values = ', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())

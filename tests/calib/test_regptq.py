@@ -167,6 +167,44 @@ def test_calibrates_the_toy_with_llaq_fisher_and_the_global_term(caplog):
         RegPTQ(iters=1, llaq=False).calibrate(make_quant(float_model), batches, forward_fn)
 
 
+def test_global_interval_runs_the_tail_on_every_nth_iteration(monkeypatch):
+    """global_interval=n: the tail (and L_G) on iterations 0, n, 2n, ... only; the other
+    iterations still train on the local term."""
+    from mmdet_regptq.calib import tail as tail_module
+    runs, terms_seen = [], []
+    original_run = tail_module.TailRunner.run
+    original_call = GlobalLoss.__call__
+
+    def counting_run(self, *args, **kwargs):
+        runs.append(1)
+        return original_run(self, *args, **kwargs)
+
+    def counting_call(self, ctx):
+        terms_seen.append(ctx.iteration)
+        return original_call(self, ctx)
+
+    monkeypatch.setattr(tail_module.TailRunner, 'run', counting_run)
+    monkeypatch.setattr(GlobalLoss, '__call__', counting_call)
+    float_model, batches = make_float(), make_batches(2)
+    per_interval = {}
+    for interval in (1, 3):
+        runs.clear()
+        terms_seen.clear()
+        method = RegPTQ(iters=7, progress=False, log_interval=0, llaq=False,
+                        global_interval=interval)
+        stats = method.calibrate(make_quant(float_model), batches, forward_fn,
+                                 global_loss=output_mse)
+        assert all(math.isfinite(s.loss_after) for s in stats)
+        per_interval[interval] = (len(runs), sorted(set(terms_seen)))
+    units = len(stats)
+    # + 1 evaluation before and 1 after the loop per unit, both with the tail
+    assert per_interval[1][0] == units * (7 + 2)
+    assert per_interval[3][0] == units * (3 + 2)          # iterations 0, 3, 6
+    assert per_interval[3][1] == [0, 3, 6]
+    with pytest.raises(ValueError, match='global_interval'):
+        RegPTQ(global_interval=0)
+
+
 # ---------------------------------------------------------------------- RetinaNet
 @pytest.mark.slow
 def test_regptq_calibrates_a_random_init_retinanet(synthetic_data, caplog):

@@ -95,6 +95,8 @@ class PTQMethod:
         if isinstance(block_scopes, str):
             raise ValueError(f'block_scopes={block_scopes!r} must be a list of names')
         self.iters = iters
+        #: run the tail (global-loss terms) on every n-th iteration (methods that use one)
+        self.tail_interval = 1
         self.warmup = warmup
         self.round_weight = round_weight
         self.beta = (float(beta[0]), float(beta[1]))
@@ -256,7 +258,8 @@ class PTQMethod:
                     unit, cache, iters=self.iters, param_groups=groups, tail=tail,
                     losses=self.losses(unit, output_fn=output_fn, global_loss=global_loss),
                     drop_prob=self.drop_prob, fp_input_prob=self.fp_input_prob,
-                    seed=seed + k, log_interval=self.log_interval, logger=logger)
+                    seed=seed + k, log_interval=self.log_interval, logger=logger,
+                    tail_interval=self.tail_interval)
                 cache.clear()
                 all_stats.append(stats)
                 logger.info(

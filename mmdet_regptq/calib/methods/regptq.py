@@ -59,6 +59,8 @@ class RegPTQ(QDrop):
         normalize_boxes: FGIC boxes divided by the image size (our choice).
         entropy_offset: FGIC reports CE minus the FP entropy (same gradients).
         global_weight: factor of ``L_G`` in the total (the paper's plain sum: 1).
+        global_interval: compute ``L_G`` on every n-th iteration only (1: every one, the
+            paper); the tail network's forward + backward is most of Reg-PTQ's time.
         llaq_cfg: options of the ``'LLAQ'`` quantizer (``k_candidates``, ...); bits come
             from each layer's weight quantizer. Default ``k_candidates=SEARCH_K``: the
             paper's ``k=1`` init loses to the uniform grid at 4 bits on Laplace weights
@@ -79,7 +81,8 @@ class RegPTQ(QDrop):
                  lambda_: float = 1.0, p: float = 1.0, theta_c: float = 2e-4,
                  theta_i: float = 0.1, normalize_boxes: bool = True,
                  entropy_offset: bool = True, global_weight: float = 1.0,
-                 llaq_cfg: dict | None = None, lr_llaq: float = 1e-3,
+                 global_interval: int = 1, llaq_cfg: dict | None = None,
+                 lr_llaq: float = 1e-3,
                  head_layers: Sequence[str] | None = None,
                  reg_layers: Sequence[str] | None = None,
                  init_scale_method: str | None = 'lp', init_p: float = 2.4,
@@ -103,6 +106,10 @@ class RegPTQ(QDrop):
             if key in self.llaq_cfg:
                 raise ValueError(f"llaq_cfg: {key!r} is set by the method; remove it")
         self.global_weight = global_weight
+        if isinstance(global_interval, bool) or not isinstance(global_interval, int) \
+                or global_interval < 1:
+            raise ValueError(f'global_interval={global_interval!r} must be an int >= 1')
+        self.tail_interval = global_interval
         self.lr_llaq = lr_llaq
         self.head_layers = _patterns('head_layers', head_layers)
         self.reg_layers = _patterns('reg_layers', reg_layers)
