@@ -241,3 +241,34 @@ def test_regptq_calibrates_a_random_init_retinanet(synthetic_data, caplog):
     assert all(torch.isfinite(t).all() for level in raw.outputs for t in level)
     for pred in adapter.decode(raw):
         assert torch.isfinite(pred.scores).all() and torch.isfinite(pred.boxes).all()
+
+
+def test_resume_after_a_unit_gives_the_same_model():
+    """A RegPTQ calibration stopped after unit 3 and resumed (LLAQ re-installed by
+    restore_finished, the saved state loaded) ends with the uninterrupted run's tensors."""
+    import copy
+    float_model, batches = make_float(), make_batches(2)
+    options = dict(iters=3, progress=False, log_interval=0, llaq='head',
+                   head_layers=[r'head\..*'])
+    model, saved = make_quant(float_model), {}
+
+    def on_unit_end(index, unit, stats):
+        if index == 2:
+            saved['state'] = copy.deepcopy(model.state_dict())
+
+    method = RegPTQ(**options)
+    method.init_scales(model, batches, forward_fn)
+    method.calibrate(model, batches, forward_fn, global_loss=output_mse,
+                     on_unit_end=on_unit_end)
+    resumed = make_quant(float_model)
+    method = RegPTQ(**options)
+    method.restore_finished(resumed, method.find_units(resumed, forward_fn, batches[0]), 3)
+    resumed.load_state_dict(saved['state'])
+    stats = method.calibrate(resumed, batches, forward_fn, global_loss=output_mse,
+                             start_unit=3)
+    assert len(stats) == 5
+    assert isinstance(dict(iter_quant_modules(resumed))['head.conv'].weight_quantizer,
+                      LLAQuantizer)
+    final, again = model.state_dict(), resumed.state_dict()
+    assert final.keys() == again.keys()
+    assert all(torch.equal(final[k], again[k]) for k in final)
