@@ -77,11 +77,14 @@ def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> 
         ann = write_coco_subset(Path(cfg.test_evaluator.ann_file), args.val_images)
         cfg.test_dataloader.dataset.ann_file = str(ann)
         cfg.test_evaluator.ann_file = str(ann)
-    hook = None
+    hook, trains = None, False
     if method != 'FP':
         w_bits, a_bits = parse_bits(bits)
+        from mmdet_regptq.registry import PTQ_METHODS
+        trains = getattr(PTQ_METHODS.get(kind), 'trains', True)
+        method_cfg = dict(type=kind, **({'iters': args.iters} if trains else {}), **options)
         hook = dict(type='RegPTQHook', quant=dict(w_bits=w_bits, a_bits=a_bits),
-                    method=dict(type=kind, iters=args.iters, **options),
+                    method=method_cfg,
                     calib=dict(num_images=args.num_images, batch_size=2, seed=args.seed),
                     save=False)
         cfg.custom_hooks = [hook]
@@ -95,7 +98,7 @@ def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> 
         'detector': detector, 'method': label, 'bits': bits if method != 'FP' else 'fp32',
         'bbox_mAP': metrics['coco/bbox_mAP'], 'bbox_mAP_50': metrics['coco/bbox_mAP_50'],
         'bbox_mAP_75': metrics['coco/bbox_mAP_75'],
-        'iters': args.iters if method != 'FP' else 0,
+        'iters': args.iters if method != 'FP' and trains else 0,
         'num_images': args.num_images if method != 'FP' else 0,
         'calib_seconds': round(calib_seconds, 1),
         'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -25,12 +25,15 @@ def main() -> None:
     parser.add_argument('--num-images', type=int, default=32, help='calibration images')
     parser.add_argument('--bits', default='w4a4')
     parser.add_argument('--methods', nargs='+', default=['QDrop', 'RegPTQ'])
+    parser.add_argument('--val-images', type=int, default=100,
+                        help='evaluate on the first N val images (0: all 300)')
     args = parser.parse_args()
     from mmdet_regptq.datasets.synthetic import generate
     generate(ROOT / 'data' / 'synthetic', seed=0)
     cmd = [sys.executable, str(ROOT / 'benchmarks' / 'accuracy.py'), '--detectors', 'retinanet',
            '--methods', *args.methods, '--bits', args.bits, '--iters', str(args.iters),
-           '--num-images', str(args.num_images), '--out', str(ROOT / 'work_dirs' / 'main_job')]
+           '--num-images', str(args.num_images), '--val-images', str(args.val_images),
+           '--out', str(ROOT / 'work_dirs' / 'main_job')]
     sys.exit(subprocess.call(cmd, cwd=ROOT))
 
 

@@ -125,3 +125,9 @@ def test_bad_options_name_the_field():
     with pytest.raises(ValueError, match='iters'):
         build_from(PTQ_METHODS, dict(type='BRECQ', iters=-1), 'method')
     assert isinstance(build_from(PTQ_METHODS, dict(type='PDQuant'), 'method'), PTQMethod)
+
+
+def test_scale_only_methods_refuse_iterations():
+    assert build_from(PTQ_METHODS, dict(type='MinMax', iters=0), 'method').iters == 0
+    with pytest.raises(ValueError, match='MSE trains nothing: iters=100'):
+        build_from(PTQ_METHODS, dict(type='MSE', iters=100), 'method')

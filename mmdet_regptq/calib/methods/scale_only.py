@@ -32,6 +32,13 @@ class _ScaleOnly(PTQMethod):
     scale_method = 'minmax'
     p: float | None = None
 
+    def __init__(self, **kwargs: Any) -> None:
+        iters = kwargs.pop('iters', 0)
+        if iters != 0:
+            raise ValueError(f'{type(self).__name__} trains nothing: iters={iters!r} must be 0 '
+                             'or left out')
+        super().__init__(iters=0, **kwargs)
+
     def init_scales(self, model: nn.Module, batches: Sequence[Any], forward_fn: ForwardFn,
                     seed: int = 0) -> None:
         _set_scale_method(model, self.scale_method, self.p)
@@ -46,9 +53,6 @@ class _ScaleOnly(PTQMethod):
 class MinMax(_ScaleOnly):
     """Min/max clipping ranges for weights (per channel) and activations (per tensor)."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(iters=0, **kwargs)
-
 
 @PTQ_METHODS.register_module()
 class MSE(_ScaleOnly):
@@ -60,7 +64,7 @@ class MSE(_ScaleOnly):
     """
 
     def __init__(self, *, p: float = 2.0, **kwargs: Any) -> None:
-        super().__init__(iters=0, **kwargs)
+        super().__init__(**kwargs)
         if not p > 0:
             raise ValueError(f'p={p} must be > 0')
         self.scale_method = 'mse' if p == 2.0 else 'lp'
