@@ -15,7 +15,7 @@ def test_sensitivity_cli_retinanet(tmp_path, capsys):
                    '--proxy-images', '4', '--top-k', '2') == 0
     assert_png(tmp_path / 'sensitivity.png')
     rows = read_csv(tmp_path / 'sensitivity.csv')
-    assert len(rows) == 32  # every conv but the two final ones (kept FP)
+    assert len(rows) == 33  # every conv but the two final ones (kept FP)
     drops = [float(r['drop']) for r in rows]
     assert drops == sorted(drops, reverse=True)
     assert_range(drops, 0.0, 10.0, 'drop')

@@ -229,7 +229,7 @@ def test_regptq_calibrates_a_random_init_retinanet(synthetic_data, caplog):
                                    method=dict(type='RegPTQ', iters=2, progress=False,
                                                log_interval=0), logger=logger)
     stats = result['stats']
-    assert len(stats) == 21 and all(math.isfinite(s.loss_after) for s in stats)
+    assert len(stats) == 22 and all(math.isfinite(s.loss_after) for s in stats)
     assert 'global term' in caplog.text
     llaq = [n for n, m in iter_quant_modules(model) if isinstance(m.weight_quantizer,
                                                                    LLAQuantizer)]

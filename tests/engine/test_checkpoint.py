@@ -76,7 +76,7 @@ def test_other_bits_name_first_mismatching_layer(saved, tiny_cfg, tiny_batches):
 
 def test_other_config_names_first_mismatching_layer(saved, tiny_batches):
     cfg = small_cfg(REPO / 'configs' / 'synthetic' / 'fcos_r18-16_fpn64_synthetic.py')
-    with pytest.raises(ValueError, match=r"layer 'neck\.fpn_convs\.3\.conv'"):
+    with pytest.raises(ValueError, match=r"layer 'neck\.fpn_convs\.4\.conv'"):
         _load_into(cfg, tiny_batches, saved['path'])
 
 
