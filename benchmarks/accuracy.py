@@ -106,28 +106,30 @@ def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> 
     }
 
 
+def read_result(log: Path) -> dict | None:
+    """The row a ``--one`` run printed last into its log (``RESULT {json}``), if any."""
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith('RESULT ')]
+    return json.loads(lines[-1][len('RESULT '):]) if lines else None
+
+
 def spawn(detector: str, method: str, bits: str, args: argparse.Namespace) -> dict:
     """Run one combination in a subprocess (own peak RSS, own logs)."""
     log_dir = Path(args.out) / detector
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f'{parse_method(method)[0]}_{bits}.log'
-    if args.reuse and log.is_file():
-        lines = [ln for ln in log.read_text().splitlines() if ln.startswith('RESULT ')]
-        if lines:
-            row = json.loads(lines[-1][len('RESULT '):])
-            print(f'  {detector:12s} {row["method"]:9s} {row["bits"]:6s} AP '
-                  f'{row["bbox_mAP"]:.3f}  (reused {log})', flush=True)
-            return row
+    if args.reuse and log.is_file() and (row := read_result(log)) is not None:
+        print(f'  {detector:12s} {row["method"]:9s} {row["bits"]:6s} AP '
+              f'{row["bbox_mAP"]:.3f}  (reused {log})', flush=True)
+        return row
     cmd = [sys.executable, __file__, '--one', detector, method, bits, '--out', args.out,
            '--iters', str(args.iters), '--num-images', str(args.num_images),
            '--seed', str(args.seed), '--val-images', str(args.val_images)]
     start = time.perf_counter()
     with open(log, 'w') as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    lines = [ln for ln in log.read_text().splitlines() if ln.startswith('RESULT ')]
-    if proc.returncode != 0 or not lines:
+    row = read_result(log)
+    if proc.returncode != 0 or row is None:
         raise RuntimeError(f'{detector} {method} {bits} failed (exit {proc.returncode}); see {log}')
-    row = json.loads(lines[-1][len('RESULT '):])
     print(f'  {detector:12s} {method:9s} {row["bits"]:6s} AP {row["bbox_mAP"]:.3f}  '
           f'calib {row["calib_seconds"]:7.1f} s  RSS {row["peak_rss_mb"]:7.1f} MB  '
           f'(wall {time.perf_counter() - start:.0f} s)', flush=True)

@@ -132,22 +132,17 @@ class _Loop:
 
         In tail mode with ``with_tail=False`` the batch's entries run through the unit only
         (no final outputs: the terms that need them are left out of that iteration)."""
-        if self.tail is None:
-            entries = [self.cache[draw]]
-            args, kwargs = self._inputs(entries[0], mix)
-            outputs, final_pred, final_target = [self.unit.module(*args, **kwargs)], None, None
-        elif not with_tail:
-            entries = [self.cache[i] for i in self.by_batch[draw]]
-            outputs = []
-            for entry in entries:
-                args, kwargs = self._inputs(entry, mix)
-                outputs.append(self.unit.module(*args, **kwargs))
-            final_pred, final_target = None, None
-        else:
-            entries = [self.cache[i] for i in self.by_batch[draw]]
+        entries = ([self.cache[draw]] if self.tail is None
+                   else [self.cache[i] for i in self.by_batch[draw]])
+        if self.tail is not None and with_tail:
             result = self.tail.run(draw, substitute=lambda c: self._inputs(entries[c], mix))
             outputs, final_pred = result.unit_outputs, result.outputs
             final_target = self.tail.target(draw)
+        else:
+            outputs, final_pred, final_target = [], None, None
+            for entry in entries:
+                args, kwargs = self._inputs(entry, mix)
+                outputs.append(self.unit.module(*args, **kwargs))
         fisher = None
         if all('grad' in e.extras for e in entries):
             fisher = [detach_to(g, self.device) for e in entries for g in e.extras['grad']]
