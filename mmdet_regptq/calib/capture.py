@@ -11,12 +11,18 @@ For unit ``k`` and every calibration batch:
 3. with ``grad_loss``: the quantized pass runs to the end with unit ``k`` quantized, its
    outputs replaced by detached leaves, and ``dL/dO`` of
    ``grad_loss(fp_outputs, q_outputs)`` is stored for each call (BRECQ's Fisher loss).
+
+With a :class:`~.tail.TailRunner` prepared for unit ``k`` (the methods with a global loss
+have one) the passes reuse its stores: the FP final outputs are its targets (computed once
+for all units), and the quantized pass starts from its stored prefix outputs, so only unit
+``k`` and what follows runs - the same values as a full pass, at about half the cost.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +32,9 @@ from ._utils import quant_disabled, requires_grad
 from .cache import ActivationCache, CacheEntry
 from .trace import ForwardFn, StopForward, removing, run_forward
 from .units import ReconUnit
+
+if TYPE_CHECKING:
+    from .tail import TailRunner
 
 GradLoss = Callable[[Any, Any], Tensor]
 
@@ -105,7 +114,8 @@ def record_calls(module: nn.Module, num_calls: int, device: torch.device, *,
 def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
                  forward_fn: ForwardFn, cache: ActivationCache, *, fp_inputs: bool = False,
                  grad_loss: GradLoss | None = None,
-                 fp_context: Callable[[], ContextManager] | None = None) -> ActivationCache:
+                 fp_context: Callable[[], ContextManager] | None = None,
+                 tail: TailRunner | None = None) -> ActivationCache:
     """Fill ``cache`` with one entry per call of ``unit`` per calibration batch.
 
     The caller sets the quantization state first: units before ``unit`` on, ``unit`` and
@@ -126,6 +136,9 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
             outputs; when given, ``dL/dO`` of every call is stored.
         fp_context: factory of a context manager active during full-precision passes
             (e.g. one that swaps original weights back in after AdaQuant changed them).
+        tail: a :class:`~.tail.TailRunner` already prepared for ``unit`` over the same
+            ``batches`` (same order): the quantized pass runs from its stored prefix and
+            the FP final outputs come from its targets (see the module docstring).
 
     Returns:
         ``cache``.
@@ -136,19 +149,25 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
     """
     device = cache.device
     fp_context = fp_context or contextlib.nullcontext
+    if tail is not None and tail.unit is not unit:
+        raise ValueError(f'capture_unit({unit.name!r}): the tail runner is prepared for '
+                         f'{getattr(tail.unit, "name", None)!r}; call tail.prepare(unit) first')
     for b, batch in enumerate(batches):
         with torch.no_grad(), quant_disabled(model), fp_context(), \
                 record_calls(unit.module, unit.num_calls, device, inputs=fp_inputs,
-                             outputs=True, stop=grad_loss is None) as fp:
+                             outputs=True, stop=grad_loss is None or tail is not None) as fp:
             fp_final, _ = run_forward(model, forward_fn, batch)
+        run = ((lambda b=b: tail.run(b).outputs) if tail is not None
+               else functools.partial(forward_fn, model, batch))
         if grad_loss is None:
             with torch.no_grad(), record_calls(unit.module, unit.num_calls, device,
                                                inputs=True, stop=True) as q:
-                run_forward(model, forward_fn, batch)
+                run_forward(model, lambda _m, _b: run(), batch)
             grads = None
         else:
-            q, grads = _output_grads(model, unit, batch, forward_fn, grad_loss, fp_final,
-                                     device)
+            if tail is not None:
+                fp_final = tail.target(b)
+            q, grads = _output_grads(model, unit, run, grad_loss, fp_final, device)
         if len(q.args) != len(fp.outputs):
             raise RuntimeError(
                 f'capture_unit({unit.name!r}): batch {b} called the unit {len(fp.outputs)} '
@@ -164,10 +183,11 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
     return cache
 
 
-def _output_grads(model: nn.Module, unit: ReconUnit, batch: Any, forward_fn: ForwardFn,
+def _output_grads(model: nn.Module, unit: ReconUnit, run: Callable[[], Any],
                   grad_loss: GradLoss, fp_final: Any, device: torch.device
                   ) -> tuple[_CallLog, list[list[Tensor]]]:
-    """Quantized full forward with ``unit`` quantized; gradients w.r.t. its outputs.
+    """Quantized forward (``run()``: full, or a tail run) with ``unit`` quantized;
+    gradients of ``grad_loss`` w.r.t. the unit's outputs.
 
     Returns:
         ``(log, grads)``: the call log (the unit's inputs) and, per call, the gradients of
@@ -178,7 +198,7 @@ def _output_grads(model: nn.Module, unit: ReconUnit, batch: Any, forward_fn: For
         with torch.enable_grad(), requires_grad(model.parameters(), False), \
                 record_calls(unit.module, unit.num_calls, device, inputs=True,
                              leaf_outputs=True) as log:
-            loss = grad_loss(fp_final, forward_fn(model, batch))
+            loss = grad_loss(fp_final, run())
             leaves = [t for call in log.leaves for t in call]
             grads = iter(torch.autograd.grad(loss, leaves, allow_unused=True))
     finally:

@@ -88,6 +88,40 @@ def test_capture_stops_after_the_unit_and_records_grads(quant_model):
     assert grad[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize('unit_name', ['backbone.layer2', 'neck.lat1', 'head.cls'])
+def test_capture_from_a_tail_runner_equals_full_passes(quant_model, unit_name):
+    """With a prepared TailRunner the capture starts from the stored prefix and the FP
+    targets: same inputs, outputs and Fisher gradients as the full forwards."""
+    model, batches = quant_model
+    units = find_units(model, forward_fn, batches[0])
+    k = [u.name for u in units].index(unit_name)
+    unit = units[k]
+    loss = lambda fp, q: sum((a - b).pow(2).sum() for a, b in zip(fp, q))  # noqa: E731
+    set_quant_state(model, False, False)
+    for u in units[:k]:
+        u.set_quant(True)
+    try:
+        full = capture_unit(model, unit, batches, forward_fn, ActivationCache(),
+                            fp_inputs=True, grad_loss=loss)
+        tail = TailRunner(model, forward_fn, batches)
+        tail.prepare(unit)
+        runs = tail.num_runs
+        reused = capture_unit(model, unit, batches, forward_fn, ActivationCache(),
+                              fp_inputs=True, grad_loss=loss, tail=tail)
+        assert tail.num_runs - runs == len(batches)  # one tail run per batch
+        with pytest.raises(ValueError, match='prepared for'):
+            tail.unit = units[0]
+            capture_unit(model, unit, batches, forward_fn, ActivationCache(), tail=tail)
+    finally:
+        set_quant_state(model, True, True)
+    assert len(full) == len(reused) > 0
+    for i in range(len(full)):
+        a, b = full[i], reused[i]
+        for x, y in zip([*a.args, a.output, *a.extras['fp_args'], *a.extras['grad']],
+                        [*b.args, b.output, *b.extras['fp_args'], *b.extras['grad']]):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
 def test_maximal_prefix_is_outermost_finished_calls(quant_model):
     model, batches = quant_model
     records, _ = trace_calls(model, forward_fn, batches[0])

@@ -247,13 +247,13 @@ class PTQMethod:
                 unit = units[k]
                 cache = ActivationCache(max_bytes=self.cache_max_bytes,
                                         spill_dir=self.spill_dir)
+                if tail is not None:   # the prefix does not depend on unit k's state
+                    tail.prepare(unit)
                 capture_unit(model, unit, batches, forward_fn, cache,
                              fp_inputs=self.fp_input_prob > 0, grad_loss=grad_loss,
-                             fp_context=self.fp_context)
+                             fp_context=self.fp_context, tail=tail)
                 groups = self.prepare_unit(unit)
                 unit.set_quant(True)
-                if tail is not None:
-                    tail.prepare(unit)
                 stats = reconstruct(
                     unit, cache, iters=self.iters, param_groups=groups, tail=tail,
                     losses=self.losses(unit, output_fn=output_fn, global_loss=global_loss),

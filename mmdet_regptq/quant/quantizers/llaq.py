@@ -214,6 +214,8 @@ class LLAQuantizer(Quantizer):
 
     def _search_side(self, mag: Tensor, mag_max: Tensor, top: int) -> tuple[Tensor, Tensor]:
         """Best ``(k, a)`` per row for the magnitudes ``mag [C, N]`` (0 = other side)."""
+        if self.search_p == 2:
+            return self._search_side_sorted(mag, mag_max, top)
         valid = mag > 0
         log2_mag = torch.log2(mag.clamp(min=_TINY)).unsqueeze(0)             # [1, C, N]
         octaves = torch.linspace(*self.search_octaves, self.num_candidates,
@@ -232,6 +234,54 @@ class LLAQuantizer(Quantizer):
                 best_err = torch.where(better, chunk_err, best_err)
                 best_a = torch.where(better, a.gather(0, idx[None])[0], best_a)
                 best_k = torch.where(better, torch.full_like(best_k, k), best_k)
+        return best_k, best_a
+
+    def _search_side_sorted(self, mag: Tensor, mag_max: Tensor, top: int
+                            ) -> tuple[Tensor, Tensor]:
+        """:meth:`_search_side` for ``search_p=2`` from per-row prefix sums.
+
+        A candidate's squared error is ``sum_L (S2_L - 2 q_L S1_L + n_L q_L^2)`` over its
+        levels ``L`` (``S1``/``S2``: sum of magnitudes / squares in the level's interval),
+        so sorting each row once and bucketing by ``searchsorted`` costs
+        ``O(K * C * L * log N)`` instead of ``O(K * C * N)`` (R50's 2304-wide regression
+        rows: ~100x faster). Ties at a bucket edge may land one level off the dense path.
+        """
+        octaves = torch.linspace(*self.search_octaves, self.num_candidates,
+                                 device=mag.device, dtype=torch.float64)
+        rows = mag.double().sort(dim=1).values.contiguous()                  # [C, N]
+        zeros = rows.new_zeros(rows.shape[0], 1)
+        p1 = torch.cat([zeros, rows.cumsum(1)], 1)                           # [C, N+1]
+        p2 = torch.cat([zeros, rows.square().cumsum(1)], 1)
+        levels = torch.arange(1, top + 1, device=mag.device, dtype=torch.float64)
+        best_err = torch.full_like(mag_max, float('inf'), dtype=torch.float64)
+        best_k = torch.full_like(mag_max, self.k_candidates[0])
+        best_a = torch.zeros_like(mag_max)
+        log2_max = torch.log2(mag_max.double())
+        for k in self.k_candidates:
+            a = (top - k * log2_max)[None] + k * octaves[:, None]            # [K, C]
+            # psi = k*log2(m) + a; level 1 from psi >= 1 - k, level L+1 from psi >= L + .5
+            edges = torch.cat([torch.full((1,), 1.0 - k, dtype=torch.float64,
+                                          device=mag.device), levels[:-1] + 0.5])
+            bounds = torch.exp2((edges[None, None] - a[..., None]) / k)      # [K, C, top]
+            num_k, num_c = a.shape
+            flat = bounds.permute(1, 0, 2).reshape(num_c, -1).contiguous()
+            idx = torch.searchsorted(rows, flat)
+            idx = idx.reshape(num_c, num_k, top).permute(1, 0, 2)            # [K, C, top]
+            end = torch.cat([idx[..., 1:], idx.new_full((num_k, num_c, 1), rows.shape[1])],
+                            -1)
+            gather = lambda p, i: p[None].expand(num_k, -1, -1).gather(  # noqa: E731
+                2, i.reshape(num_k, num_c, -1))
+            s1 = gather(p1, end) - gather(p1, idx)
+            s2 = gather(p2, end) - gather(p2, idx)
+            count = (end - idx).double()
+            q = torch.exp2((levels[None, None] - a[..., None]) / k)           # [K, C, top]
+            err = (s2 - 2 * q * s1 + count * q.square()).sum(-1)
+            err = err + gather(p2, idx[..., :1])[..., 0]                     # level-0 bucket
+            chunk_err, pick = err.min(dim=0)
+            better = chunk_err < best_err
+            best_err = torch.where(better, chunk_err, best_err)
+            best_a = torch.where(better, a.gather(0, pick[None])[0].to(best_a.dtype), best_a)
+            best_k = torch.where(better, torch.full_like(best_k, k), best_k)
         return best_k, best_a
 
     def _side_error(self, log2_mag: Tensor, mag: Tensor, valid: Tensor, k: float, a: Tensor,
