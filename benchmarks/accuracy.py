@@ -74,7 +74,8 @@ def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> 
     cfg.test_dataloader.persistent_workers = False
     if args.val_images:  # CocoMetric scores every image of its ann_file: use a subset file
         from mmdet_regptq.datasets.subset import write_coco_subset
-        ann = write_coco_subset(Path(cfg.test_evaluator.ann_file), args.val_images)
+        ann = write_coco_subset(Path(cfg.test_evaluator.ann_file), args.val_images,
+                                offset=args.val_offset)
         cfg.test_dataloader.dataset.ann_file = str(ann)
         cfg.test_evaluator.ann_file = str(ann)
     hook, trains = None, False
@@ -123,7 +124,8 @@ def spawn(detector: str, method: str, bits: str, args: argparse.Namespace) -> di
         return row
     cmd = [sys.executable, __file__, '--one', detector, method, bits, '--out', args.out,
            '--iters', str(args.iters), '--num-images', str(args.num_images),
-           '--seed', str(args.seed), '--val-images', str(args.val_images)]
+           '--seed', str(args.seed), '--val-images', str(args.val_images),
+           '--val-offset', str(args.val_offset)]
     start = time.perf_counter()
     with open(log, 'w') as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -172,6 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--iters', type=int, default=200, help='iterations per unit')
     parser.add_argument('--num-images', type=int, default=64, help='calibration images')
     parser.add_argument('--val-images', type=int, default=0, help='0 = the whole val split')
+    parser.add_argument('--val-offset', type=int, default=0,
+                        help='skip this many val images first: a held-out slice for choosing '
+                             'settings (e.g. --val-offset 100 --val-images 200), disjoint from '
+                             "the reported table's first --val-images")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--no-fp', action='store_true', help='skip the FP rows')
     parser.add_argument('--reuse', action='store_true',

@@ -7,6 +7,12 @@ calibration (model + prepared batches), the peak size of the spill folder and th
 
     nice -n 15 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory.py
     .venv/bin/python benchmarks/memory.py --num-images 4 --size 400 667 --iters 2   # quick
+    nice -n 15 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/memory.py --units 5
+
+``--units N`` stops after the first ``N`` reconstruction units (printed as such): the stem
+and ``layer1`` run at stride 4, where a unit's cached inputs, FP inputs and outputs are
+largest (R50 at 800x1333: 2.2 GB per tensor kind for 32 images), so they set the peak;
+the other units repeat the same cache at 1/2-1/32 the size and only add CPU hours.
 
 The images are the bundled synthetic ones resized (no keep-ratio) to ``--size``.
 """
@@ -63,6 +69,10 @@ class PeakSampler(threading.Thread):
         self.join()
 
 
+class _EnoughUnits(Exception):
+    """Raised by the unit callback after ``--units`` units."""
+
+
 def child(args: argparse.Namespace) -> dict:
     """One calibration in this process; returns the measurements."""
     import torch
@@ -104,16 +114,26 @@ def child(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix='regptq_spill_') as spill:
         sampler = PeakSampler(Path(spill))
         sampler.start()
+        done = []
+
+        def count_units(index: int, unit: object, stats: object) -> None:
+            done.append(index)
+            if args.units and len(done) >= args.units:
+                raise _EnoughUnits
+
         start = time.perf_counter()
-        quantize_detector(model, batches, quant=dict(w_bits=4, a_bits=4), method=dict(
-            type=method, iters=args.iters, cache_max_bytes=args.cap, spill_dir=spill,
-            progress=False, log_interval=0), logger=MMLogger.get_instance(
-                'memory', log_level='WARNING'))
+        try:
+            quantize_detector(model, batches, quant=dict(w_bits=4, a_bits=4), method=dict(
+                type=method, iters=args.iters, cache_max_bytes=args.cap, spill_dir=spill,
+                progress=False, log_interval=0), logger=MMLogger.get_instance(
+                    'memory', log_level='WARNING'), on_unit_end=count_units)
+        except _EnoughUnits:
+            pass
         seconds = time.perf_counter() - start
         sampler.stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return dict(cap=args.cap, method=method, peak_rss=peak, rss_before=rss_before,
-                peak_spill=sampler.peak_spill, seconds=seconds,
+                peak_spill=sampler.peak_spill, seconds=seconds, units=len(done),
                 input=f'{height}x{width}', num_images=args.num_images)
 
 
@@ -124,6 +144,8 @@ def main() -> None:
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--iters', type=int, default=20, help='iterations per unit')
     parser.add_argument('--method', default=None, help='default: RegPTQ (QDrop if missing)')
+    parser.add_argument('--units', type=int, default=0,
+                        help='stop after this many units (0: all; see the docstring)')
     parser.add_argument('--cap', type=int, default=None,
                         help='cache cap in bytes (default: both the default and half of it)')
     parser.add_argument('--threads', type=int, default=int(os.environ.get('OMP_NUM_THREADS',
@@ -139,7 +161,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, '--child', '--cap', str(cap), '--size',
                *map(str, args.size), '--num-images', str(args.num_images), '--batch-size',
                str(args.batch_size), '--iters', str(args.iters), '--threads',
-               str(args.threads)] + (['--method', args.method] if args.method else [])
+               str(args.threads), '--units', str(args.units)] + (
+                   ['--method', args.method] if args.method else [])
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith('RESULT ')), None)
         if line is None:
@@ -147,7 +170,8 @@ def main() -> None:
         rows.append(json.loads(line[len('RESULT '):]))
     gib = float(1024 ** 3)
     print(f'RetinaNet R50 (random init), {rows[0]["input"]}, {rows[0]["num_images"]} images, '
-          f'batch {args.batch_size}, {rows[0]["method"]} {args.iters} iters/unit')
+          f'batch {args.batch_size}, {rows[0]["method"]} {args.iters} iters/unit, '
+          + (f'first {rows[0]["units"]} units' if args.units else f'{rows[0]["units"]} units'))
     print(f'| cache cap | peak RSS | RSS before calibration | peak spill on disk | time |')
     print('|---|---|---|---|---|')
     for r in rows:

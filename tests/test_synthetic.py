@@ -170,3 +170,18 @@ def test_refuses_foreign_directory(tmp_path):
     with pytest.raises(FileExistsError):
         _make(tmp_path / 'e')
     assert (tmp_path / 'e' / 'precious.txt').read_text() == 'keep me'
+
+
+def test_coco_subset_with_offset_is_disjoint_from_the_first_images(synthetic_data, tmp_path):
+    """--val-offset: a held-out slice for choosing settings, disjoint from the table's."""
+    from mmdet_regptq.datasets.subset import write_coco_subset
+    src = synthetic_data / 'annotations' / 'instances_val.json'
+    first = json.loads(write_coco_subset(src, 5, dst=tmp_path / 'a.json').read_text())
+    held = json.loads(write_coco_subset(src, 5, dst=tmp_path / 'b.json', offset=5).read_text())
+    ids_first = {im['id'] for im in first['images']}
+    ids_held = {im['id'] for im in held['images']}
+    assert len(ids_first) == len(ids_held) == 5 and not ids_first & ids_held
+    assert all(a['image_id'] in ids_held for a in held['annotations'])
+    total = len(json.loads(src.read_text())['images'])
+    with pytest.raises(ValueError, match='num_images'):
+        write_coco_subset(src, total, dst=tmp_path / 'c.json', offset=1)

@@ -200,7 +200,10 @@ def _output_grads(model: nn.Module, unit: ReconUnit, run: Callable[[], Any],
                              leaf_outputs=True) as log:
             loss = grad_loss(fp_final, run())
             leaves = [t for call in log.leaves for t in call]
-            grads = iter(torch.autograd.grad(loss, leaves, allow_unused=True))
+            # a loss that does not see this unit (a mask head under a box loss) has no
+            # graph: zero gradients, which FisherMSE reads as "no weighting"
+            grads = iter(torch.autograd.grad(loss, leaves, allow_unused=True)
+                         if loss.requires_grad else [None] * len(leaves))
     finally:
         unit.set_quant(False)
     per_call = [[(g if g is not None else torch.zeros_like(t)).detach().to(device)

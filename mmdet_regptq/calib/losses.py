@@ -119,7 +119,10 @@ class FisherMSE(ReconLoss):
 
     The weights ``g^2`` are divided by their mean over the drawn entry, so the term has
     the scale of :class:`OutputMSE` and balances with the rounding regulariser whatever
-    the magnitude of the gradients (our choice; BRECQ uses ``(|g| + 1)^2``).
+    the magnitude of the gradients (our choice; BRECQ uses ``(|g| + 1)^2``). An entry
+    whose gradients are all zero (the loss does not depend on this unit, e.g. Mask
+    R-CNN's mask head under Reg-PTQ's box/score loss) is weighted uniformly: the term is
+    then :class:`OutputMSE`, instead of zero (which would leave the unit untrained).
 
     Args:
         reduction: see :func:`reduce_errors`.
@@ -140,8 +143,11 @@ class FisherMSE(ReconLoss):
             raise ValueError(f'FisherMSE: no output gradients were captured for unit '
                              f'{ctx.unit.name!r} (capture with grad_loss)')
         sq = [g.pow(2) for g in ctx.fisher]
-        norm = torch.clamp(sum(s.sum() for s in sq) / max(sum(s.numel() for s in sq), 1),
-                           min=self.eps)
+        total = sum(s.sum() for s in sq)
+        if not float(total) > 0:
+            sq = [torch.ones_like(s) for s in sq]
+            total = sum(s.sum() for s in sq)
+        norm = torch.clamp(total / max(sum(s.numel() for s in sq), 1), min=self.eps)
         errors = [(p - t).pow(2) * (s / norm) for p, t, s in zip(ctx.pred, ctx.target, sq)]
         return self.weight * reduce_errors(errors, self.reduction)
 

@@ -11,17 +11,26 @@ from pathlib import Path
 
 
 def write_coco_subset(src: str | os.PathLike, num_images: int,
-                      dst: str | os.PathLike | None = None) -> Path:
+                      dst: str | os.PathLike | None = None, offset: int = 0) -> Path:
     """Write ``<src stem>_first<N>.json`` (or ``dst``) with the first ``num_images`` images
-    by id and their annotations; idempotent (an existing file is kept)."""
+    by id and their annotations; idempotent (an existing file is kept).
+
+    ``offset > 0`` skips that many images first (``<stem>_from<offset>_first<N>.json``):
+    a held-out slice for choosing settings, disjoint from the reported first ``N``.
+    """
     src = Path(src)
-    dst = Path(dst) if dst else src.with_name(f'{src.stem}_first{num_images}.json')
+    name = f'{src.stem}_first{num_images}.json' if not offset else \
+        f'{src.stem}_from{offset}_first{num_images}.json'
+    dst = Path(dst) if dst else src.with_name(name)
     if dst.is_file():
         return dst
     data = json.loads(src.read_text())
-    if not 1 <= num_images <= len(data['images']):
-        raise ValueError(f'num_images={num_images} out of range; allowed 1..{len(data["images"])}')
-    images = sorted(data['images'], key=lambda im: im['id'])[:num_images]
+    if offset < 0 or offset >= len(data['images']):
+        raise ValueError(f'offset={offset} out of range; allowed 0..{len(data["images"]) - 1}')
+    if not 1 <= num_images <= len(data['images']) - offset:
+        raise ValueError(f'num_images={num_images} out of range; allowed '
+                         f'1..{len(data["images"]) - offset} (offset {offset})')
+    images = sorted(data['images'], key=lambda im: im['id'])[offset:offset + num_images]
     keep = {im['id'] for im in images}
     subset = {**data, 'images': images,
               'annotations': [a for a in data['annotations'] if a['image_id'] in keep]}

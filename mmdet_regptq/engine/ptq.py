@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from mmdet_regptq.calib import output_mse
 from mmdet_regptq.engine.checkpoint import load_quantized, save_quantized
 from mmdet_regptq.engine.resume import CalibrationResume, fingerprint, sigterm_as_exception
 from mmdet_regptq.models.adapters import DetectorAdapter, find_adapter
@@ -45,6 +46,29 @@ def prepare_batches(adapter: DetectorAdapter, loader: Iterable[dict]) -> list[di
     if not batches:
         raise ValueError('calib: the calibration loader yielded no batch')
     return batches
+
+
+def build_global_loss(adapter: DetectorAdapter, fgic: Any, batch: dict,
+                      logger: logging.Logger) -> Callable[[Any, Any], torch.Tensor]:
+    """FGIC when the adapter can decode this detector's head, else MSE of the raw outputs.
+
+    Decoding is probed on one FP forward of ``batch``: heads with no box decoding that the
+    adapter knows (keypoint heads such as CornerNet's) still calibrate, with a warning
+    that names the head and what failed, instead of failing in the middle of the run.
+    """
+    loss = adapter.global_loss(fgic)
+    try:
+        with torch.no_grad():
+            adapter.decode_stages(adapter.forward(adapter.model, batch))
+    except (AttributeError, KeyError, NotImplementedError, TypeError, ValueError) as err:
+        head = getattr(adapter.model, 'bbox_head', None)
+        logger.warning(
+            f'Reg-PTQ: {type(adapter).__name__} cannot decode '
+            f'{type(head).__name__ if head is not None else type(adapter.model).__name__} '
+            f'into boxes ({type(err).__name__}: {str(err).splitlines()[0][:160]}); the global '
+            'loss falls back to the MSE of the raw head outputs (no FGIC filters)')
+        return output_mse
+    return loss
 
 
 def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
@@ -80,9 +104,10 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
     if hasattr(method_obj, 'set_layer_defaults'):  # Reg-PTQ: head / regression-branch regexes
         method_obj.set_layer_defaults(head=adapter.head_layer_patterns(),
                                       regression=adapter.regression_layer_patterns())
-    # Reg-PTQ's FGIC on decoded predictions; other methods keep their default (output MSE)
-    global_loss = adapter.global_loss(method_obj.fgic) if hasattr(method_obj, 'fgic') else None
     batches = prepare_batches(adapter, loader)
+    # Reg-PTQ's FGIC on decoded predictions; other methods keep their default (output MSE)
+    global_loss = (build_global_loss(adapter, method_obj.fgic, batches[0], logger)
+                   if hasattr(method_obj, 'fgic') else None)
     report = quantize_model(model, policy, example_forward=lambda m: adapter.forward(m, batches[0]))
     logger.info('quantized layers:\n' + report.table())
     result: dict = {'report': report}

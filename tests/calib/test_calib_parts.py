@@ -122,6 +122,21 @@ def test_capture_from_a_tail_runner_equals_full_passes(quant_model, unit_name):
             torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
 
 
+def test_capture_of_a_unit_the_loss_does_not_see_gives_zero_grads(quant_model):
+    """A grad_loss that ignores the unit's outputs (Mask R-CNN's mask head under a box
+    loss) gives zero gradients, not an autograd error."""
+    model, batches = quant_model
+    units = find_units(model, forward_fn, batches[0])
+    set_quant_state(model, False, False)
+    try:
+        cache = capture_unit(model, units[1], batches[:1], forward_fn, ActivationCache(),
+                             grad_loss=lambda fp, q: torch.zeros(()))
+    finally:
+        set_quant_state(model, True, True)
+    grads = cache[0].extras['grad']
+    assert grads and all(not g.any() for g in grads)
+
+
 def test_maximal_prefix_is_outermost_finished_calls(quant_model):
     model, batches = quant_model
     records, _ = trace_calls(model, forward_fn, batches[0])
@@ -181,6 +196,10 @@ def test_output_and_fisher_losses():
     p2 = p.clone()
     p2[:, 0] = 0
     assert FisherMSE()(_ctx([p2], [t], fisher=[g])).item() == 0.0
+    # all-zero gradients (the loss does not see the unit): uniform weights = OutputMSE
+    zero = torch.zeros_like(p)
+    assert FisherMSE()(_ctx([p], [t], fisher=[zero])).item() == pytest.approx(
+        OutputMSE()(_ctx([p], [t])).item())
     with pytest.raises(ValueError, match='no output gradients'):
         FisherMSE()(_ctx([p], [t]))
     with pytest.raises(ValueError, match='reduction'):
