@@ -11,8 +11,9 @@ dequantized weights: slower than FP32 (measured in BUILD_NOTES / ``benchmarks/de
    (``q - z``), fit (every grid of <= 7 bits; ``s * ((q - z) - 0)`` is the same value);
    INT4 initializers become ``int8`` (ORT has no 4-bit convolution);
 2. a quantized Conv/Gemm whose output goes (through at most a Relu) only into our next
-   layer's input quantizers already ends in a QuantizeLinear: nothing is added, and the
-   result is exactly ours;
+   layer's input quantizers already ends in a QuantizeLinear: nothing is added (equal
+   QuantizeLinear nodes on one tensor are merged into one, as ORT fuses only a single
+   consumer), and the result is exactly ours;
 3. any other quantized Conv/Gemm output (residual branches, FPN laterals, outputs feeding
    a float layer) gets an 8-bit ``uint8`` Q/DQ, its range measured by running OUR exported
    model on calibration inputs (min/max, ``qparams_from_range`` as our quantizers). This
@@ -33,7 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 from mmdet_regptq.deploy.onnx_graph import GraphIndex, attrs
 from mmdet_regptq.quant import QuantGrid, qparams_from_range
 
-__all__ = ['OrtInt8Report', 'make_ort_int8', 'recentre_weights', 'conv_output_ranges']
+__all__ = ['OrtInt8Report', 'make_ort_int8', 'recentre_weights', 'conv_output_ranges',
+           'merge_duplicate_quantizers']
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +50,18 @@ class OrtInt8Report:
         fused: quantized layers whose output already ends in our own QuantizeLinear.
         requantized: layer output → ``(scale, zero_point)`` of the added 8-bit Q/DQ.
         recentred: weights stored as int8 with zero point 0.
+        merged: QuantizeLinear nodes removed as duplicates of another on the same tensor.
     """
 
     fused: list[str] = field(default_factory=list)
     requantized: dict[str, tuple[float, int]] = field(default_factory=dict)
     recentred: list[str] = field(default_factory=list)
+    merged: int = 0
 
     def summary(self) -> str:
         return (f'{len(self.fused)} layers end in our own Q, {len(self.requantized)} outputs '
-                f'requantized to uint8, {len(self.recentred)} weights re-centred to int8')
+                f'requantized to uint8, {len(self.recentred)} weights re-centred to int8, '
+                f'{self.merged} duplicate QuantizeLinear merged')
 
 
 def _quantized_layers(index: GraphIndex) -> list[onnx.NodeProto]:
@@ -131,6 +136,50 @@ def _ends_in_quantizer(index: GraphIndex, name: str) -> bool:
     return len(params) == 1
 
 
+def merge_duplicate_quantizers(model: onnx.ModelProto) -> int:
+    """Merge the QuantizeLinear nodes that read the same tensor with equal parameters.
+
+    An FPN output feeds both head towers; their input quantizers see the same tensor, so
+    calibration gives them equal scales, but the export has one Q per tower. ORT fuses
+    ``DQ -> Conv -> Q`` into ``QLinearConv`` only when the Conv has ONE consumer, so two
+    equal Qs kept the FPN convs in float. The duplicates' consumers now read the first Q
+    (same values). Returns the number of removed nodes.
+    """
+    index = GraphIndex(model)
+    replace: dict[str, str] = {}
+    drop: set[int] = set()
+    for tensor in {i for n in model.graph.node for i in n.input[:1]}:
+        kept: dict[tuple, str] = {}
+        for q in index.users(tensor):
+            if q.op_type != 'QuantizeLinear' or q.input[0] != tensor or \
+                    q.output[0] in index.graph_outputs:
+                continue
+            params = tuple(_const_key(index, name) for name in q.input[1:]) + (
+                tuple(sorted((k, str(v)) for k, v in attrs(q).items())),)
+            if None in params:
+                continue
+            if params in kept:
+                replace[q.output[0]] = kept[params]
+                drop.add(id(q))
+            else:
+                kept[params] = q.output[0]
+    if not drop:
+        return 0
+    nodes = [n for n in model.graph.node if id(n) not in drop]
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name in replace:
+                node.input[i] = replace[name]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return len(drop)
+
+
+def _const_key(index: GraphIndex, name: str) -> tuple | None:
+    value = index.const(name)
+    return None if value is None else (value.dtype.str, value.shape, value.tobytes())
+
+
 def conv_output_ranges(model: onnx.ModelProto, names: Iterable[str],
                        inputs: Iterable[Mapping[str, np.ndarray]]) -> dict[str, tuple[float, float]]:
     """Min/max of the tensors ``names`` over ``inputs``, by running ``model`` in ORT."""
@@ -176,6 +225,7 @@ def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np
     out.CopyFrom(model)
     report = OrtInt8Report()
     recentre_weights(out, report)
+    report.merged = merge_duplicate_quantizers(out)
     index = GraphIndex(out)
     todo = []
     for node in _quantized_layers(index):

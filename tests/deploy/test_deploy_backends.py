@@ -98,3 +98,67 @@ def test_mmdeploy_registration():
     assert regptq_options({})['onnx_format'] == 'qdq'
     with pytest.raises(KeyError, match='allowed'):
         regptq_options({'regptq': {'int4': True}})
+
+
+def _two_tower_graph() -> onnx.ModelProto:
+    """x -> Q/DQ -> Conv (int8 weight) -> two equal QuantizeLinear (two head towers)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(-127, 127, (8, 4, 3, 3)).astype(np.int8), 'w'),
+             numpy_helper.from_array(np.full(8, 0.01, np.float32), 'w.s'),
+             numpy_helper.from_array(np.zeros(8, np.int8), 'w.z'),
+             numpy_helper.from_array(np.array(0.02, np.float32), 'x.s'),
+             numpy_helper.from_array(np.array(128, np.uint8), 'x.z')]
+    for tower in ('cls', 'reg'):
+        inits += [numpy_helper.from_array(np.array(0.05, np.float32), f'{tower}.s'),
+                  numpy_helper.from_array(np.array(120, np.uint8), f'{tower}.z')]
+    nodes = [helper.make_node('QuantizeLinear', ['x', 'x.s', 'x.z'], ['xq']),
+             helper.make_node('DequantizeLinear', ['xq', 'x.s', 'x.z'], ['xd']),
+             helper.make_node('DequantizeLinear', ['w', 'w.s', 'w.z'], ['wd'], axis=0),
+             helper.make_node('Conv', ['xd', 'wd'], ['y'], pads=[1, 1, 1, 1], name='conv')]
+    outputs = []
+    for tower in ('cls', 'reg'):
+        nodes += [helper.make_node('QuantizeLinear', ['y', f'{tower}.s', f'{tower}.z'],
+                                   [f'{tower}.q']),
+                  helper.make_node('DequantizeLinear', [f'{tower}.q', f'{tower}.s',
+                                                        f'{tower}.z'], [tower])]
+        outputs.append(helper.make_tensor_value_info(tower, TensorProto.FLOAT, [1, 8, 8, 8]))
+    graph = helper.make_graph(nodes, 'towers', [helper.make_tensor_value_info(
+        'x', TensorProto.FLOAT, [1, 4, 8, 8])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
+
+
+def test_equal_quantizers_of_one_tensor_are_merged_for_qlinearconv(tmp_path):
+    """An FPN output feeds two head towers with equal input quantizers: merging the two
+    QuantizeLinear nodes lets ORT fuse the conv into QLinearConv; values are unchanged."""
+    import onnxruntime as ort
+
+    from mmdet_regptq.deploy.ort_int8 import merge_duplicate_quantizers
+
+    def fused_ops(model: onnx.ModelProto) -> list[str]:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / 'opt.onnx')
+        ort.InferenceSession(model.SerializeToString(), options,
+                             providers=['CPUExecutionProvider'])
+        return [n.op_type for n in onnx.load(str(tmp_path / 'opt.onnx')).graph.node]
+
+    model = _two_tower_graph()
+    x = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    before = ort_run(model, {'x': x}, optimize=False)
+    assert 'QLinearConv' not in fused_ops(model)
+    merged = onnx.ModelProto()
+    merged.CopyFrom(model)
+    assert merge_duplicate_quantizers(merged) == 1
+    onnx.checker.check_model(merged, full_check=True)
+    after = ort_run(merged, {'x': x}, optimize=False)
+    fused = ort_run(merged, {'x': x})                    # QLinearConv: integer accumulation
+    for name in ('cls', 'reg'):
+        np.testing.assert_array_equal(before[name], after[name])      # the merge is exact
+        assert np.abs(fused[name] - before[name]).max() <= 0.05 + 1e-6  # <= 1 LSB (0.05)
+    assert 'QLinearConv' in fused_ops(merged)
+    # different parameters are kept apart
+    other = _two_tower_graph()
+    for init in other.graph.initializer:
+        if init.name == 'reg.s':
+            init.CopyFrom(onnx.numpy_helper.from_array(np.array(0.07, np.float32), 'reg.s'))
+    assert merge_duplicate_quantizers(other) == 0
