@@ -16,7 +16,8 @@ Choices (see ``pick_representative``): ``*_tta.py`` files are never picked; trac
 re-id and video folders are out; SyncBN becomes BN (one process); the input size is the
 config's test pipeline size, capped (``--max-size``) for CPU time; images are the bundled
 synthetic set (``data/synthetic``) through the config's own test pipeline, annotation
-loading steps removed.
+loading steps removed. The optional packages some configs import are the ``zoo`` extra
+(``pip install -e .[zoo]``: scikit-image, mmpretrain, timm).
 
 The helpers (``offline_cfg``, ``capped_test_pipeline``, ``synthetic_batch``,
 ``count_quantized``) are also used by ``tests/test_zoo_configs.py``.

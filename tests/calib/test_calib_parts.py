@@ -137,6 +137,33 @@ def test_capture_of_a_unit_the_loss_does_not_see_gives_zero_grads(quant_model):
     assert grads and all(not g.any() for g in grads)
 
 
+def test_tail_runner_runs_untraced_direct_forward_calls_live(quant_model):
+    """A direct ``module.forward(x)`` call runs no hooks, so the trace does not count it
+    (CondInst calls ``bbox_head.forward(x)`` and ``bbox_head(x)``): the extra call of a
+    prefix module runs live instead of failing, and the outputs stay those of the model."""
+    model, batches = quant_model
+
+    def direct_then_called(m, batch):
+        feats = m.neck.forward(m.backbone(batch))   # untraced direct call
+        return m.head(m.neck(m.backbone(batch)))
+
+    units = find_units(model, direct_then_called, batches[0])
+    k = [u.name for u in units].index('head.cls')
+    set_quant_state(model, False, False)
+    for unit in units[:k + 1]:
+        unit.set_quant(True)
+    try:
+        tail = TailRunner(model, direct_then_called, batches)
+        tail.prepare(units[k])
+        with torch.no_grad():
+            result = tail.run(1)
+            full = model(batches[1])
+    finally:
+        set_quant_state(model, True, True)
+    for a, b in zip(result.outputs, full):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_maximal_prefix_is_outermost_finished_calls(quant_model):
     model, batches = quant_model
     records, _ = trace_calls(model, forward_fn, batches[0])
