@@ -105,9 +105,10 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
         method_obj.set_layer_defaults(head=adapter.head_layer_patterns(),
                                       regression=adapter.regression_layer_patterns())
     batches = prepare_batches(adapter, loader)
-    # Reg-PTQ's FGIC on decoded predictions; other methods keep their default (output MSE)
+    # Reg-PTQ's FGIC on decoded predictions; other methods keep their default (output MSE).
+    # Probed on the float model before swapping; not needed when a checkpoint is loaded.
     global_loss = (build_global_loss(adapter, method_obj.fgic, batches[0], logger)
-                   if hasattr(method_obj, 'fgic') else None)
+                   if hasattr(method_obj, 'fgic') and not quantized_checkpoint else None)
     report = quantize_model(model, policy, example_forward=lambda m: adapter.forward(m, batches[0]))
     logger.info('quantized layers:\n' + report.table())
     result: dict = {'report': report}
