@@ -24,8 +24,9 @@ Latency: batch 1, ``size x size`` input, median of ``--runs`` timed runs after 3
 runs, the backends interleaved round by round (the CPU is shared: interleaving spreads the
 load over all rows). Rows: FP32 ONNX Runtime, INT8 ONNX Runtime (W8A8: per-channel
 symmetric int8 weights, uint8 activations, the ``ort_int8`` rewrite), FP32 TVM
-(``tvm_relax``), INT4 TVM (``tvm_int4``: W4A4, integer convs, packed weights). TVM is
-untuned (no MetaSchedule database): its rows show what the default lowering gives.
+(``tvm_relax``), INT4 TVM (``tvm_int4``: W4A4, integer convs, packed weights). TVM runs
+our fixed schedules (``tvm_schedule``) and, on an AVX-512 VNNI CPU, the int8 convolution
+kernel of ``tvm_vnni``; there is no MetaSchedule tuning database.
 Two-stage detectors (``frcnn``) have no raw single graph: storage only.
 """
 from __future__ import annotations

@@ -9,10 +9,16 @@ An artifact is a directory with three files:
   HAWQ), with its per-channel zero points; unpacked once when the artifact is loaded;
 - ``meta.json``: input/output names and shapes, the weight order, grids, the target.
 
-The INT4 model is the integer graph of :func:`to_integer_graph`: ``ConvInteger`` (Relax
-``nn.conv2d`` on the int8 operands with ``out_dtype='int32'``) and ``MatMulInteger``
-(the frontend's int32 matmul), a float rescale per output channel, and our activation
-QuantizeLinear/Clip as Relax ``quantize`` + integer ``clip``. Everything else (residual
+The INT4 model is the integer graph of :func:`to_integer_graph`: ``ConvInteger`` and
+``MatMulInteger`` (the frontend's int32 matmul), a float rescale per output channel, and
+our activation QuantizeLinear/Clip as Relax ``quantize`` + integer ``clip``. On a CPU with
+AVX-512 VNNI, int8 x int8 ``ConvInteger`` runs the ``vpdpbusd`` kernel of ``tvm_vnni``
+(exact int32); otherwise, and for layers with zero points (the 8-bit first layer), a
+Relax ``nn.conv2d`` with ``out_dtype='int32'``, or float32 lanes where every partial sum is
+an integer below 2^24 (exact). ``meta.json``'s ``kernels`` says which, per layer. Weight
+layout changes (the VNNI blocking) are lifted out of ``main`` by Relax
+``LiftTransformParams`` into ``main_transform_params``, which :class:`TvmRunner` runs once
+when it loads the artifact. Everything else (residual
 adds, ReLU, pooling, resize, the FP final layers) is float, with its constants compiled in.
 TVM's ONNX frontend has no ``ConvInteger`` converter; :func:`extra_onnx_converters` adds
 one for the duration of a conversion.
@@ -31,6 +37,7 @@ import onnx
 
 from mmdet_regptq.deploy.integer_graph import IntegerReport, PackedWeight, to_integer_graph
 from mmdet_regptq.deploy.tvm_schedule import cpu_pipeline
+from mmdet_regptq.deploy.tvm_vnni import emit_conv_vnni, has_vnni, vnni_applicable
 from mmdet_regptq.quant.packing import pack_int, unpack_int
 
 __all__ = ['host_target', 'extra_onnx_converters', 'compile_onnx', 'build_artifact',
@@ -54,7 +61,14 @@ def _dtype(expr: Any) -> str:
     return str(expr.ty.dtype)
 
 
-def _conv_integer_converter(float_exact: frozenset = frozenset()) -> type:
+def _var_name(expr: Any) -> str | None:
+    """Name of a Relax ``Var`` (``name`` in TVM 0.27, ``name_hint`` before)."""
+    name = getattr(expr, 'name', None) or getattr(expr, 'name_hint', None)
+    return str(name) if name is not None else None
+
+
+def _conv_integer_converter(float_exact: frozenset = frozenset(), vnni: bool = False,
+                            used_vnni: list | None = None) -> type:
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
@@ -67,14 +81,23 @@ def _conv_integer_converter(float_exact: frozenset = frozenset()) -> type:
         (``out_dtype='int32'``), or — for weights in ``float_exact``, layers whose every
         partial sum is an integer below 2^24 — float32 lanes holding the same integers
         exactly (AVX-512 FMA instead of the slow 32-bit integer multiply), cast to int32.
+        With ``vnni``, int8 x int8 layers without zero points use the AVX-512 VNNI
+        kernel of ``tvm_vnni`` instead (exact int32; their weight names go to
+        ``used_vnni``).
         """
 
         @classmethod
         def _impl_v10(cls, bb: Any, inputs: Sequence[Any], attr: dict, params: Any) -> Any:
             x, w = inputs[0], inputs[1]
-            exact_fp32 = getattr(w, 'name_hint', None) in float_exact
+            exact_fp32 = _var_name(w) in float_exact
             x_zp = inputs[2] if len(inputs) > 2 else None
             w_zp = inputs[3] if len(inputs) > 3 else None
+            if vnni and len(inputs[0].ty.shape) == 4 and vnni_applicable(
+                    _dtype(x), _dtype(w), x_zp is not None or w_zp is not None):
+                if used_vnni is not None:
+                    used_vnni.append(_var_name(w))
+                return emit_conv_vnni(bb, x, w, attr.get('strides', 1), attr.get('pads', 0),
+                                      attr.get('dilations', 1), int(attr.get('group', 1)))
             if x_zp is not None or w_zp is not None or _dtype(x) != _dtype(w):
                 x = relax.op.astype(x, 'int16')
                 w = relax.op.astype(w, 'int16')
@@ -102,16 +125,19 @@ def _conv_integer_converter(float_exact: frozenset = frozenset()) -> type:
 
 
 @contextlib.contextmanager
-def extra_onnx_converters(float_exact: Sequence[str] = ()) -> Iterator[None]:
+def extra_onnx_converters(float_exact: Sequence[str] = (), vnni: bool = False,
+                          used_vnni: list | None = None) -> Iterator[None]:
     """Add our converters (``ConvInteger``) to TVM's ONNX frontend, then restore it.
 
     Args:
         float_exact: weight input names whose layers accumulate exactly in float32 lanes.
+        vnni: convert int8 x int8 layers to the AVX-512 VNNI kernel (``tvm_vnni``).
+        used_vnni: receives the weight names of the layers that got the VNNI kernel.
     """
     from tvm.relax.frontend.onnx import onnx_frontend
 
     original = onnx_frontend._get_convert_map
-    extra = {'ConvInteger': _conv_integer_converter(frozenset(float_exact))}
+    extra = {'ConvInteger': _conv_integer_converter(frozenset(float_exact), vnni, used_vnni)}
 
     def convert_map() -> dict:
         table = dict(original())
@@ -163,7 +189,8 @@ def _int4_to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def compile_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], *,
                  target: Any = None, schedule: bool = True,
-                 float_exact: Sequence[str] = ()) -> Any:
+                 float_exact: Sequence[str] = (), vnni: bool | None = None,
+                 used_vnni: list | None = None, num_input: int | None = None) -> Any:
     """ONNX → Relax (our extra converters) → ``tvm.compile`` for ``target`` (host CPU).
 
     Args:
@@ -173,6 +200,13 @@ def compile_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
         schedule: apply our fixed CPU schedules (``tvm_schedule``); False = TVM's default
             (unscheduled) lowering.
         float_exact: see :func:`extra_onnx_converters`.
+        vnni: use the AVX-512 VNNI kernel for int8 x int8 convolutions (default: when the
+            target has the feature and ``schedule`` is on).
+        used_vnni: receives the weight names of the layers that got the VNNI kernel.
+        num_input: with graph inputs beyond the first ``num_input`` (the weights), lift
+            their layout changes into ``main_transform_params`` (Relax
+            ``LiftTransformParams``), run once at load instead of per inference; ``main``
+            then takes the data inputs and the transformed weights.
 
     Returns:
         The Relax VM executable.
@@ -184,11 +218,18 @@ def compile_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     for inp in model.graph.input:
         elem = inp.type.tensor_type.elem_type
         dtypes[inp.name] = str(onnx.helper.tensor_dtype_to_np_dtype(elem))
-    with extra_onnx_converters(float_exact):
+    target = target if target is not None else host_target()
+    if vnni is None:
+        vnni = schedule and has_vnni(target)
+    with extra_onnx_converters(float_exact, vnni, used_vnni):
         mod = from_onnx(model, shape_dict={k: list(v) for k, v in input_shapes.items()},
                         dtype_dict=dtypes, keep_params_in_input=False)
+    if num_input is not None and num_input < len(model.graph.input):
+        from tvm import relax
+
+        mod['main'] = mod['main'].with_attr('num_input', num_input)
+        mod = relax.transform.LiftTransformParams()(mod)
     start = time.perf_counter()
-    target = target if target is not None else host_target()
     pipeline = cpu_pipeline(target) if schedule else None
     executable = (tvm.compile(mod, target=target, relax_pipeline=pipeline) if pipeline
                   else tvm.compile(mod, target=target))
@@ -243,15 +284,22 @@ def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: boo
                                  dtype=str(value.dtype)))
     target = target if target is not None else host_target()
     float_exact = [k for k, v in (report.accumulate if report else {}).items() if v == 'float32']
+    used_vnni: list[str] = []
+    lifted = bool(weight_names)
     executable = compile_onnx(compiled, shapes, target=target, schedule=schedule,
-                              float_exact=float_exact)
+                              float_exact=float_exact, used_vnni=used_vnni,
+                              num_input=len(input_shapes) if lifted else None)
     so_path = work_dir / 'model.so'
     executable.export_library(str(so_path))
     np.savez(work_dir / 'weights.npz', **arrays)
     meta = dict(inputs={k: list(v) for k, v in input_shapes.items()},
                 outputs=[o.name for o in model.graph.output], weights=weights_meta,
                 target=str(target), integer=integer, scheduled=schedule,
+                transform_params=lifted,
                 accumulate=None if report is None else report.accumulate,
+                kernels=None if report is None else {
+                    k: 'vnni_int8' if k in used_vnni else f'{v}_accumulate'
+                    for k, v in report.accumulate.items()},
                 layers=None if report is None else {k: list(v) for k, v in report.layers.items()})
     (work_dir / 'meta.json').write_text(json.dumps(meta, indent=1))
     return [str(work_dir / f) for f in ARTIFACT_FILES], report
@@ -295,6 +343,9 @@ class TvmRunner:
         for i, wmeta in enumerate(self.meta['weights']):
             value = unpack_weight(stored[f'w{i}.words'], stored[f'w{i}.zero_point'], wmeta)
             self.weights.append(tvm.runtime.tensor(value, self.device))
+        if self.meta.get('transform_params'):
+            # weight layout changes (e.g. the VNNI blocking), once, at load
+            self.weights = list(self.vm['main_transform_params'](self.weights))
         self.input_names = list(self.meta['inputs'])
         self.output_names = list(self.meta['outputs'])
 

@@ -11,9 +11,12 @@ kind of block, after ``LegalizeOps`` / ``FuseTIR``:
   the ``n, f_o, y`` loops fused and parallel, the accumulator tile in a local buffer
   (``cache_write``) written back once per tile, reduction init split off;
   its padding block is inlined;
-- every other block without reduction axes (padding, casts, rescale, bias, ReLU, adds,
-  resize, pooling windows are reductions and stay as they are): the outer loops fused and
-  parallel, the innermost loop vectorized when it is short.
+- a function made of blocks without reduction axes only (a fused chain of casts, rescale,
+  bias, ReLU, adds, quantize, clip, resize, layout changes): every block but the last
+  inlined into its consumer (one pass over memory);
+- every other block without reduction axes (pooling windows are reductions and stay as
+  they are): the outer loops fused and parallel, the innermost loop vectorized when it is
+  short.
 
 Any block a rule cannot handle is left unscheduled (logged at DEBUG): the schedule only
 changes loop structure, never the computed values (integer results are identical; float
@@ -100,6 +103,8 @@ def schedule_cpu(mod: Any) -> Any:
     for gv, func in mod.functions_items():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
+        if func.attrs is not None and 'regptq_scheduled' in func.attrs:
+            continue                 # written with its own schedule (tvm_vnni)
         sch = s_tir.Schedule(func)
         try:
             root = sch.get_sblock('root')
@@ -107,7 +112,8 @@ def schedule_cpu(mod: Any) -> Any:
         except Exception:  # noqa: BLE001 - no root block: leave the function alone
             continue
         names = [sch.get(b).name_hint for b in blocks]
-        changed = False
+        changed = _inline_elementwise(sch, names)
+        names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock('root'))]
         for name in list(names):
             try:
                 block = sch.get_sblock(name)
@@ -128,6 +134,23 @@ def schedule_cpu(mod: Any) -> Any:
         if changed:
             out = _replace(out, gv, sch.mod['main'])
     return out
+
+
+def _inline_elementwise(sch: Any, names: list[str]) -> bool:
+    """Inline every spatial block but the last into its consumers, in a function of
+    spatial blocks only (a fused chain of casts, rescale, ReLU, quantize, clip, layout
+    ops): one pass over memory instead of one per op. Returns whether any was inlined."""
+    blocks = [sch.get_sblock(n) for n in names]
+    if len(blocks) < 2 or not all(all(t == 0 for t in _iter_types(sch, b)) for b in blocks):
+        return False
+    changed = False
+    for block in blocks[:-1]:
+        try:
+            sch.compute_inline(block)
+            changed = True
+        except Exception as err:  # noqa: BLE001 - e.g. several consumers: keep the block
+            logger.debug('block %s not inlined: %s', sch.get(block).name_hint, err)
+    return changed
 
 
 def _replace(mod: Any, gv: Any, func: Any) -> Any:

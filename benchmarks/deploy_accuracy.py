@@ -1,0 +1,132 @@
+"""Deployed AP vs fake-quant AP of the bundled single-stage detectors.
+
+    python benchmarks/deploy_accuracy.py [--detectors retinanet fcos] [--method QDrop]
+        [--iters 100] [--num-images 32] [--val-images 100]
+        [--backends tvm-int4 onnxruntime-int8]
+
+Each backend gets the model it is for: ``tvm-int4`` a W4A4 model, ``onnxruntime-int8`` a
+W8A8 one. Per detector and bit width: calibrate with ``RegPTQHook`` (train images, the
+given method) and test the fake-quant model with mmdet's Runner + CocoMetric on the first
+``--val-images`` val images, saving ``quantized.pth``; then deploy that checkpoint with the
+backend's deploy config (``deploy_configs/detection_<backend>_static-192x192.py``: export →
+``to_backend`` → mmdeploy's ``build_test_runner``) and test it on the same images (batch 1:
+the deployed graphs are static). Prints the table (AP on the 0–100 scale, deployed −
+fake-quant) and writes it as CSV. Faster R-CNN is not deployable as one raw graph (its RPN
+NMS runs inside ``_forward``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DETECTORS = {'retinanet': 'retinanet_r18-16_fpn64_synthetic',
+             'fcos': 'fcos_r18-16_fpn64_synthetic'}
+#: backend -> (deploy config, the bit width of the model it deploys)
+BACKENDS = {'tvm-int4': ('detection_tvm-int4_static-192x192.py', 'w4a4'),
+            'onnxruntime-int8': ('detection_onnxruntime-int8_static-192x192.py', 'w8a8')}
+
+
+def model_config(detector: str, val_images: int, work: Path):
+    """The bundled config with a val subset (CocoMetric scores every image of its file)."""
+    from mmengine.config import Config
+
+    from mmdet_regptq.datasets.subset import write_coco_subset
+
+    cfg = Config.fromfile(ROOT / 'configs' / 'synthetic' / f'{DETECTORS[detector]}.py')
+    cfg.test_dataloader.num_workers = 0
+    cfg.test_dataloader.batch_size = 1        # the deployed graphs are static, batch 1
+    cfg.test_dataloader.persistent_workers = False
+    if val_images:
+        ann = write_coco_subset(Path(cfg.test_evaluator.ann_file), val_images)
+        cfg.test_dataloader.dataset.ann_file = str(ann)
+        cfg.test_evaluator.ann_file = str(ann)
+    cfg.work_dir = str(work)
+    return cfg
+
+
+def fake_quant(detector: str, bits: str, args: argparse.Namespace, work: Path
+               ) -> tuple[float, Path]:
+    """Calibrate + test the fake-quant model; returns (AP, quantized.pth)."""
+    from mmengine.runner import Runner
+
+    from accuracy import parse_bits  # noqa: E402  (benchmarks/ on sys.path)
+
+    cfg = model_config(detector, args.val_images, work)
+    cfg.load_from = str(ROOT / 'checkpoints' / f'{DETECTORS[detector]}.pth')
+    w_bits, a_bits = parse_bits(bits)
+    cfg.custom_hooks = [dict(type='RegPTQHook', quant=dict(w_bits=w_bits, a_bits=a_bits),
+                             method=dict(type=args.method, iters=args.iters),
+                             calib=dict(num_images=args.num_images, batch_size=2,
+                                        seed=args.seed))]
+    metrics = Runner.from_cfg(cfg).test()
+    return 100 * metrics['coco/bbox_mAP'], work / 'quantized.pth'
+
+
+def deployed(detector: str, backend: str, checkpoint: Path, args: argparse.Namespace,
+             work: Path) -> float:
+    from mmdet_regptq.deploy.pipeline import deploy, evaluate
+
+    cfg = model_config(detector, args.val_images, work)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_path = work / f'{DETECTORS[detector]}_subset.py'
+    cfg.dump(str(cfg_path))
+    deploy_cfg = str(ROOT / 'deploy_configs' / BACKENDS[backend][0])
+    img = str(ROOT / 'data' / 'synthetic' / 'val' / '000000.jpg')
+    result = deploy(deploy_cfg, str(cfg_path), str(checkpoint), img, work_dir=work)
+    if not result.backend_files:
+        raise RuntimeError(f'{backend}: no backend files ({result.notes})')
+    metrics = evaluate(deploy_cfg, str(cfg_path), result.backend_files, work_dir=work)
+    return 100 * metrics['coco/bbox_mAP']
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--detectors', nargs='+', default=list(DETECTORS),
+                        choices=list(DETECTORS))
+    parser.add_argument('--method', default='QDrop')
+    parser.add_argument('--iters', type=int, default=100)
+    parser.add_argument('--num-images', type=int, default=32)
+    parser.add_argument('--val-images', type=int, default=100, help='0 = the whole val split')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--backends', nargs='+', default=list(BACKENDS),
+                        choices=list(BACKENDS))
+    parser.add_argument('--out', default='work_dirs/deploy_accuracy')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    import mmdet_regptq  # noqa: F401  (registers the hook)
+    import mmdet_regptq.deploy  # noqa: F401  (registers the backends)
+
+    out = Path(args.out)
+    rows = []
+    for detector in args.detectors:
+        for backend in args.backends:
+            bits = BACKENDS[backend][1]
+            ap_fq, checkpoint = fake_quant(detector, bits, args,
+                                           out / detector / f'fake_quant_{bits}')
+            ap = deployed(detector, backend, checkpoint, args, out / detector / backend)
+            row = {'detector': detector, 'backend': backend, 'method': args.method,
+                   'bits': bits, 'fake_quant_AP': round(ap_fq, 1),
+                   'deployed_AP': round(ap, 1), 'delta': round(ap - ap_fq, 1)}
+            rows.append(row)
+            print(row, flush=True)
+    keys = list(rows[0])
+    print('\n| ' + ' | '.join(keys) + ' |\n|' + '---|' * len(keys))
+    for r in rows:
+        print('| ' + ' | '.join(str(r[k]) for k in keys) + ' |')
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / 'deploy_accuracy.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f'\nCSV: {out / "deploy_accuracy.csv"}')
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
