@@ -37,7 +37,8 @@ import onnx
 
 from mmdet_regptq.deploy.integer_graph import IntegerReport, PackedWeight, to_integer_graph
 from mmdet_regptq.deploy.tvm_schedule import cpu_pipeline
-from mmdet_regptq.deploy.tvm_vnni import emit_conv_vnni, has_vnni, vnni_applicable
+from mmdet_regptq.deploy.tvm_vnni import (emit_conv_vnni, emit_conv_vnni_wide, has_vnni,
+                                          vnni_applicable)
 from mmdet_regptq.quant.packing import pack_int, unpack_int
 
 __all__ = ['host_target', 'extra_onnx_converters', 'compile_onnx', 'build_artifact',
@@ -61,6 +62,19 @@ def _dtype(expr: Any) -> str:
     return str(expr.ty.dtype)
 
 
+def _scalar_constant(expr: Any) -> int | None:
+    """The value of a one-element integer Relax constant (a zero point), else None."""
+    import tvm
+
+    if not isinstance(expr, tvm.ir.expr.Constant):     # relax.const in TVM 0.27
+        return None
+    data = getattr(expr, 'value', None)
+    if not hasattr(data, 'numpy'):
+        return None
+    value = data.numpy()
+    return int(value.reshape(-1)[0]) if value.size == 1 else None
+
+
 def _var_name(expr: Any) -> str | None:
     """Name of a Relax ``Var`` (``name`` in TVM 0.27, ``name_hint`` before)."""
     name = getattr(expr, 'name', None) or getattr(expr, 'name_hint', None)
@@ -82,8 +96,9 @@ def _conv_integer_converter(float_exact: frozenset = frozenset(), vnni: bool = F
         partial sum is an integer below 2^24 — float32 lanes holding the same integers
         exactly (AVX-512 FMA instead of the slow 32-bit integer multiply), cast to int32.
         With ``vnni``, int8 x int8 layers without zero points use the AVX-512 VNNI
-        kernel of ``tvm_vnni`` instead (exact int32; their weight names go to
-        ``used_vnni``).
+        kernel of ``tvm_vnni`` instead, and so do uint8 activations with a constant zero
+        point (the 8-bit first layer; the centred weight split into two int8 halves);
+        exact int32; their weight names go to ``used_vnni``.
         """
 
         @classmethod
@@ -98,6 +113,22 @@ def _conv_integer_converter(float_exact: frozenset = frozenset(), vnni: bool = F
                     used_vnni.append(_var_name(w))
                 return emit_conv_vnni(bb, x, w, attr.get('strides', 1), attr.get('pads', 0),
                                       attr.get('dilations', 1), int(attr.get('group', 1)))
+            z_x = _scalar_constant(x_zp)
+            if (vnni and len(inputs[0].ty.shape) == 4 and _dtype(x) == 'uint8'
+                    and z_x is not None and _dtype(w) in ('uint8', 'int8')):
+                # the 8-bit first layer: uint8 codes with a zero point, 8-bit weights
+                centred = relax.op.astype(w, 'int16')
+                if w_zp is not None:
+                    zp = bb.normalize(relax.op.astype(w_zp, 'int16'))
+                    if len(zp.ty.shape) == 1:
+                        zp = relax.op.reshape(zp, (-1, 1, 1, 1))
+                    centred = relax.op.subtract(centred, zp)
+                if used_vnni is not None:
+                    used_vnni.append(_var_name(w))
+                return emit_conv_vnni_wide(bb, x, bb.normalize(centred),
+                                           attr.get('strides', 1), attr.get('pads', 0),
+                                           attr.get('dilations', 1), int(attr.get('group', 1)),
+                                           z_x)
             if x_zp is not None or w_zp is not None or _dtype(x) != _dtype(w):
                 x = relax.op.astype(x, 'int16')
                 w = relax.op.astype(w, 'int16')

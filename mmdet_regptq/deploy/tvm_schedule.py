@@ -11,12 +11,13 @@ kind of block, after ``LegalizeOps`` / ``FuseTIR``:
   the ``n, f_o, y`` loops fused and parallel, the accumulator tile in a local buffer
   (``cache_write``) written back once per tile, reduction init split off;
   its padding block is inlined;
-- a function made of blocks without reduction axes only (a fused chain of casts, rescale,
-  bias, ReLU, adds, quantize, clip, resize, layout changes): every block but the last
-  inlined into its consumer (one pass over memory);
-- every other block without reduction axes (pooling windows are reductions and stay as
-  they are): the outer loops fused and parallel, the innermost loop vectorized when it is
-  short.
+- in a function without a convolution (a fused chain of casts, rescale, bias, ReLU, adds,
+  quantize, clip, resize, layout changes, or a normalization): every spatial block but the
+  last inlined into its consumers (one pass over memory);
+- every other block without reduction axes: the outer loops fused and parallel, the
+  innermost loop vectorized when it is short;
+- a reduction block (GroupNorm mean / variance, pooling windows): its leading spatial
+  loops fused and parallel.
 
 Any block a rule cannot handle is left unscheduled (logged at DEBUG): the schedule only
 changes loop structure, never the computed values (integer results are identical; float
@@ -126,6 +127,9 @@ def schedule_cpu(mod: Any) -> Any:
                 elif all(t == 0 for t in _iter_types(sch, block)):
                     _schedule_spatial(sch, block)
                     changed = True
+                else:
+                    _schedule_reduction(sch, block)
+                    changed = True
             except Exception as err:  # noqa: BLE001 - keep what was applied so far
                 # each primitive is checked before it changes the schedule, so a failing
                 # rule leaves a valid (partly scheduled) function
@@ -137,20 +141,41 @@ def schedule_cpu(mod: Any) -> Any:
 
 
 def _inline_elementwise(sch: Any, names: list[str]) -> bool:
-    """Inline every spatial block but the last into its consumers, in a function of
-    spatial blocks only (a fused chain of casts, rescale, ReLU, quantize, clip, layout
-    ops): one pass over memory instead of one per op. Returns whether any was inlined."""
+    """Inline every spatial block but the last into its consumers, in a function without
+    a convolution (a fused chain of casts, rescale, ReLU, quantize, clip, layout ops, and
+    the elementwise parts of a normalization): one pass over memory instead of one per op.
+    Returns whether any was inlined."""
     blocks = [sch.get_sblock(n) for n in names]
-    if len(blocks) < 2 or not all(all(t == 0 for t in _iter_types(sch, b)) for b in blocks):
+    if len(blocks) < 2 or any(n.startswith('conv2d') for n in names):
         return False
     changed = False
     for block in blocks[:-1]:
+        if not all(t == 0 for t in _iter_types(sch, block)):
+            continue
         try:
             sch.compute_inline(block)
             changed = True
-        except Exception as err:  # noqa: BLE001 - e.g. several consumers: keep the block
+        except Exception as err:  # noqa: BLE001 - e.g. a reduction's init reads it: keep
             logger.debug('block %s not inlined: %s', sch.get(block).name_hint, err)
     return changed
+
+
+def _schedule_reduction(sch: Any, block: Any) -> None:
+    """A reduction block (mean / variance of a normalization, pooling windows): its
+    leading spatial loops fused and parallel; the reduction loops stay serial."""
+    loops = sch.get_loops(block)
+    types = _iter_types(sch, block)
+    n_spatial = 0
+    for t in types:
+        if t != 0:
+            break
+        n_spatial += 1
+    spatial = loops[:n_spatial]
+    if not spatial or len(loops) != len(types):
+        raise ValueError('loops do not follow the block iterators')
+    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    if (_extent(sch, fused) or 1) > 1:
+        sch.parallel(fused)
 
 
 def _replace(mod: Any, gv: Any, func: Any) -> Any:

@@ -32,7 +32,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-__all__ = ['has_vnni', 'conv_vnni_kernel', 'emit_conv_vnni', 'vnni_applicable']
+__all__ = ['has_vnni', 'conv_vnni_kernel', 'emit_conv_vnni', 'emit_conv_vnni_wide',
+           'vnni_applicable']
 
 _MAX_ACCUMULATORS = 24
 
@@ -63,13 +64,15 @@ def _tiles(k_blocks: int, out_w: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                      pads: tuple[int, int, int, int], stride: tuple[int, int],
-                     dilation: tuple[int, int]) -> Any:
+                     dilation: tuple[int, int], input_dtype: str = 'int8',
+                     pad_code: int = 0) -> Any:
     """The PrimFunc ``(x, packed weight, shift, out)`` for one shape.
 
     ``x`` is the ``[N, C, H, W]`` int8 input, ``out`` the ``[N, K, OH, OW]`` int32 result
     (NCHW, so the float epilogue that follows stays a plain elementwise loop); the
     padded uint8 copy of ``x`` in the blocked layout (module doc) is built inside, in
-    parallel, before the tiles run.
+    parallel, before the tiles run. A ``uint8`` input (codes with a zero point) is used as
+    it is and padded with ``pad_code`` (its zero point).
     """
     from tvm.script import tirx as T
 
@@ -84,9 +87,11 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
     XO, PER_IMAGE = OW // TX, KO // TK * OH
     TILES, ROWS = n * PER_IMAGE, n * CB * HP
     N, C, H, W, K, KH, KW, PT, PL = n, c, h, w, k, kh, kw, pt, pl
+    IN_DTYPE = input_dtype
+    SHIFT, PAD = (128, 128) if input_dtype == 'int8' else (0, pad_code)
 
     @T.prim_func(s_tir=True)
-    def conv_vnni(x: T.Buffer((N, C, H, W), 'int8'),
+    def conv_vnni(x: T.Buffer((N, C, H, W), IN_DTYPE),
                   weight: T.Buffer((KO, CB, KH, KW, 16, 4), 'int8'),
                   shift: T.Buffer((K,), 'int32'),
                   out: T.Buffer((N, K, OH, OW), 'int32')):
@@ -104,8 +109,8 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                         T.Cast('uint8', T.Cast('int32', x[
                             vr // HP // CB, T.min((vr // HP) % CB * 4 + ci, C - 1),
                             T.max(T.min(vr % HP - PT, H - 1), 0),
-                            T.max(T.min(col - PL, W - 1), 0)]) + 128),
-                        T.uint8(128))
+                            T.max(T.min(col - PL, W - 1), 0)]) + SHIFT),
+                        T.uint8(PAD))
         for t in T.parallel(TILES):
             with T.sblock('vnni_tile'):
                 vt = T.axis.spatial(TILES, t)
@@ -163,7 +168,7 @@ def _pads(value: Any) -> list[int]:
 
 
 def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
-                   dilations: Any, groups: int = 1) -> Any:
+                   dilations: Any, groups: int = 1, x_zero_point: int | None = None) -> Any:
     """Relax: int32 ``conv2d(x, w)`` (NCHW / OIHW, int8 operands) through the VNNI kernel.
 
     Args:
@@ -173,6 +178,8 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
         strides, dilations: ONNX attributes (int or pair).
         pads: ONNX ``pads`` (``[top, left, bottom, right]``, or an int).
         groups: grouped convolutions run one kernel per group, concatenated.
+        x_zero_point: for a ``uint8`` ``x`` (codes): its zero point; the result is then
+            the convolution of ``x - x_zero_point``.
 
     Returns:
         ``[N, K, OH, OW]`` int32, equal to the integer convolution.
@@ -184,7 +191,7 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
         ws = bb.normalize(relax.op.split(w, groups, axis=0))
         parts = [bb.normalize(emit_conv_vnni(
             bb, bb.normalize(relax.TupleGetItem(xs, g)), bb.normalize(relax.TupleGetItem(ws, g)),
-            strides, pads, dilations)) for g in range(groups)]
+            strides, pads, dilations, 1, x_zero_point)) for g in range(groups)]
         return relax.op.concat(parts, axis=1)
 
     n, c, h, wd = (int(d) for d in x.ty.shape)
@@ -196,14 +203,60 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
     w_padded = relax.op.nn.pad(w, [0, kp - k, 0, cp - c, 0, 0, 0, 0], pad_value=0.0)
     weight = bb.normalize(relax.op.permute_dims(
         relax.op.reshape(w_padded, (kp // 16, 16, cp // 4, 4, kh, kw)), [0, 2, 4, 5, 1, 3]))
+    unsigned = str(x.ty.dtype) == 'uint8'
+    offset = int(x_zero_point) if unsigned else 128
     shift = bb.normalize(relax.op.multiply(
-        relax.op.sum(relax.op.astype(w, 'int32'), axis=[1, 2, 3]), relax.const(128, 'int32')))
+        relax.op.sum(relax.op.astype(w, 'int32'), axis=[1, 2, 3]),
+        relax.const(offset, 'int32')))
     pads4 = (pt, pl, pb, pr)
-    kernel = conv_vnni_kernel(n, c, h, wd, k, kh, kw, pads4, (sh, sw), (dh, dw))
+    kernel = conv_vnni_kernel(n, c, h, wd, k, kh, kw, pads4, (sh, sw), (dh, dw),
+                              'uint8' if unsigned else 'int8', offset if unsigned else 0)
     out_h = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     out_w = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    name = (f'conv_vnni_n{n}_c{c}_k{k}_{h}x{wd}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_'
+    name = (f'conv_vnni_{"u8z" + str(offset) + "_" if unsigned else ""}n{n}_c{c}_k{k}_{h}x{wd}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_'
             f'p{"_".join(map(str, pads4))}')
     gv = bb.add_func(kernel.with_attr('global_symbol', name), name)
     return relax.call_tir(gv, [x, weight, shift],
                           relax.TensorType((n, k, out_h, out_w), 'int32'))
+
+
+def emit_conv_vnni_wide(bb: Any, x: Any, w: Any, strides: Any, pads: Any, dilations: Any,
+                        groups: int, x_zero_point: int) -> Any:
+    """Relax: int32 ``conv2d(x - z_x, w)`` for uint8 codes ``x`` and centred 8-bit weights
+    ``w`` in ``[-255, 255]`` (int16; the 8-bit first layer), on the VNNI kernel.
+
+    ``w`` does not fit int8, so it is split exactly as ``w = 16 * hi + lo`` with
+    ``lo = w & 15`` in ``[0, 15]`` and ``hi = w >> 4`` in ``[-16, 15]``; one kernel call
+    computes both halves as ``2K`` output channels, combined as ``16 * hi_part + lo_part``.
+    """
+    from tvm import relax
+
+    k = int(w.ty.shape[0])
+    lo = relax.op.bitwise_and(w, relax.const(15, 'int16'))
+    hi = relax.op.right_shift(w, relax.const(4, 'int16'))
+    if groups > 1:   # keep each group's hi and lo filters inside that group's block of 2K/g
+        parts = []
+        per = k // groups
+        for g in range(groups):
+            sl = dict(axes=[0], begin=[g * per], end=[(g + 1) * per])
+            parts += [relax.op.strided_slice(hi, **sl), relax.op.strided_slice(lo, **sl)]
+        both = relax.op.concat(parts, axis=0)
+    else:
+        both = relax.op.concat([hi, lo], axis=0)
+    both = bb.normalize(relax.op.astype(both, 'int8'))
+    acc = bb.normalize(emit_conv_vnni(bb, x, both, strides, pads, dilations, groups,
+                                      x_zero_point))
+    if groups > 1:
+        per = k // groups
+        outs = []
+        for g in range(groups):
+            base = 2 * g * per
+            h_part = relax.op.strided_slice(acc, axes=[1], begin=[base], end=[base + per])
+            l_part = relax.op.strided_slice(acc, axes=[1], begin=[base + per],
+                                            end=[base + 2 * per])
+            outs.append(relax.op.add(relax.op.multiply(h_part, relax.const(16, 'int32')),
+                                     l_part))
+        return relax.op.concat(outs, axis=1)
+    h_part = relax.op.strided_slice(acc, axes=[1], begin=[0], end=[k])
+    l_part = relax.op.strided_slice(acc, axes=[1], begin=[k], end=[2 * k])
+    return relax.op.add(relax.op.multiply(h_part, relax.const(16, 'int32')), l_part)

@@ -27,13 +27,13 @@ def test_tvm_int4_compiles_and_matches(w4a4, tmp_path):
     assert {tuple(v) for v in meta['layers'].values()} == {('int8', 'int8'), ('uint8', 'uint8')}
     # every layer's partial sums are integers below 2^24 here: exact in float32 lanes
     assert set(meta['accumulate'].values()) == {'float32'} and meta['scheduled']
-    # on an AVX-512 VNNI CPU the int8 x int8 layers run the vpdpbusd kernel, the
-    # uint8 first layer (zero points) the float32 lanes; weight layouts are lifted
+    # on an AVX-512 VNNI CPU every conv runs the vpdpbusd kernel (the uint8 first layer
+    # with its zero points through the split-weight form); weight layouts are lifted
     from mmdet_regptq.deploy.tvm_build import host_target
     from mmdet_regptq.deploy.tvm_vnni import has_vnni
-    # (the two int8 convs, one of them grouped and batch 2; the Linear stays float32)
+    # (the three convs, one of them grouped, at batch 2; the Linear stays float32)
     kinds = list(meta['kernels'].values())
-    assert kinds.count('vnni_int8') == (2 if has_vnni(host_target()) else 0)
+    assert kinds.count('vnni_int8') == (3 if has_vnni(host_target()) else 0)
     assert kinds.count('float32_accumulate') == len(kinds) - kinds.count('vnni_int8')
     assert meta['transform_params']
     stored = np.load(files[1])

@@ -65,3 +65,37 @@ def test_has_vnni_is_false_for_a_cpu_without_it():
     import tvm
 
     assert not has_vnni(tvm.target.Target({'kind': 'llvm', 'mcpu': 'haswell'}))
+
+
+@pytest.mark.skipif(not has_vnni(host_target()), reason='this CPU has no AVX-512 VNNI')
+@pytest.mark.parametrize('groups', [1, 2])
+def test_vnni_wide_conv_of_uint8_codes_is_bit_exact(groups):
+    """The 8-bit first layer: uint8 codes minus their zero point times centred 8-bit
+    weights in [-255, 255] (split into two int8 halves)."""
+    import tvm
+    from tvm import relax
+
+    from mmdet_regptq.deploy.tvm_schedule import cpu_pipeline
+    from mmdet_regptq.deploy.tvm_vnni import emit_conv_vnni_wide
+
+    n, c, k, h, kernel, stride, pads, z_x = 1, 4, 12, 15, 7, 2, 3, 37
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (n, c, h, h)).astype(np.uint8)
+    weight = rng.integers(-255, 256, (k, c // groups, kernel, kernel)).astype(np.int16)
+    weight[0, 0, 0, :3] = [-255, 255, -16]
+    bb = relax.BlockBuilder()
+    xv = relax.Var('x', relax.TensorType(x.shape, 'uint8'))
+    wv = relax.Var('w', relax.TensorType(weight.shape, 'int16'))
+    with bb.function('main', [xv, wv]):
+        with bb.dataflow():
+            y = bb.emit(emit_conv_vnni_wide(bb, xv, wv, stride, pads, 1, groups, z_x))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    target = host_target()
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target,
+                                          relax_pipeline=cpu_pipeline(target)), tvm.cpu())
+    got = vm['main'](tvm.runtime.tensor(x), tvm.runtime.tensor(weight)).numpy()
+    centred = torch.from_numpy(x.astype(np.float64) - z_x)
+    ref = torch.nn.functional.conv2d(centred, torch.from_numpy(weight).double(), stride=stride,
+                                     padding=pads, groups=groups).numpy().astype(np.int64)
+    assert np.array_equal(got.astype(np.int64), ref)
