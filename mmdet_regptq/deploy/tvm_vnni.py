@@ -102,7 +102,7 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                 vr = T.axis.spatial(ROWS, row)
                 T.reads(x[0:N, 0:C, 0:H, 0:W])
                 T.writes(data[vr // HP, vr % HP, 0:WP, 0:4])
-                for col, ci in T.grid(WP, 4):
+                for ci, col in T.grid(4, WP):          # read x along its rows
                     data[vr // HP, vr % HP, col, ci] = T.Select(
                         (vr // HP) % CB * 4 + ci < C and vr % HP >= PT and vr % HP < H + PT
                         and col >= PL and col < W + PL,
@@ -117,20 +117,20 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                 T.reads(data[0:N * CB, 0:HP, 0:WP, 0:4], weight[0:KO, 0:CB, 0:KH, 0:KW, 0:16, 0:4],
                         shift[0:K])
                 T.writes(out[0:N, 0:K, 0:OH, 0:OW])
-                acc = T.alloc_buffer((TK, TX, 16), 'int32', scope='local')
+                acc = T.alloc_buffer((TK, TX * 16), 'int32', scope='local')
                 for xo in T.serial(XO):
                     for a in T.unroll(TK):
                         for b in T.unroll(TX):
-                            acc[a, b, T.ramp(0, 1, 16)] = T.broadcast(T.int32(0), 16)
+                            acc[a, T.ramp(b * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
                     for cb in T.serial(CB):
                         for qy in T.serial(KH):
                             for qx in T.serial(KW):
                                 for a in T.unroll(TK):
                                     for b in T.unroll(TX):
-                                        acc[a, b, T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                                        acc[a, T.ramp(b * 16, 1, 16)] = T.call_llvm_pure_intrin(
                                             T.llvm_lookup_intrinsic_id(
                                                 'llvm.x86.avx512.vpdpbusd.512'),
-                                            acc[a, b, T.ramp(0, 1, 16)],
+                                            acc[a, T.ramp(b * 16, 1, 16)],
                                             T.reinterpret(T.broadcast(T.reinterpret(data.vload(
                                                 [vt // PER_IMAGE * CB + cb, (vt % OH) * sh + qy * dh,
                                                  (xo * TX + b) * sw + qx * dw, 0], 'uint8x4'),
@@ -138,13 +138,15 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                                             weight.vload([(vt % PER_IMAGE // OH) * TK + a, cb, qy, qx, 0, 0],
                                                          'int8x64'),
                                             dtype='int32x16')
+                    # write-back transposed in registers: per output channel one vector
+                    # of TX neighbouring columns (a contiguous NCHW store)
                     for a in T.unroll(TK):
-                        for b in T.serial(TX):
-                            for ki in T.serial(16):
-                                if ((vt % PER_IMAGE // OH) * TK + a) * 16 + ki < K:
-                                    out[vt // PER_IMAGE, ((vt % PER_IMAGE // OH) * TK + a) * 16 + ki, vt % OH,
-                                        xo * TX + b] = (acc[a, b, ki]
-                                                        - shift[((vt % PER_IMAGE // OH) * TK + a) * 16 + ki])
+                        for ki in T.unroll(16):
+                            if ((vt % PER_IMAGE // OH) * TK + a) * 16 + ki < K:
+                                out[vt // PER_IMAGE, ((vt % PER_IMAGE // OH) * TK + a) * 16 + ki,
+                                    vt % OH, T.ramp(xo * TX, 1, TX)] = (
+                                    acc[a, T.ramp(ki, 16, TX)] - T.broadcast(
+                                        shift[((vt % PER_IMAGE // OH) * TK + a) * 16 + ki], TX))
 
     return conv_vnni
 
