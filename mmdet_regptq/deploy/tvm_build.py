@@ -75,6 +75,19 @@ def _scalar_constant(expr: Any) -> int | None:
     return int(value.reshape(-1)[0]) if value.size == 1 else None
 
 
+def _centred(bb: Any, w: Any, w_zp: Any) -> Any:
+    """``w - w_zp`` in int16 (the zero point per output channel or a scalar; none: ``w``)."""
+    from tvm import relax
+
+    w = relax.op.astype(w, 'int16')
+    if w_zp is None:
+        return w
+    zp = bb.normalize(relax.op.astype(w_zp, 'int16'))
+    if len(zp.ty.shape) == 1:
+        zp = relax.op.reshape(zp, (-1, 1, 1, 1))
+    return relax.op.subtract(w, zp)
+
+
 def _var_name(expr: Any) -> str | None:
     """Name of a Relax ``Var`` (``name`` in TVM 0.27, ``name_hint`` before)."""
     name = getattr(expr, 'name', None) or getattr(expr, 'name_hint', None)
@@ -107,39 +120,27 @@ def _conv_integer_converter(float_exact: frozenset = frozenset(), vnni: bool = F
             exact_fp32 = _var_name(w) in float_exact
             x_zp = inputs[2] if len(inputs) > 2 else None
             w_zp = inputs[3] if len(inputs) > 3 else None
-            if vnni and len(inputs[0].ty.shape) == 4 and vnni_applicable(
-                    _dtype(x), _dtype(w), x_zp is not None or w_zp is not None):
-                if used_vnni is not None:
-                    used_vnni.append(_var_name(w))
-                return emit_conv_vnni(bb, x, w, attr.get('strides', 1), attr.get('pads', 0),
-                                      attr.get('dilations', 1), int(attr.get('group', 1)))
-            z_x = _scalar_constant(x_zp)
-            if (vnni and len(inputs[0].ty.shape) == 4 and _dtype(x) == 'uint8'
-                    and z_x is not None and _dtype(w) in ('uint8', 'int8')):
-                # the 8-bit first layer: uint8 codes with a zero point, 8-bit weights
-                centred = relax.op.astype(w, 'int16')
-                if w_zp is not None:
-                    zp = bb.normalize(relax.op.astype(w_zp, 'int16'))
-                    if len(zp.ty.shape) == 1:
-                        zp = relax.op.reshape(zp, (-1, 1, 1, 1))
-                    centred = relax.op.subtract(centred, zp)
-                if used_vnni is not None:
-                    used_vnni.append(_var_name(w))
-                return emit_conv_vnni_wide(bb, x, bb.normalize(centred),
-                                           attr.get('strides', 1), attr.get('pads', 0),
-                                           attr.get('dilations', 1), int(attr.get('group', 1)),
-                                           z_x)
+            ndim = len(inputs[0].ty.shape)
+            conv_args = (attr.get('strides', 1), attr.get('pads', 0), attr.get('dilations', 1),
+                         int(attr.get('group', 1)))
+            if vnni and ndim == 4:
+                out = None
+                z_x = _scalar_constant(x_zp)
+                if vnni_applicable(_dtype(x), _dtype(w), x_zp is not None or w_zp is not None):
+                    out = emit_conv_vnni(bb, x, w, *conv_args)
+                elif _dtype(x) == 'uint8' and z_x is not None and _dtype(w) in ('uint8', 'int8'):
+                    # the 8-bit first layer: uint8 codes with a zero point, 8-bit weights
+                    out = emit_conv_vnni_wide(bb, x, bb.normalize(_centred(bb, w, w_zp)),
+                                              *conv_args, z_x)
+                if out is not None:
+                    if used_vnni is not None:
+                        used_vnni.append(_var_name(w))
+                    return out
             if x_zp is not None or w_zp is not None or _dtype(x) != _dtype(w):
                 x = relax.op.astype(x, 'int16')
-                w = relax.op.astype(w, 'int16')
                 if x_zp is not None:
                     x = relax.op.subtract(x, relax.op.astype(x_zp, 'int16'))
-                if w_zp is not None:
-                    zp = bb.normalize(relax.op.astype(w_zp, 'int16'))
-                    if len(zp.ty.shape) == 1:
-                        zp = relax.op.reshape(zp, (-1, 1, 1, 1))
-                    w = relax.op.subtract(w, zp)
-            ndim = len(inputs[0].ty.shape)
+                w = _centred(bb, w, w_zp)
             if ndim != 4:
                 raise NotImplementedError(f'ConvInteger on a {ndim}-d input')
             if exact_fp32:

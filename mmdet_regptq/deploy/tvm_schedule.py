@@ -43,7 +43,8 @@ def _extent(sch: Any, loop: Any) -> int | None:
         return None
 
 
-def _largest_divisor(n: int, limit: int) -> int:
+def largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``limit`` (a tile that divides evenly)."""
     for d in range(min(n, limit), 0, -1):
         if n % d == 0:
             return d
@@ -61,7 +62,7 @@ def _schedule_conv(sch: Any, block: Any) -> None:
     n, f, y, x, rc, ry, rx = loops
     f_ext, x_ext = _extent(sch, f), _extent(sch, x)
     tf = next(t for t in _TILE_F if f_ext % t == 0)
-    tx = _largest_divisor(x_ext, _LANES)
+    tx = largest_divisor(x_ext, _LANES)
     f_o, f_i = sch.split(f, [None, tf])
     x_o, x_i = sch.split(x, [None, tx])
     sch.reorder(n, f_o, y, x_o, rc, ry, rx, f_i, x_i)
@@ -91,7 +92,7 @@ def _schedule_spatial(sch: Any, block: Any) -> None:
     if extents[-1] <= 64 and extents[-1] > 1:
         sch.vectorize(inner)
     elif extents[-1] > 64:
-        _, vi = sch.split(inner, [None, _largest_divisor(extents[-1], _LANES)])
+        _, vi = sch.split(inner, [None, largest_divisor(extents[-1], _LANES)])
         sch.vectorize(vi)
 
 

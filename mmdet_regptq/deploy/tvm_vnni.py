@@ -32,6 +32,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from mmdet_regptq.deploy.tvm_schedule import largest_divisor
+
 __all__ = ['has_vnni', 'conv_vnni_kernel', 'emit_conv_vnni', 'emit_conv_vnni_wide',
            'vnni_applicable']
 
@@ -48,16 +50,13 @@ def has_vnni(target: Any) -> bool:
         return False
 
 
-def _divisor(n: int, limit: int) -> int:
-    for d in range(min(n, limit), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
+def _out_size(size: int, pad_sum: int, kernel: int, stride: int, dilation: int) -> int:
+    return (size + pad_sum - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _tiles(k_blocks: int, out_w: int) -> tuple[int, int]:
     tk = 2 if k_blocks % 2 == 0 else 1
-    tx = _divisor(out_w, min(12, _MAX_ACCUMULATORS // tk))
+    tx = largest_divisor(out_w, min(12, _MAX_ACCUMULATORS // tk))
     return tk, tx
 
 
@@ -81,8 +80,7 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
     dh, dw = dilation
     CB, KO = -(-c // 4), -(-k // 16)
     HP, WP = h + pt + pb, w + pl + pr
-    OH = (HP - dh * (kh - 1) - 1) // sh + 1
-    OW = (WP - dw * (kw - 1) - 1) // sw + 1
+    OH, OW = _out_size(h, pt + pb, kh, sh, dh), _out_size(w, pl + pr, kw, sw, dw)
     TK, TX = _tiles(KO, OW)
     XO, PER_IMAGE = OW // TX, KO // TK * OH
     TILES, ROWS = n * PER_IMAGE, n * CB * HP
@@ -118,6 +116,9 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                         shift[0:K])
                 T.writes(out[0:N, 0:K, 0:OH, 0:OW])
                 acc = T.alloc_buffer((TK, TX * 16), 'int32', scope='local')
+                image = vt // PER_IMAGE                  # the tile: image, channel block, row
+                k_block = vt % PER_IMAGE // OH * TK
+                y = vt % OH
                 for xo in T.serial(XO):
                     for a in T.unroll(TK):
                         for b in T.unroll(TX):
@@ -132,21 +133,20 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                                                 'llvm.x86.avx512.vpdpbusd.512'),
                                             acc[a, T.ramp(b * 16, 1, 16)],
                                             T.reinterpret(T.broadcast(T.reinterpret(data.vload(
-                                                [vt // PER_IMAGE * CB + cb, (vt % OH) * sh + qy * dh,
+                                                [image * CB + cb, y * sh + qy * dh,
                                                  (xo * TX + b) * sw + qx * dw, 0], 'uint8x4'),
                                                 dtype='int32'), 16), dtype='int8x64'),
-                                            weight.vload([(vt % PER_IMAGE // OH) * TK + a, cb, qy, qx, 0, 0],
+                                            weight.vload([k_block + a, cb, qy, qx, 0, 0],
                                                          'int8x64'),
                                             dtype='int32x16')
                     # write-back transposed in registers: per output channel one vector
                     # of TX neighbouring columns (a contiguous NCHW store)
                     for a in T.unroll(TK):
                         for ki in T.unroll(16):
-                            if ((vt % PER_IMAGE // OH) * TK + a) * 16 + ki < K:
-                                out[vt // PER_IMAGE, ((vt % PER_IMAGE // OH) * TK + a) * 16 + ki,
-                                    vt % OH, T.ramp(xo * TX, 1, TX)] = (
-                                    acc[a, T.ramp(ki, 16, TX)] - T.broadcast(
-                                        shift[((vt % PER_IMAGE // OH) * TK + a) * 16 + ki], TX))
+                            if (k_block + a) * 16 + ki < K:
+                                out[image, (k_block + a) * 16 + ki, y, T.ramp(xo * TX, 1, TX)] = (
+                                    acc[a, T.ramp(ki, 16, TX)]
+                                    - T.broadcast(shift[(k_block + a) * 16 + ki], TX))
 
     return conv_vnni
 
@@ -213,9 +213,9 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
     pads4 = (pt, pl, pb, pr)
     kernel = conv_vnni_kernel(n, c, h, wd, k, kh, kw, pads4, (sh, sw), (dh, dw),
                               'uint8' if unsigned else 'int8', offset if unsigned else 0)
-    out_h = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    out_w = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    name = (f'conv_vnni_{"u8z" + str(offset) + "_" if unsigned else ""}n{n}_c{c}_k{k}_{h}x{wd}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_'
+    out_h, out_w = _out_size(h, pt + pb, kh, sh, dh), _out_size(wd, pl + pr, kw, sw, dw)
+    prefix = f'conv_vnni_u8z{offset}_' if unsigned else 'conv_vnni_'
+    name = (f'{prefix}n{n}_c{c}_k{k}_{h}x{wd}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_'
             f'p{"_".join(map(str, pads4))}')
     gv = bb.add_func(kernel.with_attr('global_symbol', name), name)
     return relax.call_tir(gv, [x, weight, shift],

@@ -42,7 +42,8 @@ def _compile(n, c, k, h, w, kernel, stride, dilation, pads, groups):
 
 
 @pytest.mark.skipif(not has_vnni(host_target()), reason='this CPU has no AVX-512 VNNI')
-@pytest.mark.parametrize('shape', SHAPES, ids=[f'n{s[0]}c{s[1]}k{s[2]}s{s[6]}d{s[7]}g{s[9]}' for s in SHAPES])
+@pytest.mark.parametrize('shape', SHAPES,
+                         ids=[f'n{s[0]}c{s[1]}k{s[2]}s{s[6]}d{s[7]}g{s[9]}' for s in SHAPES])
 def test_vnni_conv_is_bit_exact(shape):
     import tvm
 

@@ -244,7 +244,8 @@ class LLAQuantizer(Quantizer):
         levels ``L`` (``S1``/``S2``: sum of magnitudes / squares in the level's interval),
         so sorting each row once and bucketing by ``searchsorted`` costs
         ``O(K * C * L * log N)`` instead of ``O(K * C * N)`` (R50's 2304-wide regression
-        rows: 20-50x faster, measured). Ties at a bucket edge may land one level off the dense path.
+        rows: 20-50x faster, measured). Ties at a bucket edge may land one level off the
+        dense path.
         """
         octaves = torch.linspace(*self.search_octaves, self.num_candidates,
                                  device=mag.device, dtype=torch.float64)
