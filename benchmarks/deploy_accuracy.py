@@ -1,6 +1,7 @@
 """Deployed AP vs fake-quant AP of the bundled single-stage detectors.
 
     python benchmarks/deploy_accuracy.py [--detectors retinanet fcos] [--method QDrop]
+        (--method: a name, or LABEL=NAME{json options} as in benchmarks/accuracy.py)
         [--iters 100] [--num-images 32] [--val-images 100]
         [--backends tvm-int4 onnxruntime-int8]
 
@@ -55,13 +56,14 @@ def fake_quant(detector: str, bits: str, args: argparse.Namespace, work: Path
     """Calibrate + test the fake-quant model; returns (AP, quantized.pth)."""
     from mmengine.runner import Runner
 
-    from accuracy import parse_bits  # noqa: E402  (benchmarks/ on sys.path)
+    from accuracy import parse_bits, parse_method  # noqa: E402  (benchmarks/ on sys.path)
 
     cfg = model_config(detector, args.val_images, work)
     cfg.load_from = str(ROOT / 'checkpoints' / f'{DETECTORS[detector]}.pth')
     w_bits, a_bits = parse_bits(bits)
     cfg.custom_hooks = [dict(type='RegPTQHook', quant=dict(w_bits=w_bits, a_bits=a_bits),
-                             method=dict(type=args.method, iters=args.iters),
+                             method=dict(type=parse_method(args.method)[1], iters=args.iters,
+                                         **parse_method(args.method)[2]),
                              calib=dict(num_images=args.num_images, batch_size=2,
                                         seed=args.seed))]
     metrics = Runner.from_cfg(cfg).test()
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--detectors', nargs='+', default=list(DETECTORS),
                         choices=list(DETECTORS))
-    parser.add_argument('--method', default='QDrop')
+    parser.add_argument('--method', default='QDrop',
+                        help='a method name or LABEL=NAME{json options}, e.g. '
+                             '\'RegPTQ-p2=RegPTQ{"llaq_cfg": {"power_of_two": true}}\'')
     parser.add_argument('--iters', type=int, default=100)
     parser.add_argument('--num-images', type=int, default=32)
     parser.add_argument('--val-images', type=int, default=100, help='0 = the whole val split')
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             ap_fq, checkpoint = fake_quant(detector, bits, args,
                                            out / detector / f'fake_quant_{bits}')
             ap = deployed(detector, backend, checkpoint, args, out / detector / backend)
-            row = {'detector': detector, 'backend': backend, 'method': args.method,
+            row = {'detector': detector, 'backend': backend,
+                   'method': parse_method(args.method)[0],
                    'bits': bits, 'fake_quant_AP': round(ap_fq, 1),
                    'deployed_AP': round(ap, 1), 'delta': round(ap - ap_fq, 1)}
             rows.append(row)

@@ -12,7 +12,9 @@ How it works (two steps, both exact):
      weight), and the weight becomes ``mmdet_regptq::DequantizeWeight(codes)``.
 
    Only uniform affine quantizers (``quant_params()`` with ``scale`` / ``zero_point``)
-   have this form. Any other weight quantizer (e.g. a log-domain one) is exported as the
+   have this form. An LLAQ quantizer whose levels are powers of two
+   (``LLAQuantizer.shift_form``) becomes ``mmdet_regptq::DequantizeShiftWeight(pos, neg)``.
+   Any other weight quantizer (an LLAQ grid with a learned ``k``) is exported as the
    constant float tensor of its fake-quantized values, which keeps the values exact but
    not the compression, and is reported in :class:`ExportReport`.
 
@@ -25,6 +27,9 @@ How it works (two steps, both exact):
      channel), the weight Q/DQ already folded. With ``int4_weights`` and opset >= 21,
      grids of <= 4 bits are stored as ONNX ``INT4`` / ``UINT4`` initializers (two values
      per byte) with zero points of the same type; otherwise ``int8`` / ``uint8``.
+   - ``DequantizeShiftWeight`` → ``(DQ(pos; s_+) + DQ(neg; s_-)) + mu``: two int8
+     power-of-two initializers (zero point 0, axis 0) and the per-channel centre; the
+     value is the fake-quantized LLAQ weight bit for bit.
 
 The TorchScript exporter is used (``dynamo=False``): torch 2.14's default dynamo exporter
 needs ``onnxscript``, which is not installed, and the TorchScript exporter's own symbolic of
@@ -165,6 +170,24 @@ class _QuantActFn(torch.autograd.Function):
         return out
 
 
+class _DequantShiftWeightFn(torch.autograd.Function):
+    """An LLAQ weight in shift form (``LLAQShiftForm``); exports as
+    ``mmdet_regptq::DequantizeShiftWeight(pos, neg)``."""
+
+    @staticmethod
+    def forward(ctx: Any, pos: Tensor, neg: Tensor, values: Tensor, scale_pos: list[float],
+                scale_neg: list[float], mu: list[float], bits: int, name: str) -> Tensor:
+        return values
+
+    @staticmethod
+    def symbolic(g: Any, pos: Any, neg: Any, values: Any, scale_pos: list[float],
+                 scale_neg: list[float], mu: list[float], bits: int, name: str) -> Any:
+        out = g.op(f'{QUANT_DOMAIN}::DequantizeShiftWeight', pos, neg, scales_pos_f=scale_pos,
+                   scales_neg_f=scale_neg, mu_f=mu, bits_i=bits, name_s=name)
+        out.setType(values.type())
+        return out
+
+
 class _DequantWeightFn(torch.autograd.Function):
     """``s * (codes - z)`` of a folded weight; exports as ``mmdet_regptq::DequantizeWeight``."""
 
@@ -251,6 +274,20 @@ def _patch_weight(quantizer: nn.Module, layer: QuantModule, slot: str, name: str
                   report: ExportReport, patched: list[nn.Module]) -> None:
     weight = layer.float_weight(slot)
     found = weight_codes(quantizer, weight)
+    shift = (quantizer.shift_form(weight.detach()) if found is None
+             and hasattr(quantizer, 'shift_form') else None)
+    if shift is not None:
+        values = shift.dequantize().to(weight.dtype)
+        lists = [[float(v) for v in t.tolist()] for t in (shift.scale_pos, shift.scale_neg,
+                                                          shift.mu)]
+        bits = int(quantizer.bits)
+
+        def forward_shift(w: Tensor) -> Tensor:
+            return _DequantShiftWeightFn.apply(shift.pos, shift.neg, values, *lists, bits, name)
+
+        quantizer.forward = forward_shift
+        patched.append(quantizer)
+        return
     if found is None:
         values = quantizer(weight.detach()).detach().clone()
         report.float_weights.append(name)
@@ -384,12 +421,19 @@ def lower_quant_ops(model: onnx.ModelProto, *, int4_weights: bool = True,
             continue
         attrs = _attrs(node)
         name = attrs['name'].decode() if isinstance(attrs['name'], bytes) else attrs['name']
+        calls = seen[name] = seen.get(name, 0) + 1
+        if node.op_type == 'DequantizeShiftWeight':
+            consumed.update(node.input)
+            nodes, inits = _lower_shift_weight(model, node, name, attrs, first=calls == 1)
+            new_nodes += nodes
+            new_inits += inits
+            report.weights[name] = (int(attrs['bits']), 'int8 shift')
+            continue
         qmin, qmax, axis = attrs['qmin'], attrs['qmax'], attrs['axis']
         scales = np.asarray(attrs['scales'], np.float32)
         zps = np.asarray(attrs['zero_points'], np.int64)
         per_tensor = axis < 0
         shape = [] if per_tensor else [len(scales)]
-        calls = seen[name] = seen.get(name, 0) + 1
         if node.op_type == 'QuantAct':
             lo, hi, onnx_type, dtype = _carrier(qmin, qmax, False)
             # a shared module (one head conv on every FPN level) quantizes once per call
@@ -448,6 +492,42 @@ def lower_quant_ops(model: onnx.ModelProto, *, int4_weights: bool = True,
     model.opset_import.extend(opsets)
     report.opset = opset
     return model
+
+
+def _lower_shift_weight(model: onnx.ModelProto, node: onnx.NodeProto, name: str,
+                        attrs: dict[str, Any], first: bool
+                        ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """``DequantizeShiftWeight`` → ``(DQ(pos; s_+) + DQ(neg; s_-)) + mu`` (axis 0, int8,
+    zero point 0): standard ONNX whose value is the fake-quantized LLAQ weight exactly and
+    which ``integer_graph`` turns into one int8 ``ConvInteger``."""
+    inits = []
+    if first:  # a shared module's later calls reuse the same initializers
+        pos = _constant_value(model, node.input[0]).astype(np.int8)
+        neg = _constant_value(model, node.input[1]).astype(np.int8)
+        rows = pos.shape[0]
+        zeros = np.zeros(rows, np.int8)
+        mu = np.asarray(attrs['mu'], np.float32).reshape([rows] + [1] * (pos.ndim - 1))
+        inits = [numpy_helper.from_array(pos, f'{name}.pos'),
+                 numpy_helper.from_array(neg, f'{name}.neg'),
+                 numpy_helper.from_array(np.asarray(attrs['scales_pos'], np.float32),
+                                         f'{name}.scale_pos'),
+                 numpy_helper.from_array(np.asarray(attrs['scales_neg'], np.float32),
+                                         f'{name}.scale_neg'),
+                 numpy_helper.from_array(zeros, f'{name}.zero_point'),
+                 numpy_helper.from_array(mu, f'{name}.mu')]
+    suffix = '' if first else f'_{node.output[0]}'
+    nodes = [
+        helper.make_node('DequantizeLinear', [f'{name}.pos', f'{name}.scale_pos',
+                                              f'{name}.zero_point'], [f'{name}.pos_f{suffix}'],
+                         name=f'{name}/DequantizePos{suffix}', axis=0),
+        helper.make_node('DequantizeLinear', [f'{name}.neg', f'{name}.scale_neg',
+                                              f'{name}.zero_point'], [f'{name}.neg_f{suffix}'],
+                         name=f'{name}/DequantizeNeg{suffix}', axis=0),
+        helper.make_node('Add', [f'{name}.pos_f{suffix}', f'{name}.neg_f{suffix}'],
+                         [f'{name}.sides{suffix}'], name=f'{name}/AddSides{suffix}'),
+        helper.make_node('Add', [f'{name}.sides{suffix}', f'{name}.mu'], [node.output[0]],
+                         name=f'{name}/AddCentre{suffix}')]
+    return nodes, inits
 
 
 def check_onnx(model: onnx.ModelProto | str | Path) -> None:

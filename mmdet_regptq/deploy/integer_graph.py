@@ -23,7 +23,9 @@ exact integers here, whereas the fake-quant model sums float products). Operand 
 
 So a W4A4 layer runs as int8 x int8 -> int32 (:data:`IntegerReport.layers` says, per
 layer, which operand types were used). ``Gemm`` (``nn.Linear``) becomes ``MatMulInteger``
-with the weight transposed offline. The backend converter (``tvm_backend``) maps
+with the weight transposed offline. An LLAQ conv in shift form (``export``:
+``(DQ(pos) + DQ(neg)) + mu``) becomes one int8 ``ConvInteger`` with outputs
+``[pos; neg; ones]`` (:meth:`_Rewriter.rewrite_shift`). The backend converter maps
 ``ConvInteger`` to a Relax ``conv2d`` with ``out_dtype='int32'``.
 """
 from __future__ import annotations
@@ -58,6 +60,10 @@ class PackedWeight:
         transpose: the graph's initializer is transposed (Gemm → MatMulInteger ``[K, N]``).
         centred: the graph's initializer is ``codes - zero_point`` (int8, no zero point
             input); otherwise the codes themselves with a ``w_zero_point`` input.
+        kind: ``'affine'`` (the above) or ``'shift'``: an LLAQ layer whose codes ``c`` are
+            signed shift amounts (``c > 0``: ``+(1 << (c - 1))``, ``c < 0``:
+            ``-(1 << (-c - 1))``, 0: the centre) and whose initializer is
+            ``[pos; neg; ones]`` (:func:`shift_weight_value`).
     """
 
     codes: np.ndarray
@@ -66,10 +72,13 @@ class PackedWeight:
     qmax: int
     transpose: bool = False
     centred: bool = True
+    kind: str = 'affine'
 
     def graph_value(self, codes: np.ndarray | None = None) -> np.ndarray:
         """The graph initializer rebuilt from (unpacked) ``codes``."""
         codes = self.codes if codes is None else codes.astype(np.int64)
+        if self.kind == 'shift':
+            return shift_weight_value(codes)
         if self.centred:
             value = (codes - self.zero_point.reshape([-1] + [1] * (codes.ndim - 1))
                      ).astype(np.int8)
@@ -84,6 +93,30 @@ class PackedWeight:
     @property
     def signed(self) -> bool:
         return self.qmin < 0
+
+
+def shift_codes(pos: np.ndarray, neg: np.ndarray) -> np.ndarray | None:
+    """Signed shift codes of an LLAQ shift-form weight (``PackedWeight.kind == 'shift'``),
+    or None when a value is not a power of two of its side's sign."""
+    pos, neg = pos.astype(np.int64), neg.astype(np.int64)
+    if np.any(pos < 0) or np.any(neg > 0) or np.any((pos != 0) & (neg != 0)):
+        return None
+    mag = pos - neg
+    if np.any((mag & (mag - 1)) != 0):
+        return None
+    expo = np.where(mag > 0, np.log2(np.maximum(mag, 1)).round().astype(np.int64) + 1, 0)
+    return np.where(neg < 0, -expo, expo)
+
+
+def shift_weight_value(codes: np.ndarray) -> np.ndarray:
+    """``[pos; neg; ones]`` int8 ``[2 C_out + 1, ...]`` from signed shift codes: the LLAQ
+    layer's one integer convolution (positive side, negative side, and the window sum that
+    carries the centre ``mu``). The powers of two are made by shifts."""
+    one = np.ones_like(codes)
+    pos = np.where(codes > 0, one << np.maximum(codes - 1, 0), 0)
+    neg = np.where(codes < 0, -(one << np.maximum(-codes - 1, 0)), 0)
+    ones = np.ones((1,) + codes.shape[1:], np.int64)
+    return np.ascontiguousarray(np.concatenate([pos, neg, ones]).astype(np.int8))
 
 
 @dataclass
@@ -132,28 +165,125 @@ class _Rewriter:
         self.new_inits.append(numpy_helper.from_array(array, name))
         return name
 
+    def activation_operand(self, x_dq: onnx.NodeProto, zx: np.ndarray | None, prefix: str,
+                           nodes: list[onnx.NodeProto]) -> tuple[str, str, str, int, int, int]:
+        """``(codes tensor, zero-point input or '', kind, lo, hi, z_x)`` of a layer input:
+        re-centred int8 where the grid allows (module doc), appending the nodes."""
+        a = x_dq.input[0]
+        a_dtype = np.dtype(zx.dtype) if zx is not None else np.dtype('uint8')
+        zx_val = int(zx) if zx is not None else 0
+        lo, hi = _act_grid(self.index, a, a_dtype)
+        if a_dtype == np.dtype('int8') and zx_val == 0:
+            return a, '', 'int8', lo, hi, zx_val
+        if hi <= 127 and lo >= -128 and hi - zx_val <= 127 and lo - zx_val >= -128:
+            cast = f'{prefix}.x_i8'
+            nodes.append(helper.make_node('Cast', [a], [cast], to=TensorProto.INT8,
+                                          name=f'{prefix}/CastX'))
+            if not zx_val:
+                return cast, '', 'int8', lo, hi, zx_val
+            x_int = f'{prefix}.x_centred'
+            zname = self.init(np.array(zx_val, np.int8), f'{prefix}.x_zp_i8')
+            nodes.append(helper.make_node('Sub', [cast, zname], [x_int], name=f'{prefix}/CentreX'))
+            return x_int, '', 'int8', lo, hi, zx_val
+        return a, x_dq.input[2], str(a_dtype), lo, hi, zx_val
+
+    def shift_weight(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                               np.ndarray, np.ndarray] | None:
+        """``(pos, neg, s_+, s_-, mu)`` of an exported LLAQ shift-form weight
+        ``Add(Add(DQ(pos), DQ(neg)), mu)`` (``export._lower_shift_weight``), else None."""
+        idx = self.index
+        centre = idx.producer_of(name, 'Add')
+        sides = idx.producer_of(centre.input[0], 'Add') if centre is not None else None
+        mu = idx.const(centre.input[1]) if centre is not None else None
+        if sides is None or mu is None:
+            return None
+        found = []
+        for side in sides.input:
+            dq = idx.producer_of(side, 'DequantizeLinear')
+            if dq is None or attrs(dq).get('axis', 1) != 0 or len(dq.input) < 3:
+                return None
+            codes, scale, zp = (idx.const(i) for i in dq.input[:3])
+            if codes is None or scale is None or zp is None or np.any(zp != 0):
+                return None
+            found.append((codes, scale))
+        (pos, s_pos), (neg, s_neg) = found
+        rows = pos.shape[0]
+        if neg.shape != pos.shape or mu.size != rows or s_pos.size != rows or s_neg.size != rows:
+            return None
+        return pos, neg, s_pos.reshape(-1), s_neg.reshape(-1), mu.reshape(-1)
+
+    def rewrite_shift(self, node: onnx.NodeProto, shift: tuple, x_int: str, x_zp: str,
+                      x_range: tuple[int, int], sx: float, bias: np.ndarray | None,
+                      prefix: str, nodes: list[onnx.NodeProto]) -> str | None:
+        """An LLAQ layer as ONE int8 ``ConvInteger`` with ``2 C_out + 1`` outputs
+        ``[pos; neg; ones]``, then ``y = s_x (s_+ acc_pos + s_- acc_neg + mu acc_ones) + b``.
+
+        ``acc_ones`` is the window sum of the centred input codes, so the centre ``mu``
+        costs one output channel; the products are exact integers, as in :meth:`rewrite`.
+        """
+        pos, neg, s_pos, s_neg, mu = shift
+        if node.op_type != 'Conv' or attrs(node).get('group', 1) != 1:
+            return 'LLAQ shift form: only ungrouped Conv'
+        if x_zp:
+            return 'LLAQ shift form: input codes do not fit int8 after centring'
+        codes = shift_codes(pos, neg)
+        if codes is None:
+            return 'LLAQ shift form: weights are not powers of two'
+        rows, spatial = pos.shape[0], [1] * (pos.ndim - 2)
+        value = shift_weight_value(codes)
+        wname = self.init(value, f'rq_w{len(self.report.weights)}')
+        max_x = max(abs(x_range[0]), abs(x_range[1]))
+        reduce = int(np.prod(pos.shape[1:]))
+        self.report.accumulate[wname] = ('float32' if reduce * max_x * 128 < FP32_EXACT
+                                         else 'int32')
+        self.report.weights[wname] = PackedWeight(
+            codes=codes, zero_point=np.zeros(rows, np.int64), qmin=int(min(codes.min(), -1)),
+            qmax=int(max(codes.max(), 1)), kind='shift')
+        acc, accf = f'{prefix}.acc', f'{prefix}.acc_f'
+        conv_attrs = {k: v for k, v in attrs(node).items()
+                      if k in ('dilations', 'group', 'kernel_shape', 'pads', 'strides')}
+        scale = np.concatenate([sx * s_pos.astype(np.float32), sx * s_neg.astype(np.float32),
+                                np.array([sx], np.float32)]).astype(np.float32)
+        parts = [f'{prefix}.{p}' for p in ('pos', 'neg', 'ones')]
+        split = self.init(np.array([rows, rows, 1], np.int64), f'{prefix}.split')
+        nodes += [
+            helper.make_node('ConvInteger', [x_int, wname], [acc], name=f'{prefix}/Conv',
+                             **conv_attrs),
+            helper.make_node('Cast', [acc], [accf], to=TensorProto.FLOAT, name=f'{prefix}/CastAcc'),
+            helper.make_node('Mul', [accf, self.init(scale.reshape(-1, *spatial),
+                                                     f'{prefix}.rescale')],
+                             [f'{prefix}.scaled'], name=f'{prefix}/Rescale'),
+            helper.make_node('Split', [f'{prefix}.scaled', split], parts, axis=1,
+                             name=f'{prefix}/Split'),
+            helper.make_node('Add', parts[:2], [f'{prefix}.sides'], name=f'{prefix}/AddSides'),
+            helper.make_node('Mul', [parts[2], self.init(mu.astype(np.float32).reshape(
+                -1, *spatial), f'{prefix}.mu')], [f'{prefix}.centre'], name=f'{prefix}/Centre')]
+        out = node.output[0]
+        last = out if bias is None else f'{prefix}.nobias'
+        nodes.append(helper.make_node('Add', [f'{prefix}.sides', f'{prefix}.centre'], [last],
+                                      name=f'{prefix}/AddCentre'))
+        if bias is not None:
+            bname = self.init(bias.astype(np.float32).reshape(-1, *spatial), f'{prefix}.bias')
+            nodes.append(helper.make_node('Add', [last, bname], [out], name=f'{prefix}/Bias'))
+        self.replacements[out] = nodes
+        self.report.layers[out] = ('int8', 'int8 shift')
+        return None
+
     def rewrite(self, node: onnx.NodeProto) -> str | None:
         """Integer form of one Conv/Gemm, or the reason it stays float."""
         idx = self.index
         x_dq = idx.producer_of(node.input[0], 'DequantizeLinear')
         w_dq = idx.producer_of(node.input[1], 'DequantizeLinear')
-        if x_dq is None or w_dq is None:
+        shift = self.shift_weight(node.input[1]) if w_dq is None else None
+        if x_dq is None or (w_dq is None and shift is None):
             return 'float input or weight'
-        codes = idx.const(w_dq.input[0])
-        sw = idx.const(w_dq.input[1])
-        zw = idx.const(w_dq.input[2]) if len(w_dq.input) > 2 and w_dq.input[2] else None
         sx = idx.const(x_dq.input[1])
         zx = idx.const(x_dq.input[2]) if len(x_dq.input) > 2 and x_dq.input[2] else None
-        if codes is None or sw is None or sx is None or sx.size != 1:
-            return 'weight or activation parameters are not constants / not per tensor'
-        if attrs(w_dq).get('axis', 1) != 0 and sw.size != 1:
-            return 'weight not quantized per output channel (axis 0)'
+        if sx is None or sx.size != 1:
+            return 'activation parameters are not constants / not per tensor'
         bias = idx.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if len(node.input) > 2 and node.input[2] and bias is None:
             return 'bias is not a constant'
-        a = x_dq.input[0]
-        a_dtype = np.dtype(zx.dtype) if zx is not None else np.dtype('uint8')
-        zx_val = int(zx) if zx is not None else 0
         if node.op_type == 'Gemm':
             g = attrs(node)
             if g.get('transA', 0) or g.get('alpha', 1.0) != 1.0 or g.get('beta', 1.0) != 1.0:
@@ -161,25 +291,17 @@ class _Rewriter:
         out = node.output[0]
         prefix = f'{node.name or out}.int'
         nodes: list[onnx.NodeProto] = []
-
-        # activation operand
-        lo, hi = _act_grid(idx, a, a_dtype)
-        if a_dtype == np.dtype('int8') and zx_val == 0:
-            x_int, x_zp, a_kind = a, '', 'int8'
-        elif hi <= 127 and lo >= -128 and hi - zx_val <= 127 and lo - zx_val >= -128:
-            cast = f'{prefix}.x_i8'
-            nodes.append(helper.make_node('Cast', [a], [cast], to=TensorProto.INT8,
-                                          name=f'{prefix}/CastX'))
-            if zx_val:
-                x_int = f'{prefix}.x_centred'
-                zname = self.init(np.array(zx_val, np.int8), f'{prefix}.x_zp_i8')
-                nodes.append(helper.make_node('Sub', [cast, zname], [x_int],
-                                              name=f'{prefix}/CentreX'))
-            else:
-                x_int = cast
-            x_zp, a_kind = '', 'int8'
-        else:
-            x_int, x_zp, a_kind = a, x_dq.input[2], str(a_dtype)
+        x_int, x_zp, a_kind, lo, hi, zx_val = self.activation_operand(x_dq, zx, prefix, nodes)
+        if shift is not None:
+            return self.rewrite_shift(node, shift, x_int, x_zp, (lo - zx_val, hi - zx_val),
+                                      float(sx.reshape(())), bias, prefix, nodes)
+        codes = idx.const(w_dq.input[0])
+        sw = idx.const(w_dq.input[1])
+        zw = idx.const(w_dq.input[2]) if len(w_dq.input) > 2 and w_dq.input[2] else None
+        if codes is None or sw is None:
+            return 'weight parameters are not constants'
+        if attrs(w_dq).get('axis', 1) != 0 and sw.size != 1:
+            return 'weight not quantized per output channel (axis 0)'
 
         # weight operand: codes [C_out, ...] (Gemm: transB=1, so [C_out, K] as well)
         gemm = node.op_type == 'Gemm'

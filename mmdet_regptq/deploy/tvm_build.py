@@ -12,8 +12,9 @@ An artifact is a directory with three files:
 The INT4 model is the integer graph of :func:`to_integer_graph`: ``ConvInteger`` and
 ``MatMulInteger`` (the frontend's int32 matmul), a float rescale per output channel, and
 our activation QuantizeLinear/Clip as Relax ``quantize`` + integer ``clip``. On a CPU with
-AVX-512 VNNI, int8 x int8 ``ConvInteger`` runs the ``vpdpbusd`` kernel of ``tvm_vnni``
-(exact int32); otherwise, and for layers with zero points (the 8-bit first layer), a
+AVX-512 VNNI, int8 x int8 ``ConvInteger`` (LLAQ layers too: their power-of-two weights,
+stored as packed shift codes and expanded with shifts at load) runs the ``vpdpbusd``
+kernel of ``tvm_vnni`` (exact int32); otherwise, and for layers with zero points (the 8-bit first layer), a
 Relax ``nn.conv2d`` with ``out_dtype='int32'``, or float32 lanes where every partial sum is
 an integer below 2^24 (exact). ``meta.json``'s ``kernels`` says which, per layer. Weight
 layout changes (the VNNI blocking) are lifted out of ``main`` by Relax
@@ -312,7 +313,7 @@ def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: boo
         arrays[f'w{i}.zero_point'] = pw.zero_point.astype(np.int32)
         weights_meta.append(dict(name=name, shape=list(pw.codes.shape), bits=bits,
                                  signed=pw.signed, qmin=pw.qmin, qmax=pw.qmax,
-                                 centred=pw.centred, transpose=pw.transpose,
+                                 centred=pw.centred, transpose=pw.transpose, kind=pw.kind,
                                  dtype=str(value.dtype)))
     target = target if target is not None else host_target()
     float_exact = [k for k, v in (report.accumulate if report else {}).items() if v == 'float32']
@@ -349,7 +350,7 @@ def unpack_weight(words: np.ndarray, zero_point: np.ndarray, meta: Mapping[str, 
                        meta['shape'], signed=meta['signed']).numpy()
     pw = PackedWeight(codes=codes.astype(np.int64), zero_point=zero_point.astype(np.int64),
                       qmin=meta['qmin'], qmax=meta['qmax'], transpose=meta['transpose'],
-                      centred=meta['centred'])
+                      centred=meta['centred'], kind=meta.get('kind', 'affine'))
     return pw.graph_value()
 
 

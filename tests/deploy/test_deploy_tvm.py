@@ -48,3 +48,41 @@ def test_tvm_int4_compiles_and_matches(w4a4, tmp_path):
     print(f'TVM INT4 vs fake-quant: max |diff| = {diff:.3g}; vs ORT Q/DQ: '
           f'{max_abs_diff([ort["feat"], ort["logits"]], [out["feat"], out["logits"]]):.3g}')
     assert diff < 1e-4
+
+
+def test_llaq_layer_deploys_as_int8_shifts(tmp_path, single_thread):
+    """A power-of-two LLAQ layer: exported as two int8 DQ sides + the centre (exact in
+    ORT), compiled as ONE integer conv with 2*C_out+1 outputs, stored as packed 4-bit
+    shift codes."""
+    from deploy_toy import make_quantized
+
+    from mmdet_regptq.deploy import export_onnx
+    from mmdet_regptq.deploy.tvm_build import TvmRunner, build_artifact, host_target
+    from mmdet_regptq.deploy.tvm_vnni import has_vnni
+    from mmdet_regptq.deploy.verify import onnx_code_names, teacher_forced_codes
+    from mmdet_regptq.quant import LLAQuantizer
+
+    model, x = make_quantized(dict(w_bits=4, a_bits=4))
+    llaq = LLAQuantizer(4, power_of_two=True, name='c3.weight')
+    llaq.init_from(model.c3.float_weight('weight'))
+    model.c3.replace_weight_quantizer(llaq)
+    path = tmp_path / 'llaq.onnx'
+    report = export_onnx(model, x, path, output_names=['feat', 'logits'])
+    assert report.weights['c3.weight'] == (4, 'int8 shift') and not report.float_weights
+    proto = onnx.load(str(path))
+    codes = onnx_code_names(proto)
+    ort = ort_run(proto, {'input': x.numpy()}, extra_outputs=list(codes.values()))
+    lsb = teacher_forced_codes(model, (x,), {k: ort[v] for k, v in codes.items()})
+    assert max(d.max_lsb for d in lsb) <= 1
+
+    files, integer = build_artifact(proto, tmp_path / 'art')
+    meta = json.loads(Path(files[2]).read_text())
+    shift = [w for w in meta['weights'] if w['kind'] == 'shift']
+    assert len(shift) == 1 and shift[0]['bits'] == 4 and shift[0]['shape'] == [8, 16, 1, 1]
+    assert integer.layers['/c3/Conv_output_0'] == ('int8', 'int8 shift')
+    kernel = meta['kernels'][shift[0]['name']]
+    assert kernel == ('vnni_int8' if has_vnni(host_target()) else 'float32_accumulate')
+    out = TvmRunner(tmp_path / 'art')({'input': x})
+    with torch.no_grad():
+        ref = model(x)
+    assert max_abs_diff(ref, [out['feat'], out['logits']]) < 1e-4

@@ -172,3 +172,31 @@ def test_sorted_search_matches_dense_search(bits):
     err_fast = (fast(w) - w).square().mean()
     err_dense = (dense(w) - w).square().mean()
     assert err_fast <= err_dense * 1.001
+
+
+@pytest.mark.parametrize('bits', [2, 3, 4])
+@pytest.mark.parametrize('per_channel', [True, False])
+def test_power_of_two_shift_form_is_exact(bits, per_channel):
+    w = _laplace(seed=bits)
+    q = LLAQuantizer(bits, per_channel=per_channel, power_of_two=True,
+                     k_candidates=SEARCH_K)          # power_of_two overrides the k search
+    q.init_from(w)
+    assert q.k_candidates == (1.0,) and not q.k_pos.requires_grad and q.a_pos.requires_grad
+    form = q.shift_form(w)
+    assert form is not None and form.pos.dtype == torch.int8
+    # every nonzero entry is +-2^e (a shift), within int8, on its own side
+    mag = torch.where(form.pos != 0, form.pos.long(), -form.neg.long())
+    assert torch.all((mag & (mag - 1)) == 0) and int(form.neg.min()) >= -128
+    assert not torch.any((form.pos != 0) & (form.neg != 0))
+    assert torch.equal(form.dequantize(), q(w))                      # bit for bit
+    assert form.scale_pos.shape == form.mu.shape == (w.shape[0],)
+
+
+def test_shift_form_needs_integer_steps_and_int8_room():
+    w = _laplace()
+    learned = LLAQuantizer(4, k_candidates=(1.5,))
+    learned.init_from(w)
+    assert learned.shift_form(w) is None                             # 2^(l/1.5): no shift
+    wide = LLAQuantizer(5, power_of_two=True)
+    wide.init_from(w)
+    assert wide.shift_form(w) is None                                # 2^15 > int8

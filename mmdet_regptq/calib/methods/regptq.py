@@ -65,7 +65,11 @@ class RegPTQ(QDrop):
             from each layer's weight quantizer. Default ``k_candidates=SEARCH_K``: the
             paper's ``k=1`` init loses to the uniform grid at 4 bits on Laplace weights
             (1.9x its error, tests/quant/test_quant_llaq.py), a search over ``k`` wins at
-            2-6 bits; pass ``llaq_cfg=dict(k_candidates=(1.0,))`` for the literal init.
+            2-6 bits; pass ``llaq_cfg=dict(k_candidates=(1.0,))`` for the literal init, or
+            ``llaq_cfg=dict(power_of_two=True)`` to keep ``k = 1`` through calibration:
+            then every level is a power of two and ``tvm_int4`` runs the layer as one int8
+            convolution of shifts (docs/deploy.md); a learned ``k`` deploys as a float
+            convolution (values exact).
         lr_llaq: Adam lr of LLAQ's ``k`` / ``a`` (our choice 1e-3, cosine-annealed).
         head_layers: regexes of the head's layers (``None``: filled by the engine).
         reg_layers: regexes of the regression branch (``None``: filled by the engine).

@@ -47,7 +47,7 @@ from .base import Quantizer
 from .functional import (channel_shape, normalize_axis, round_ste, subsample_columns,
                          to_channel_rows)
 
-__all__ = ['LLAQuantizer', 'LLAQCodes', 'SEARCH_K', 'llaq_dequant']
+__all__ = ['LLAQuantizer', 'LLAQCodes', 'LLAQShiftForm', 'SEARCH_K', 'llaq_dequant']
 
 #: A wider set of ``k`` for the initial search (``k_candidates=SEARCH_K``).
 SEARCH_K = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0)
@@ -74,6 +74,30 @@ class LLAQCodes(NamedTuple):
     step: Tensor
     mu: Tensor
     top: tuple[int, int]
+
+
+class LLAQShiftForm(NamedTuple):
+    """LLAQ weight as two int8 power-of-two tensors (:meth:`LLAQuantizer.shift_form`).
+
+    Attributes:
+        pos: ``int8`` of the weight's shape: ``1 << e`` where the code is positive, else 0.
+        neg: ``int8``: ``-(1 << e)`` where the code is negative, else 0.
+        scale_pos: ``[C]`` float scale of ``pos`` per output channel.
+        scale_neg: ``[C]`` float scale of ``neg``.
+        mu: ``[C]`` centre per output channel.
+    """
+
+    pos: Tensor
+    neg: Tensor
+    scale_pos: Tensor
+    scale_neg: Tensor
+    mu: Tensor
+
+    def dequantize(self) -> Tensor:
+        """``(pos * s_+ + neg * s_-) + mu`` in float32, in the exported graph's order."""
+        shape = [-1] + [1] * (self.pos.dim() - 1)
+        return ((self.pos.float() * self.scale_pos.reshape(shape)
+                 + self.neg.float() * self.scale_neg.reshape(shape)) + self.mu.reshape(shape))
 
 
 def llaq_dequant(sign: Tensor, level: Tensor, mu: Tensor, scale: Tensor, step: Tensor,
@@ -119,6 +143,10 @@ class LLAQuantizer(Quantizer):
         num_candidates: grid points of ``t``.
         search_p: exponent of the reconstruction error minimised by the search.
         min_k: lower bound applied to ``k`` in the forward (keeps ``1 / k`` finite).
+        power_of_two: keep ``k = 1`` on both sides (not searched, not learned; ``a`` is
+            still searched and learned), so every level is ``S_s`` times a power of two and
+            the layer deploys as integer shifts (:meth:`shift_form`); the paper's integer
+            kernel ``X^T W = s_w * (X^T << round(psi(W)))`` assumes this grid.
         max_search_elements: larger weights are deterministically subsampled for the search
             (``mu`` and the maxima use all of the data).
         name: module name used in messages.
@@ -129,12 +157,12 @@ class LLAQuantizer(Quantizer):
     def __init__(self, bits: int, *, per_channel: bool = True, ch_axis: int = 0,
                  learnable: bool = True, k_candidates: Sequence[float] = (1.0,),
                  search_octaves: tuple[float, float] = (-0.5, 8.0), num_candidates: int = 100,
-                 search_p: float = 2.0, min_k: float = 0.05,
+                 search_p: float = 2.0, min_k: float = 0.05, power_of_two: bool = False,
                  max_search_elements: int = 1 << 20, name: str = '') -> None:
         super().__init__(bits, name=name)
         if bits > 8:
             raise ValueError(f'bits={bits} is out of range for LLAQ (weights); allowed 2..8')
-        k_candidates = tuple(float(k) for k in k_candidates)
+        k_candidates = (1.0,) if power_of_two else tuple(float(k) for k in k_candidates)
         if not k_candidates or min(k_candidates) <= 0:
             raise ValueError(f'k_candidates={k_candidates!r} must be non-empty and > 0')
         if len(search_octaves) != 2 or search_octaves[0] >= search_octaves[1]:
@@ -150,11 +178,12 @@ class LLAQuantizer(Quantizer):
         self.num_candidates = num_candidates
         self.search_p = search_p
         self.min_k = min_k
+        self.power_of_two = power_of_two
         self.max_search_elements = max_search_elements
         self.register_buffer('mu', torch.zeros(()))
         for side in ('pos', 'neg'):
-            self.register_parameter(f'k_{side}', nn.Parameter(torch.ones(()),
-                                                              requires_grad=learnable))
+            self.register_parameter(f'k_{side}', nn.Parameter(
+                torch.ones(()), requires_grad=learnable and not power_of_two))
             self.register_parameter(f'a_{side}', nn.Parameter(torch.zeros(()),
                                                               requires_grad=learnable))
 
@@ -339,6 +368,48 @@ class LLAQuantizer(Quantizer):
         codes = self.to_int(x)
         return codes.sign.to(torch.int32) * codes.level
 
+    @torch.no_grad()
+    def shift_form(self, x: Tensor) -> LLAQShiftForm | None:
+        """The weight ``x`` as ``pos * s_+ + neg * s_- + mu`` with int8 powers of two.
+
+        Every level ``l >= 1`` of side ``s`` is ``S_s * 2^((l - L_s) * r_s)``; when
+        ``r_s`` is an integer (``k = 1``: :attr:`power_of_two`) this is
+        ``(S_s * 2^((1 - L_s) * r_s)) * (1 << (l - 1) * r_s)``: an int8 power of two
+        (a shift) times a per-channel scale. Returns None when a step is not an integer, a
+        shift does not fit int8 (e.g. more than 4 bits at ``k = 1``), or the channels are
+        not along axis 0. The float value equals :meth:`forward`'s bit for bit (checked).
+        """
+        axis = self._axis(x.dim())
+        if axis not in (None, 0) or x.dim() == 0:
+            return None
+        codes = self.to_int(x)
+        step = codes.step.reshape(2, -1)                                    # [2, C or 1]
+        if not torch.all(step == torch.round(step)) or torch.any(step < 1):
+            return None
+        (top_pos, top_neg), r = codes.top, step.to(torch.int64)
+        if (top_pos - 1) * int(r[0].max()) > 6 or (top_neg - 1) * int(r[1].max()) > 7:
+            return None                                       # 2^e must fit int8 (-128..127)
+        rows = x.shape[0]
+        col = [rows] + [1] * (x.dim() - 1)
+
+        def per_row(t: Tensor) -> Tensor:
+            return t.reshape(-1).expand(rows).clone() if t.numel() == 1 else t.reshape(-1)
+
+        level = codes.level.to(torch.int64)
+        expo_pos = ((level - 1).clamp(min=0) * per_row(r[0]).reshape(col))
+        expo_neg = ((level - 1).clamp(min=0) * per_row(r[1]).reshape(col))
+        live = level > 0
+        pos = torch.where((codes.sign > 0) & live, torch.ones_like(level) << expo_pos, 0)
+        neg = torch.where((codes.sign < 0) & live, -(torch.ones_like(level) << expo_neg), 0)
+        tops = torch.tensor([float(top_pos), float(top_neg)]).reshape(2, 1)
+        scale = codes.scale.reshape(2, -1).float() * torch.exp2((1.0 - tops) * step.float())
+        form = LLAQShiftForm(pos=pos.to(torch.int8), neg=neg.to(torch.int8),
+                             scale_pos=per_row(scale[0]), scale_neg=per_row(scale[1]),
+                             mu=per_row(codes.mu.float()))
+        if not torch.equal(form.dequantize(), self.forward(x).float()):
+            return None
+        return form
+
     def quant_params(self) -> dict[str, Tensor]:
         """Detached ``mu`` ``P``, ``scale`` / ``step`` / ``k`` / ``a`` ``[2, *P]`` (+, -)."""
         scale, step = self._scale_step()
@@ -354,5 +425,6 @@ class LLAQuantizer(Quantizer):
     def extra_repr(self) -> str:
         granularity = f'per_channel(axis={self.ch_axis})' if self.per_channel else 'per_tensor'
         return (f'{super().extra_repr()}, {granularity}, k_candidates={self.k_candidates}, '
+                f'power_of_two={self.power_of_two}, '
                 f'learnable={self.learnable}')
 
