@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from accuracy import parse_method  # noqa: E402  (benchmarks/ is the script's directory)
+
 DETECTORS = {'retinanet': 'retinanet_r18-16_fpn64_synthetic',
              'fcos': 'fcos_r18-16_fpn64_synthetic'}
 #: backend -> (deploy config, the bit width of the model it deploys)
@@ -56,7 +58,7 @@ def fake_quant(detector: str, bits: str, args: argparse.Namespace, work: Path
     """Calibrate + test the fake-quant model; returns (AP, quantized.pth)."""
     from mmengine.runner import Runner
 
-    from accuracy import parse_bits, parse_method  # noqa: E402  (benchmarks/ on sys.path)
+    from accuracy import parse_bits  # noqa: E402  (benchmarks/ on sys.path)
 
     cfg = model_config(detector, args.val_images, work)
     cfg.load_from = str(ROOT / 'checkpoints' / f'{DETECTORS[detector]}.pth')

@@ -65,7 +65,8 @@ def load_deploy_model(task_processor: Any, checkpoint: str | None) -> torch.nn.M
     if meta is None:
         return task_processor.build_pytorch_model(checkpoint)
     model = task_processor.build_pytorch_model(None)
-    method = meta['method'] if isinstance(meta['method'], dict) else dict(type=meta['method'])
+    method = meta.get('method_cfg') or (
+        meta['method'] if isinstance(meta['method'], dict) else dict(type=meta['method']))
     quantize_for_deploy(model, quant=meta['quant'], method=method,
                         quantized_checkpoint=str(checkpoint))
     model._regptq_quantized = True

@@ -141,7 +141,8 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
                 on_unit_end=_chain(callbacks))
         if work_dir is not None:
             path = Path(work_dir) / 'quantized.pth'
-            save_quantized(model, path, meta={**(meta or {}), **_describe(quant, method)},
+            save_quantized(model, path, meta={**(meta or {}), **_describe(quant, method),
+                                              **_method_options(method)},
                            logger=logger)
             result['checkpoint'] = str(path)
             logger.info(f'saved the quantized model to {path}')
@@ -157,6 +158,21 @@ def _describe(quant: dict, method: Any) -> dict:
     """What must match between a saved quantized checkpoint and the model it loads into."""
     name = method.get('type') if isinstance(method, dict) else type(method).__name__
     return {'quant': dict(quant), 'method': name}
+
+
+def _method_options(method: Any) -> dict:
+    """``{'method_cfg': {...}}`` for a config-dict method (so a deploy rebuilds it with
+    the same options, e.g. LLAQ's ``power_of_two``); empty for a method object."""
+    if not isinstance(method, dict):
+        return {}
+
+    def plain(value: Any) -> Any:   # ConfigDict / tuples -> what torch.load(weights_only) reads
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+    return {'method_cfg': plain(method)}
 
 
 def _chain(callbacks: list[Callable[..., None]]) -> Callable[..., None] | None:

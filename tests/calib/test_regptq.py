@@ -167,6 +167,23 @@ def test_calibrates_the_toy_with_llaq_fisher_and_the_global_term(caplog):
         RegPTQ(iters=1, llaq=False).calibrate(make_quant(float_model), batches, forward_fn)
 
 
+@pytest.mark.parametrize('power_of_two', [True, False])
+def test_power_of_two_llaq_keeps_k_at_one_and_has_a_shift_form(power_of_two):
+    float_model, batches = make_float(), make_batches(2)
+    model = make_quant(float_model)
+    method = RegPTQ(iters=20, progress=False, log_interval=0, llaq='head',
+                    head_layers=[r'head\..*'], llaq_cfg=dict(power_of_two=power_of_two))
+    method.calibrate(model, batches, forward_fn, global_loss=output_mse)
+    head = dict(iter_quant_modules(model))['head.conv']
+    q = head.weight_quantizer
+    weight = head.float_weight('weight')
+    if power_of_two:   # a learned, k stays 1: every level a power of two, deployable as shifts
+        assert torch.all(q.k_pos == 1) and torch.all(q.k_neg == 1)
+        assert q.shift_form(weight) is not None
+    else:              # k is trained too (SEARCH_K init), so the grid is not shifts
+        assert q.shift_form(weight) is None
+
+
 def test_global_interval_runs_the_tail_on_every_nth_iteration(monkeypatch):
     """global_interval=n: the tail (and L_G) on iterations 0, n, 2n, ... only; the other
     iterations still train on the local term."""

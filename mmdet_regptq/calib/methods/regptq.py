@@ -182,7 +182,7 @@ class RegPTQ(QDrop):
     def prepare_unit(self, unit: ReconUnit) -> list[OptimGroup]:
         groups = super().prepare_unit(unit)
         llaq = [p for _, layer in unit.layers for q in layer.weight_quantizers().values()
-                if isinstance(q, LLAQuantizer) for p in (q.k_pos, q.a_pos, q.k_neg, q.a_neg)]
+                if isinstance(q, LLAQuantizer) for p in q.trainable_parameters()]
         if llaq and self.lr_llaq > 0:
             groups.append(OptimGroup('llaq', llaq, self.lr_llaq, cosine=True))
         return groups

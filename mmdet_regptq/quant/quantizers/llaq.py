@@ -345,6 +345,14 @@ class LLAQuantizer(Quantizer):
         scale, step = self._scale_step()
         return llaq_dequant(sign, level, self.mu, scale, step, self.top)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What calibration may train: ``a`` (and ``k`` unless :attr:`power_of_two`); none
+        when not :attr:`learnable`."""
+        if not self.learnable:
+            return []
+        names = ('a_pos', 'a_neg') if self.power_of_two else ('k_pos', 'a_pos', 'k_neg', 'a_neg')
+        return [getattr(self, n) for n in names]
+
     # ------------------------------------------------------------------ integer form
     @torch.no_grad()
     def to_int(self, x: Tensor) -> LLAQCodes:
