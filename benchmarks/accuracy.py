@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--reuse', action='store_true',
                         help='keep the result of a run whose log already has one')
     parser.add_argument('--out', default=str(ROOT / 'work_dirs' / 'bench_accuracy'))
+    parser.add_argument('--from-csv', nargs='+', metavar='CSV',
+                        help='run nothing: merge these results.csv files (e.g. a grid run in '
+                             'pieces), print the table and draw --out/accuracy.png')
     parser.add_argument('--one', nargs=3, metavar=('DETECTOR', 'METHOD', 'BITS'),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -196,6 +199,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_csv:
+        rows = read_csv_rows(args.from_csv)
+        plot(rows, out / 'accuracy.png')
+        print_table(rows)
+        print(f'\nwrote {out / "accuracy.png"}')
+        return
     rows: list[dict] = []
     csv_path = out / 'results.csv'
 
@@ -215,13 +224,31 @@ def main(argv: list[str] | None = None) -> None:
             for method in args.methods:
                 record(spawn(det, method, bits, args))
     plot(rows, out / 'accuracy.png')
+    print_table(rows)
+    print(f'\nwrote {csv_path} and {out / "accuracy.png"}')
+
+
+def print_table(rows: list[dict]) -> None:
     print('\n| detector | method | bits | AP | AP50 | AP75 | calib s | peak RSS MB |')
     print('|---|---|---|---|---|---|---|---|')
     for r in rows:
         print(f"| {r['detector']} | {r['method']} | {r['bits']} | {100 * r['bbox_mAP']:.1f} | "
               f"{100 * r['bbox_mAP_50']:.1f} | {100 * r['bbox_mAP_75']:.1f} | "
               f"{r['calib_seconds']} | {r['peak_rss_mb']} |")
-    print(f'\nwrote {csv_path} and {out / "accuracy.png"}')
+
+
+def read_csv_rows(paths: list[str]) -> list[dict]:
+    """Rows of ``results.csv`` files, numbers parsed; a later file's row replaces an
+    earlier one with the same (detector, method, bits)."""
+    merged: dict[tuple, dict] = {}
+    for path in paths:
+        with open(path, newline='') as f:
+            for row in csv.DictReader(f):
+                for key in ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'calib_seconds',
+                            'peak_rss_mb'):
+                    row[key] = float(row[key])
+                merged[(row['detector'], row['method'], row['bits'])] = row
+    return list(merged.values())
 
 
 if __name__ == '__main__':

@@ -30,3 +30,22 @@ def test_every_ablation_variant_builds_a_registered_method():
         _, kind, options = accuracy.parse_method(spec)
         method = PTQ_METHODS.build(dict(type=kind, iters=1, **options))
         assert type(method).__name__ == kind
+
+
+def test_from_csv_merges_pieces_and_draws_the_plot(tmp_path, capsys):
+    header = ','.join(accuracy.FIELDS)
+
+    def row(method, ap):
+        values = dict(detector='fcos', method=method, bits='w4a4', bbox_mAP=ap, bbox_mAP_50=0.8,
+                      bbox_mAP_75=0.45, iters=100, num_images=32, calib_seconds=1.0,
+                      peak_rss_mb=10.0, seed=0)
+        return ','.join(str(values[k]) for k in accuracy.FIELDS)
+
+    first, second = tmp_path / 'a.csv', tmp_path / 'b.csv'
+    first.write_text('\n'.join([header, row('QDrop', 0.5), row('MinMax', 0.3)]) + '\n')
+    second.write_text('\n'.join([header, row('QDrop', 0.6)]) + '\n')      # a rerun wins
+    accuracy.main(['--from-csv', str(first), str(second), '--out', str(tmp_path / 'out')])
+    table = capsys.readouterr().out
+    assert '| fcos | QDrop | w4a4 | 60.0 |' in table and '| 50.0 |' not in table
+    assert '| fcos | MinMax | w4a4 | 30.0 |' in table
+    assert (tmp_path / 'out' / 'accuracy.png').stat().st_size > 0
