@@ -50,7 +50,7 @@ def test_tvm_int4_compiles_and_matches(w4a4, tmp_path):
     assert diff < 1e-4
 
 
-def test_llaq_layer_deploys_as_int8_shifts(tmp_path, single_thread):
+def test_llaq_layer_deploys_as_int8_shifts(tmp_path, single_thread, capsys):
     """A power-of-two LLAQ layer: exported as two int8 DQ sides + the centre (exact in
     ORT), compiled as ONE integer conv with 2*C_out+1 outputs, stored as packed 4-bit
     shift codes."""
@@ -86,3 +86,13 @@ def test_llaq_layer_deploys_as_int8_shifts(tmp_path, single_thread):
     with torch.no_grad():
         ref = model(x)
     assert max_abs_diff(ref, [out['feat'], out['logits']]) < 1e-4
+
+    # the side-by-side latency script reads the same artifact and names its shift layers
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'benchmarks'))
+    import tvm_artifacts
+    capsys.readouterr()
+    tvm_artifacts.main([str(tmp_path / 'art'), str(tmp_path / 'art'), '--runs', '2',
+                        '--labels', 'a', 'b'])
+    table = capsys.readouterr().out
+    assert '| b |' in table and '1 int8 shift' in table and '| 1.' in table
