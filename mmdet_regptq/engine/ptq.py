@@ -60,12 +60,14 @@ def build_global_loss(adapter: DetectorAdapter, fgic: Any, batch: dict,
     try:
         with torch.no_grad():
             adapter.decode_stages(adapter.forward(adapter.model, batch))
-    except (AttributeError, KeyError, NotImplementedError, TypeError, ValueError) as err:
+    except (AssertionError, AttributeError, KeyError, NotImplementedError, TypeError,
+            ValueError) as err:   # AssertionError: mmdet's box coders assert shapes
         head = getattr(adapter.model, 'bbox_head', None)
+        first_line = (str(err).splitlines() or [''])[0][:160]
         logger.warning(
             f'Reg-PTQ: {type(adapter).__name__} cannot decode '
             f'{type(head).__name__ if head is not None else type(adapter.model).__name__} '
-            f'into boxes ({type(err).__name__}: {str(err).splitlines()[0][:160]}); the global '
+            f'into boxes ({type(err).__name__}: {first_line}); the global '
             'loss falls back to the MSE of the raw head outputs (no FGIC filters)')
         return output_mse
     return loss

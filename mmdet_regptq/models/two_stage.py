@@ -29,7 +29,9 @@ def decode_rois(bbox_head: nn.Module, cls_score: Tensor, bbox_pred: Tensor | Non
 
     Args:
         bbox_head: the RoI bbox head (``bbox_coder``, ``num_classes``, ...).
-        cls_score: ``[R, C + 1]`` logits (background last).
+        cls_score: ``[R, C + 1]`` logits (background last); ``[R, K (C + 1)]`` for a head
+            with ``num_instance = K`` (CrowdDet), whose ``K`` predictions per RoI become
+            ``K`` rows each.
         bbox_pred: ``[R, 4C]`` (or ``[R, 4]`` class-agnostic) deltas, or ``None``.
         rois: ``[R, 5]`` (image index, x1, y1, x2, y2).
         img_shapes: ``(h, w)`` per image.
@@ -38,11 +40,18 @@ def decode_rois(bbox_head: nn.Module, cls_score: Tensor, bbox_pred: Tensor | Non
         Per image: softmax scores ``[R_i, C + 1]`` (``sigmoid=False``) and boxes decoded
         from the RoIs, class-specific ``[R_i, C, 4]`` or class-agnostic ``[R_i, 4]``.
     """
+    instances = int(getattr(bbox_head, 'num_instance', 1) or 1)
+    if instances > 1:  # CrowdDet's MultiInstanceBBoxHead: K (scores, agnostic box) per RoI,
+        # laid out as its own _predict_by_feat_single reads them
+        cls_score = cls_score.reshape(-1, bbox_head.num_classes + 1)
+        if bbox_pred is not None:
+            bbox_pred = bbox_pred.reshape(-1, bbox_head.bbox_coder.encode_size)
+        rois = rois.repeat_interleave(instances, dim=0)
     if bbox_head.custom_cls_channels:
         scores = bbox_head.loss_cls.get_activation(cls_score)
     else:
         scores = cls_score.softmax(-1)
-    agnostic = bbox_head.reg_class_agnostic or bbox_pred is None
+    agnostic = bbox_head.reg_class_agnostic or bbox_pred is None or instances > 1
     out = []
     for i, shape in enumerate(img_shapes):
         keep = rois[:, 0] == i

@@ -41,6 +41,18 @@ def test_undecodable_head_falls_back_and_calibrates(tiny_cfg, tiny_batches, monk
     assert predict(model, tiny_batches[0])
 
 
+def test_a_box_coder_shape_assertion_falls_back(tiny_cfg, tiny_batches, monkeypatch, caplog):
+    def unknown_layout(self, raw):  # mmdet's DeltaXYWHBBoxCoder: a bare `assert` on shapes
+        raise AssertionError()
+
+    monkeypatch.setattr(DenseHeadAdapter, 'decode_stages', unknown_layout)
+    adapter = find_adapter(build_detector(tiny_cfg))
+    batch = prepare_batches(adapter, tiny_batches)[0]
+    with caplog.at_level(logging.WARNING):
+        assert build_global_loss(adapter, None, batch, logging.getLogger('t')) is output_mse
+    assert 'AssertionError' in caplog.text
+
+
 def test_other_errors_are_not_swallowed(tiny_cfg, tiny_batches, monkeypatch):
     def broken(self, raw):
         raise RuntimeError('a real bug')

@@ -199,6 +199,27 @@ def test_two_stage_proposals_are_fixed_and_outputs_aligned():
         adapter.forward(model, {k: v for k, v in batch.items() if k != 'proposals'})
 
 
+def test_crowddet_multi_instance_rois_decode_as_its_head_does():
+    """CrowdDet's MultiInstanceBBoxHead predicts K = 2 (scores, box) per RoI: FGIC sees 2R
+    predictions, decoded as the head's own _predict_by_feat_single lays them out."""
+    model = build_zoo_model('crowddet/crowddet-rcnn_r50_fpn_8xb2-30e_crowdhuman.py',
+                            {'backbone.depth': 18, 'neck.in_channels': [64, 128, 256, 512]})
+    adapter = find_adapter(model, max_proposals=6)
+    batch = adapter.prepare_batch(make_data())
+    with torch.no_grad():
+        raw = adapter.forward(model, batch)
+    head = model.roi_head.bbox_head
+    cls_score, bbox_pred = raw.outputs[1][:2]
+    assert head.num_instance == 2 and cls_score.shape == (12, 2 * (head.num_classes + 1))
+    roi = adapter.decode_stages(raw)['roi']
+    assert roi[0].scores.shape == (12, head.num_classes + 1) and roi[0].boxes.shape == (12, 4)
+    first = raw.rois[raw.rois[:, 0] == 0, 1:].repeat_interleave(2, dim=0)
+    expected = head.bbox_coder.decode(first, bbox_pred[:6].reshape(-1, 4),
+                                      max_shape=SIZES[0])
+    assert torch.allclose(roi[0].boxes, expected)
+    assert float(adapter.global_loss()(raw, raw)) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_global_loss_backpropagates_into_the_quantized_outputs():
     model = build_zoo_model('retinanet/retinanet_r50_fpn_1x_coco.py', {**_R18, **_HEAD})
     adapter = find_adapter(model)
