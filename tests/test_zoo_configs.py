@@ -172,3 +172,14 @@ def test_calibrate_and_predict_on_synthetic(stem, bits, tmp_path, single_thread)
         out = model.test_step(batch)
     assert tool.finite_outputs(out)
     assert len(out) == 1 and 'pred_instances' in out[0]
+
+
+def test_offline_cfg_turns_downloads_off():
+    tool = _load_tool()
+    cfg = dict(backbone=dict(type='mmpretrain.TIMMBackbone', pretrained=True,
+                             init_cfg=dict(type='Pretrained', checkpoint='https://x/y.pth')),
+               neck=dict(norm_cfg=dict(type='SyncBN')), teacher_ckpt='https://x/t.pth')
+    out = tool.offline_cfg(cfg)
+    assert out['backbone']['pretrained'] is False          # timm wants a bool, not None
+    assert out['backbone']['init_cfg'] is None and out['teacher_ckpt'] is None
+    assert out['neck']['norm_cfg']['type'] == 'BN'

@@ -133,7 +133,8 @@ def offline_cfg(node: Any) -> Any:
     """Make a model config build without network or process group (in place; returns it).
 
     ``init_cfg`` of type ``Pretrained`` (or pointing at a remote checkpoint) -> ``None``;
-    ``pretrained`` / ``teacher_ckpt`` / ``checkpoint`` keys naming a file or URL -> ``None``;
+    ``pretrained`` / ``teacher_ckpt`` / ``checkpoint`` keys naming a file or URL -> ``None``
+    (a boolean ``pretrained=True``, e.g. timm's download flag -> ``False``);
     ``SyncBN`` / ``MMSyncBN`` norm layers -> ``BN``.
     """
     if isinstance(node, dict):
@@ -146,7 +147,7 @@ def offline_cfg(node: Any) -> Any:
                 node[key] = (kept if isinstance(value, list) else (kept[0] if kept else None))
             elif key in ('pretrained', 'teacher_ckpt') or (
                     key == 'checkpoint' and _is_remote(value)):
-                node[key] = None
+                node[key] = False if isinstance(value, bool) else None  # timm: a bool flag
             elif key == 'type' and value in ('SyncBN', 'MMSyncBN', 'NaiveSyncBN'):
                 node[key] = 'BN'
             else:
