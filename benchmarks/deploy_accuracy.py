@@ -64,8 +64,8 @@ def fake_quant(detector: str, bits: str, args: argparse.Namespace, work: Path
     cfg.load_from = str(ROOT / 'checkpoints' / f'{DETECTORS[detector]}.pth')
     w_bits, a_bits = parse_bits(bits)
     cfg.custom_hooks = [dict(type='RegPTQHook', quant=dict(w_bits=w_bits, a_bits=a_bits),
-                             method=dict(type=parse_method(args.method)[1], iters=args.iters,
-                                         **parse_method(args.method)[2]),
+                             method=dict(type=args.method[1], iters=args.iters,
+                                         **args.method[2]),
                              calib=dict(num_images=args.num_images, batch_size=2,
                                         seed=args.seed))]
     metrics = Runner.from_cfg(cfg).test()
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--detectors', nargs='+', default=list(DETECTORS),
                         choices=list(DETECTORS))
-    parser.add_argument('--method', default='QDrop',
+    parser.add_argument('--method', default='QDrop', type=parse_method,
                         help='a method name or LABEL=NAME{json options}, e.g. '
                              '\'RegPTQ-p2=RegPTQ{"llaq_cfg": {"power_of_two": true}}\'')
     parser.add_argument('--iters', type=int, default=100)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                                            out / detector / f'fake_quant_{bits}')
             ap = deployed(detector, backend, checkpoint, args, out / detector / backend)
             row = {'detector': detector, 'backend': backend,
-                   'method': parse_method(args.method)[0],
+                   'method': args.method[0],
                    'bits': bits, 'fake_quant_AP': round(ap_fq, 1),
                    'deployed_AP': round(ap, 1), 'delta': round(ap - ap_fq, 1)}
             rows.append(row)

@@ -165,6 +165,18 @@ class _Rewriter:
         self.new_inits.append(numpy_helper.from_array(array, name))
         return name
 
+    def add_bias(self, nodes: list[onnx.NodeProto], src: str, out: str,
+                 bias: np.ndarray | None, prefix: str, spatial_dims: int) -> None:
+        """``out = src + bias`` (per output channel, broadcast over ``spatial_dims``
+        trailing axes); nothing when there is no bias (``src`` is then ``out``)."""
+        if bias is None:
+            return
+        value = bias.astype(np.float32)
+        if spatial_dims:
+            value = value.reshape(-1, *([1] * spatial_dims))
+        nodes.append(helper.make_node('Add', [src, self.init(value, f'{prefix}.bias')], [out],
+                                      name=f'{prefix}/Bias'))
+
     def activation_operand(self, x_dq: onnx.NodeProto, zx: np.ndarray | None, prefix: str,
                            nodes: list[onnx.NodeProto]) -> tuple[str, str, str, int, int, int]:
         """``(codes tensor, zero-point input or '', kind, lo, hi, z_x)`` of a layer input:
@@ -234,21 +246,18 @@ class _Rewriter:
         wname = self.init(value, f'rq_w{len(self.report.weights)}')
         max_x = max(abs(x_range[0]), abs(x_range[1]))
         reduce = int(np.prod(pos.shape[1:]))
-        self.report.accumulate[wname] = ('float32' if reduce * max_x * 128 < FP32_EXACT
-                                         else 'int32')
+        self.report.accumulate[wname] = _accumulator(reduce, max_x, 128)
         self.report.weights[wname] = PackedWeight(
             codes=codes, zero_point=np.zeros(rows, np.int64), qmin=int(min(codes.min(), -1)),
             qmax=int(max(codes.max(), 1)), kind='shift')
         acc, accf = f'{prefix}.acc', f'{prefix}.acc_f'
-        conv_attrs = {k: v for k, v in attrs(node).items()
-                      if k in ('dilations', 'group', 'kernel_shape', 'pads', 'strides')}
         scale = np.concatenate([sx * s_pos.astype(np.float32), sx * s_neg.astype(np.float32),
                                 np.array([sx], np.float32)]).astype(np.float32)
         parts = [f'{prefix}.{p}' for p in ('pos', 'neg', 'ones')]
         split = self.init(np.array([rows, rows, 1], np.int64), f'{prefix}.split')
         nodes += [
             helper.make_node('ConvInteger', [x_int, wname], [acc], name=f'{prefix}/Conv',
-                             **conv_attrs),
+                             **_conv_attrs(node)),
             helper.make_node('Cast', [acc], [accf], to=TensorProto.FLOAT, name=f'{prefix}/CastAcc'),
             helper.make_node('Mul', [accf, self.init(scale.reshape(-1, *spatial),
                                                      f'{prefix}.rescale')],
@@ -262,9 +271,7 @@ class _Rewriter:
         last = out if bias is None else f'{prefix}.nobias'
         nodes.append(helper.make_node('Add', [f'{prefix}.sides', f'{prefix}.centre'], [last],
                                       name=f'{prefix}/AddCentre'))
-        if bias is not None:
-            bname = self.init(bias.astype(np.float32).reshape(-1, *spatial), f'{prefix}.bias')
-            nodes.append(helper.make_node('Add', [last, bname], [out], name=f'{prefix}/Bias'))
+        self.add_bias(nodes, last, out, bias, prefix, pos.ndim - 2)
         self.replacements[out] = nodes
         self.report.layers[out] = ('int8', 'int8 shift')
         return None
@@ -321,8 +328,7 @@ class _Rewriter:
         max_x = max(abs(lo - zx_val), abs(hi - zx_val))
         max_w = int(np.abs(centred).max(initial=0))
         reduce = int(np.prod(codes.shape[1:]))              # C_in / groups * kh * kw, or K
-        self.report.accumulate[wname] = ('float32' if reduce * max_x * max_w < FP32_EXACT
-                                         else 'int32')
+        self.report.accumulate[wname] = _accumulator(reduce, max_x, max_w)
         qmin, qmax = _weight_grid(idx, w_dq, codes)
         self.report.weights[wname] = PackedWeight(codes=codes, zero_point=zw_arr, qmin=qmin,
                                                   qmax=qmax, transpose=gemm,
@@ -334,10 +340,8 @@ class _Rewriter:
             inputs.append(self.init(w_zp_arr, f'{prefix}.w_zp'))
         acc = f'{prefix}.acc'
         if node.op_type == 'Conv':
-            conv_attrs = {k: v for k, v in attrs(node).items()
-                          if k in ('dilations', 'group', 'kernel_shape', 'pads', 'strides')}
             nodes.append(helper.make_node('ConvInteger', inputs, [acc], name=f'{prefix}/Conv',
-                                          **conv_attrs))
+                                          **_conv_attrs(node)))
         else:
             nodes.append(helper.make_node('MatMulInteger', inputs, [acc],
                                           name=f'{prefix}/MatMul'))
@@ -348,20 +352,25 @@ class _Rewriter:
         if node.op_type == 'Conv' and scale.size > 1:
             scale = scale.reshape(-1, *([1] * (len(codes.shape) - 2)))
         sname = self.init(scale if scale.size > 1 else scale.reshape(()), f'{prefix}.rescale')
-        if bias is None:
-            nodes.append(helper.make_node('Mul', [accf, sname], [out], name=f'{prefix}/Rescale'))
-        else:
-            scaled = f'{prefix}.scaled'
-            nodes.append(helper.make_node('Mul', [accf, sname], [scaled],
-                                          name=f'{prefix}/Rescale'))
-            b = bias.astype(np.float32)
-            if node.op_type == 'Conv':
-                b = b.reshape(-1, *([1] * (len(codes.shape) - 2)))
-            bname = self.init(b, f'{prefix}.bias')
-            nodes.append(helper.make_node('Add', [scaled, bname], [out], name=f'{prefix}/Bias'))
+        scaled = out if bias is None else f'{prefix}.scaled'
+        nodes.append(helper.make_node('Mul', [accf, sname], [scaled], name=f'{prefix}/Rescale'))
+        self.add_bias(nodes, scaled, out, bias, prefix,
+                      len(codes.shape) - 2 if node.op_type == 'Conv' else 0)
         self.replacements[out] = nodes
         self.report.layers[out] = (a_kind, w_kind)
         return None
+
+
+def _conv_attrs(node: onnx.NodeProto) -> dict:
+    """The attributes a ``Conv`` hands on to its ``ConvInteger``."""
+    return {k: v for k, v in attrs(node).items()
+            if k in ('dilations', 'group', 'kernel_shape', 'pads', 'strides')}
+
+
+def _accumulator(reduce: int, max_x: int, max_w: int) -> str:
+    """``'float32'`` when every partial sum of ``reduce`` products of ``|x| <= max_x`` and
+    ``|w| <= max_w`` is an integer below 2^24 (exact in float32 lanes), else ``'int32'``."""
+    return 'float32' if reduce * max_x * max_w < FP32_EXACT else 'int32'
 
 
 def _weight_grid(index: GraphIndex, w_dq: onnx.NodeProto, codes: np.ndarray) -> tuple[int, int]:
