@@ -183,3 +183,22 @@ def test_offline_cfg_turns_downloads_off():
     assert out['backbone']['pretrained'] is False          # timm wants a bool, not None
     assert out['backbone']['init_cfg'] is None and out['teacher_ckpt'] is None
     assert out['neck']['norm_cfg']['type'] == 'BN'
+
+
+def test_sweep_claims_a_folder_once_and_reclaims_a_dead_holder(tmp_path):
+    """Two sweep processes on one --out (one --reverse) never run the same folder."""
+    tool = _load_tool()
+    path = tmp_path / '.atss.running'
+    assert tool._claim(path) == path and path.read_text() == str(os.getpid())
+    assert tool._claim(path) is None                     # held by a live process (us)
+    path.write_text('999999999')                         # a killed sweep's claim
+    assert tool._claim(path) == path and path.read_text() == str(os.getpid())
+
+
+def test_input_too_small_matches_the_kernel_size_errors():
+    tool = _load_tool()
+    assert tool.input_too_small(RuntimeError('input image is smaller than kernel'))
+    assert tool.input_too_small(RuntimeError(
+        "Calculated padded input size per channel: (2 x 2). Kernel size: (3 x 3). Kernel size "
+        "can't be greater than actual input size"))
+    assert not tool.input_too_small(RuntimeError('carafe_forward_impl: not found'))

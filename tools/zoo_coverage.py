@@ -219,6 +219,16 @@ def capped_test_pipeline(cfg: Any, max_size: int = 320, max_fixed: int = 640, *,
     return out
 
 
+#: largest ``max_size`` tried when an input is too small for the network (doubling)
+MAX_RETRY_SIZE = 1280
+
+
+def input_too_small(err: BaseException) -> bool:
+    """mmcv / torch errors of a feature map smaller than a kernel."""
+    text = str(err)
+    return 'smaller than kernel' in text or 'Kernel size can\'t be greater than actual' in text
+
+
 def synthetic_images(num: int = 2, split: str = 'val') -> list[Path]:
     """The first ``num`` images of the bundled synthetic set."""
     images = sorted((SYNTHETIC / split).glob('*.jpg'))[:num]
@@ -402,12 +412,23 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
         model = MODELS.build(model_cfg)
         model.init_weights()
         model.eval()
-        row['stage'] = 'data'
-        batch = synthetic_batch(cfg, 2, max_size)
-        row['input'] = 'x'.join(str(s) for s in batch['inputs'][0].shape[-2:])
-        row['stage'] = 'fp predict'
-        with torch.no_grad():
-            fp_out = model.test_step(batch)
+        size = max_size
+        while True:
+            row['stage'] = 'data'
+            batch = synthetic_batch(cfg, 2, size)
+            row['input'] = 'x'.join(str(s) for s in batch['inputs'][0].shape[-2:])
+            row['stage'] = 'fp predict'
+            try:
+                with torch.no_grad():
+                    fp_out = model.test_step(batch)
+                break
+            except RuntimeError as err:
+                # the capped input left a deep level smaller than a kernel (DDOD's deformable
+                # convs on P7): the smallest input that runs, up to the config's own size
+                if not input_too_small(err) or size >= MAX_RETRY_SIZE:
+                    raise
+                size *= 2
+                row['note'] = f'input --max-size {size}: {max_size} is too small for it'
         if not finite_outputs(fp_out):
             # random init: without trained BN statistics some deep backbones blow up
             # (Darknet-53's boxes overflow); take the statistics from the 2 images
@@ -565,6 +586,30 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: argparse.Name
     return '\n'.join(lines)
 
 
+def _claim(path: Path) -> Path | None:
+    """Create ``path`` holding this pid, or None while a live process holds it.
+
+    Two sweep processes on one ``--out`` (one with ``--reverse``) meet in the middle; the
+    claim keeps them from running the same folder twice.
+    """
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(path.read_text() or 0), 0)
+                return None
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # left by a killed sweep
+                continue
+            except PermissionError:
+                return None
+        with os.fdopen(fd, 'w') as f:
+            f.write(str(os.getpid()))
+        return path
+    return None
+
+
 def sweep(args: argparse.Namespace) -> None:
     out = Path(args.out)
     (out / 'logs').mkdir(parents=True, exist_ok=True)
@@ -584,6 +629,9 @@ def sweep(args: argparse.Namespace) -> None:
         if res_path.is_file() and not args.rerun:
             row = json.loads(res_path.read_text())
         else:
+            claim = _claim(out / 'results' / f'.{folder}.running')
+            if claim is None:  # another sweep process is on this folder
+                continue
             t0 = time.perf_counter()
             tmp = out / 'results' / f'.{folder}.{os.getpid()}.child.json'
             tmp.unlink(missing_ok=True)
@@ -596,6 +644,7 @@ def sweep(args: argparse.Namespace) -> None:
             part = res_path.with_suffix(f'.{os.getpid()}.tmp')
             part.write_text(json.dumps(row, indent=1))
             os.replace(part, res_path)
+            claim.unlink(missing_ok=True)
         row['folder'] = folder
         rows.append(finalize(row))
         print(f"{folder:22s} fp={_yes(row.get('fp_ok')):3s} quant={_pct(row):14s} "

@@ -230,8 +230,16 @@ class FGICLoss:
         self.cfg = FGICConfig.from_cfg(cfg)
 
     def __call__(self, fp_raw: Any, q_raw: Any) -> Tensor:
-        with torch.no_grad():
-            fp = self.decode(fp_raw)
+        return self.loss_decoded(self.decode_target(fp_raw), q_raw)
+
+    @torch.no_grad()
+    def decode_target(self, fp_raw: Any) -> Mapping[str, Sequence[DetPredictions]]:
+        """The FP side, decoded once (it is the same at every iteration on one batch)."""
+        return self.decode(fp_raw)
+
+    def loss_decoded(self, fp: Mapping[str, Sequence[DetPredictions]], q_raw: Any) -> Tensor:
+        """``L_G`` from the decoded FP predictions (:meth:`decode_target`) and raw
+        quantized outputs."""
         q = self.decode(q_raw)
         if set(fp) != set(q):
             raise ValueError(f'FGIC: stages differ: {sorted(fp)} vs {sorted(q)}')
@@ -244,7 +252,9 @@ class GlobalLoss(ReconLoss):
 
     The final outputs come from a :class:`TailRunner` forward (only the network after the
     unit). ``seconds`` accumulates the time spent in ``loss_fn`` (decoding + loss), so the
-    method can log the global term's cost beside the tail share.
+    method can log the global term's cost beside the tail share. A ``loss_fn`` with
+    ``decode_target`` / ``loss_decoded`` (:class:`FGICLoss`) decodes each batch's FP
+    outputs once per unit (keyed by ``ctx.target_key``) instead of at every iteration.
 
     Args:
         loss_fn: ``loss_fn(fp_raw, q_raw) -> scalar`` (e.g. :class:`FGICLoss`).
@@ -257,11 +267,18 @@ class GlobalLoss(ReconLoss):
         self.loss_fn = loss_fn
         self.weight = weight
         self.seconds = 0.0
+        self._decoded: dict[Any, Any] = {}
 
     def __call__(self, ctx: ReconContext) -> Tensor:
         if ctx.final_pred is None or ctx.final_target is None:
             raise ValueError('GlobalLoss needs the final outputs (a TailRunner forward)')
         tic = time.perf_counter()
-        value = self.loss_fn(ctx.final_target, ctx.final_pred)
+        reusable = ctx.target_key is not None and hasattr(self.loss_fn, 'loss_decoded')
+        if reusable:
+            if ctx.target_key not in self._decoded:
+                self._decoded[ctx.target_key] = self.loss_fn.decode_target(ctx.final_target)
+            value = self.loss_fn.loss_decoded(self._decoded[ctx.target_key], ctx.final_pred)
+        else:
+            value = self.loss_fn(ctx.final_target, ctx.final_pred)
         self.seconds += time.perf_counter() - tic
         return self.weight * value

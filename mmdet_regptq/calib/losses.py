@@ -35,6 +35,9 @@ class ReconContext:
         total_iters: iterations of this reconstruction.
         final_pred: the quantized model's final outputs (tail forward), or ``None``.
         final_target: the full-precision model's final outputs, or ``None``.
+        target_key: identifies ``final_target`` within one reconstruction (the calibration
+            batch it belongs to), so a term may reuse what it derived from it; ``None``:
+            no reuse.
     """
 
     unit: ReconUnit
@@ -46,6 +49,7 @@ class ReconContext:
     total_iters: int
     final_pred: Any = None
     final_target: Any = None
+    target_key: Any = None
 
     def zero(self) -> Tensor:
         """A scalar zero on the prediction's device."""

@@ -150,7 +150,8 @@ class _Loop:
             unit=self.unit, pred=float_tensors(outputs),
             target=float_tensors(detach_to([e.output for e in entries], self.device)),
             fisher=fisher, quantizers=self.quantizers, iteration=iteration,
-            total_iters=self.iters, final_pred=final_pred, final_target=final_target)
+            total_iters=self.iters, final_pred=final_pred, final_target=final_target,
+            target_key=draw if final_target is not None else None)
 
     def score(self, ctx: ReconContext, regularizers: bool = True) -> dict[str, Tensor]:
         return {t.name: t(ctx) for t in self.losses

@@ -12,6 +12,7 @@ adapter; dense heads whose decoding differs register a decoder by head class
 | one-stage dense heads (RetinaNet, FCOS, ATSS, GFL, YOLOF, RTMDet, YOLOX) | ``SingleStageDetector`` | ``dense.py`` |
 | two-stage (Faster / Mask R-CNN) | ``TwoStageDetector`` | ``two_stage.py`` |
 | query-based (DETR family) | ``DetectionTransformer`` | ``detr.py`` |
+| query-based two-stage (Sparse R-CNN, QueryInst) | ``SparseRCNN`` | ``query_two_stage.py`` |
 """
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ from mmdet_regptq.models.base import (DETECTOR_ADAPTERS, FINAL_LAYER_NAMES, Dete
                                       RawOutputs, final_layer_patterns)
 from mmdet_regptq.models.dense import DENSE_DECODERS, DenseHeadAdapter
 from mmdet_regptq.models.detr import DETRAdapter
+from mmdet_regptq.models.query_two_stage import QueryTwoStageAdapter
 from mmdet_regptq.models.two_stage import TwoStageAdapter
 
 __all__ = ['DETECTOR_ADAPTERS', 'DENSE_DECODERS', 'FINAL_LAYER_NAMES', 'DetectorAdapter',
-           'DenseHeadAdapter', 'TwoStageAdapter', 'DETRAdapter', 'DetPredictions',
+           'DenseHeadAdapter', 'TwoStageAdapter', 'DETRAdapter', 'QueryTwoStageAdapter',
+           'DetPredictions',
            'RawOutputs', 'find_adapter', 'final_layer_patterns']
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from mmdet.structures.bbox import bbox2roi
+from mmengine.logging import MMLogger
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
@@ -69,6 +70,12 @@ def decode_rois(bbox_head: nn.Module, cls_score: Tensor, bbox_pred: Tensor | Non
     return out
 
 
+def whole_image_box(like: Tensor, img_shape: tuple) -> Tensor:
+    """``[1, 4]`` box covering an ``(h, w)`` image, dtype/device of ``like``."""
+    h, w = img_shape[:2]
+    return like.new_tensor([[0.0, 0.0, float(w), float(h)]])
+
+
 @DETECTOR_ADAPTERS.register_module(name='TwoStageDetector')
 class TwoStageAdapter(DetectorAdapter):
     """Faster / Mask R-CNN (``TwoStageDetector`` with an RPN and a standard RoI head).
@@ -113,7 +120,16 @@ class TwoStageAdapter(DetectorAdapter):
         with float_model(self.model) as model:
             feats = model.extract_feat(batch['inputs'])
             results = model.rpn_head.predict(feats, batch['data_samples'], rescale=False)
-        batch['proposals'] = [r.bboxes[:self.max_proposals].detach().clone() for r in results]
+        proposals = [r.bboxes[:self.max_proposals].detach().clone() for r in results]
+        batch['proposals'] = [p if len(p) else whole_image_box(p, s.img_shape)
+                              for p, s in zip(proposals, batch['data_samples'])]
+        if any(not len(p) for p in proposals):
+            # cascade heads cannot refine zero RoIs (torch.cat of nothing); an empty set
+            # comes from a random-init RPN or an image the RPN finds nothing in
+            MMLogger.get_current_instance().warning(
+                f'{type(self.model).__name__}: the FP RPN gave no proposal for '
+                f'{sum(not len(p) for p in proposals)} calibration image(s); they get one '
+                'whole-image proposal')
         return batch
 
     def forward(self, model: nn.Module, batch: dict) -> RawOutputs:

@@ -104,6 +104,33 @@ def test_fgic_loss_callable_and_global_loss_term():
                        total_iters=1, final_pred=q, final_target=fp)
     assert float(term(ctx)) == pytest.approx(0.5 * float(value)) and term.seconds > 0
     assert GlobalLoss.needs_final_outputs
+
+
+def test_global_loss_decodes_each_batch_target_once():
+    """The FP side of one batch is the same at every iteration: decoded once per key,
+    with the same value as decoding it every time."""
+    calls = []
+
+    def decode(raw):
+        calls.append(raw[0] is fp[0])
+        return {'det': [DetPredictions(raw[0], raw[1], (100, 100))]}
+
+    fp = (torch.tensor([[0.9]]), torch.tensor([BOX]))
+    other = (torch.tensor([[0.2]]), torch.tensor([[5.0, 5.0, 30.0, 30.0]]))
+    fn = FGICLoss(decode)
+    term = GlobalLoss(loss_fn=fn)
+    values = []
+    for it, (key, target) in enumerate([(0, fp), (0, fp), (1, other), (0, fp)]):
+        q = (torch.tensor([[0.5]], requires_grad=True),
+             torch.tensor([[1.0 + it, 1.0, 11.0, 11.0]]))
+        ctx = ReconContext(unit=None, pred=[], target=[], fisher=None, quantizers=[],
+                           iteration=it, total_iters=4, final_pred=q, final_target=target,
+                           target_key=key)
+        values.append(float(term(ctx)))
+        assert values[-1] == pytest.approx(float(fn(target, q)))
+    # 4 quantized decodes + 2 FP decodes (keys 0 and 1) by the term, + 8 by fn() above
+    assert len(calls) == 4 + 2 + 8 and calls[:2] == [True, False]
+    assert len(set(values)) == 4
     with pytest.raises(ValueError, match='unknown FGIC fields'):
         FGICConfig.from_cfg(dict(theta=1))
     with pytest.raises(ValueError, match='p=0.5'):

@@ -199,6 +199,29 @@ def test_two_stage_proposals_are_fixed_and_outputs_aligned():
         adapter.forward(model, {k: v for k, v in batch.items() if k != 'proposals'})
 
 
+def test_an_image_without_proposals_gets_a_whole_image_box(monkeypatch):
+    """A cascade RoI head (DetectoRS, HTC) cannot refine zero RoIs: an image for which the
+    FP RPN finds nothing (random init) is calibrated on one whole-image proposal."""
+    model = build_zoo_model('cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py',
+                            {'backbone.depth': 18, 'neck.in_channels': [64, 128, 256, 512]})
+    adapter = find_adapter(model, max_proposals=10)
+    predict = model.rpn_head.predict
+
+    def first_image_empty(*args, **kwargs):
+        results = predict(*args, **kwargs)
+        results[0] = results[0][:0]
+        return results
+
+    monkeypatch.setattr(model.rpn_head, 'predict', first_image_empty)
+    batch = adapter.prepare_batch(make_data())
+    h, w = SIZES[0]
+    assert batch['proposals'][0].tolist() == [[0.0, 0.0, float(w), float(h)]]
+    assert batch['proposals'][1].shape == (10, 4)
+    with torch.no_grad():
+        raw = adapter.forward(model, batch)                  # cascade refines 1 + 10 RoIs
+    assert raw.rois.shape == (11, 5)
+
+
 def test_crowddet_multi_instance_rois_decode_as_its_head_does():
     """CrowdDet's MultiInstanceBBoxHead predicts K = 2 (scores, box) per RoI: FGIC sees 2R
     predictions, decoded as the head's own _predict_by_feat_single lays them out."""
@@ -251,3 +274,72 @@ def test_yolov3_prediction_convs_are_final_layers():
              if isinstance(m, torch.nn.Conv2d)]
     finals = _matching(final_layer_patterns(), names)
     assert finals == [f'bbox_head.convs_pred.{i}' for i in range(3)]
+
+
+def build_query_model(rel_path, stages=2, proposals=10):
+    """Sparse R-CNN / QueryInst on ResNet-18 with ``stages`` DII stages and few proposals."""
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(os.path.join(ZOO, rel_path))
+    model_cfg = cfg.model
+    model_cfg.backbone.depth = 18
+    model_cfg.neck.in_channels = [64, 128, 256, 512]
+    model_cfg.rpn_head.num_proposals = proposals
+    roi = model_cfg.roi_head
+    roi.num_stages, roi.stage_loss_weights = stages, roi.stage_loss_weights[:stages]
+    for key in ('bbox_head', 'mask_head'):
+        if key in roi:
+            roi[key] = roi[key][:stages]
+    model_cfg.train_cfg.rcnn = model_cfg.train_cfg.rcnn[:stages]
+    model_cfg.test_cfg.rcnn.max_per_img = proposals
+    _no_init_cfg(model_cfg)
+    torch.manual_seed(0)
+    model = MODELS.build(model_cfg)
+    model.init_weights()   # DII heads need their init (random boxes collapse otherwise)
+    return model.eval()
+
+
+@pytest.mark.parametrize('rel_path', ['sparse_rcnn/sparse-rcnn_r50_fpn_1x_coco.py',
+                                      'queryinst/queryinst_r50_fpn_1x_coco.py'])
+def test_query_two_stage_decodes_as_predict_bbox(rel_path):
+    """Sparse R-CNN / QueryInst (learned proposals, no RPN forward): every prediction of
+    mmdet's own predict_bbox is one of the adapter's (query, class) scores with its box."""
+    from mmdet_regptq.models import QueryTwoStageAdapter
+    model = build_query_model(rel_path)
+    adapter = find_adapter(model)
+    assert type(adapter) is QueryTwoStageAdapter
+    batch = adapter.prepare_batch(make_data())
+    raw = adapter.forward(model, batch)
+    preds = adapter.decode_stages(raw)['det']
+    assert len(raw.outputs[0]) == 2                        # one (cls, boxes) per DII stage
+    masks = raw.outputs[1]
+    assert (masks is not None) == ('queryinst' in rel_path)
+    if masks is not None:
+        assert masks.shape[0] == 2 * 10
+    with torch.no_grad():
+        feats = model.extract_feat(batch['inputs'])
+        proposals = model.rpn_head.predict(feats, batch['data_samples'])
+        expected = model.roi_head.predict_bbox(
+            feats, [s.metainfo for s in batch['data_samples']], proposals,
+            model.roi_head.test_cfg, rescale=False)
+    for pred, exp, (h, w) in zip(preds, expected, SIZES):
+        assert pred.scores.shape == (10, model.roi_head.bbox_head[-1].num_classes)
+        boxes = exp.bboxes.clone()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        for score, label, box in zip(exp.scores, exp.labels, boxes):
+            rows = (pred.scores[:, label] - score).abs() < 1e-6
+            assert rows.any() and torch.allclose(pred.boxes[rows][0], box, atol=1e-4)
+    loss_fn = adapter.global_loss(FGICConfig())
+    assert float(loss_fn(raw, raw).detach()) == pytest.approx(0.0, abs=1e-5)
+    fp = RawOutputs(((tuple((c.detach(), b.detach()) for c, b in raw.outputs[0])), None),
+                    raw.img_shapes)
+    perturbed = adapter.forward(model, batch)
+    loss = loss_fn(fp, RawOutputs(((raw.outputs[0][0],
+                                    (perturbed.outputs[0][1][0] * 1.1,
+                                     perturbed.outputs[0][1][1] + 1.0)), None),
+                                  raw.img_shapes))
+    loss.backward()
+    assert float(loss) > 0
+    reg = _matching(adapter.regression_layer_patterns(), _names(model))
+    assert reg and all('reg' in n for n in reg)
+    assert model.roi_head.bbox_head[-1].fc_reg.weight.grad is not None
