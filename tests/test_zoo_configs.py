@@ -201,4 +201,5 @@ def test_input_too_small_matches_the_kernel_size_errors():
     assert tool.input_too_small(RuntimeError(
         "Calculated padded input size per channel: (2 x 2). Kernel size: (3 x 3). Kernel size "
         "can't be greater than actual input size"))
+    assert tool.input_too_small(RuntimeError('selected index k out of range'))  # DINO topk
     assert not tool.input_too_small(RuntimeError('carafe_forward_impl: not found'))

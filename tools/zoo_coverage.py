@@ -223,10 +223,16 @@ def capped_test_pipeline(cfg: Any, max_size: int = 320, max_fixed: int = 640, *,
 MAX_RETRY_SIZE = 1280
 
 
+#: errors of an input too small for the network: a feature map smaller than a kernel
+#: (mmcv's deformable conv, torch's conv), or fewer encoder tokens than the queries a
+#: two-stage DETR selects with ``topk`` (DINO: 900 queries, 765 tokens at 192x192)
+_TOO_SMALL = ('smaller than kernel', "Kernel size can't be greater than actual",
+              'selected index k out of range')
+
+
 def input_too_small(err: BaseException) -> bool:
-    """mmcv / torch errors of a feature map smaller than a kernel."""
-    text = str(err)
-    return 'smaller than kernel' in text or 'Kernel size can\'t be greater than actual' in text
+    """Whether ``err`` says the input is too small for the network (see ``_TOO_SMALL``)."""
+    return any(text in str(err) for text in _TOO_SMALL)
 
 
 def synthetic_images(num: int = 2, split: str = 'val') -> list[Path]:
