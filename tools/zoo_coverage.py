@@ -429,8 +429,8 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
                     fp_out = model.test_step(batch)
                 break
             except RuntimeError as err:
-                # the capped input left a deep level smaller than a kernel (DDOD's deformable
-                # convs on P7): the smallest input that runs, up to the config's own size
+                # the capped input is too small for the network (``_TOO_SMALL``): double
+                # it up to MAX_RETRY_SIZE (the cap never enlarges past the config's size)
                 if not input_too_small(err) or size >= MAX_RETRY_SIZE:
                     raise
                 size *= 2

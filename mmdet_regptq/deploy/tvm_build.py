@@ -16,10 +16,10 @@ AVX-512 VNNI, int8 x int8 ``ConvInteger`` (LLAQ layers too: their power-of-two w
 stored as packed shift codes and expanded with shifts at load) runs the ``vpdpbusd``
 kernel of ``tvm_vnni`` (exact int32); otherwise, and for layers with zero points (the
 8-bit first layer), a Relax ``nn.conv2d`` with ``out_dtype='int32'``, or float32 lanes
-where every partial sum is an integer below 2^24 (exact). ``meta.json``'s ``kernels`` says which, per layer. Weight
-layout changes (the VNNI blocking) are lifted out of ``main`` by Relax
-``LiftTransformParams`` into ``main_transform_params``, which :class:`TvmRunner` runs once
-when it loads the artifact. Everything else (residual
+where every partial sum is an integer below 2^24 (exact). ``meta.json``'s ``kernels``
+says which, per layer. Weight layout changes (the VNNI blocking) are lifted out of
+``main`` by Relax ``LiftTransformParams`` into ``main_transform_params``, which
+:class:`TvmRunner` runs once when it loads the artifact. Everything else (residual
 adds, ReLU, pooling, resize, the FP final layers) is float, with its constants compiled in.
 TVM's ONNX frontend has no ``ConvInteger`` converter; :func:`extra_onnx_converters` adds
 one for the duration of a conversion.

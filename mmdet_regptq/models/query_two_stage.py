@@ -76,4 +76,3 @@ class QueryTwoStageAdapter(DetectorAdapter):
         boxes = boxes.reshape(cls_score.shape[0], cls_score.shape[1], 4)
         return {'det': [DetPredictions(scores[i], clip_boxes(boxes[i], shape), shape, sigmoid)
                         for i, shape in enumerate(shape_list(raw.img_shapes))]}
-

@@ -123,13 +123,13 @@ class TwoStageAdapter(DetectorAdapter):
         proposals = [r.bboxes[:self.max_proposals].detach().clone() for r in results]
         batch['proposals'] = [p if len(p) else whole_image_box(p, s.img_shape)
                               for p, s in zip(proposals, batch['data_samples'])]
-        if any(not len(p) for p in proposals):
+        empty = sum(not len(p) for p in proposals)
+        if empty:
             # cascade heads cannot refine zero RoIs (torch.cat of nothing); an empty set
             # comes from a random-init RPN or an image the RPN finds nothing in
             MMLogger.get_current_instance().warning(
-                f'{type(self.model).__name__}: the FP RPN gave no proposal for '
-                f'{sum(not len(p) for p in proposals)} calibration image(s); they get one '
-                'whole-image proposal')
+                f'{type(self.model).__name__}: the FP RPN gave no proposal for {empty} '
+                'calibration image(s); they get one whole-image proposal')
         return batch
 
     def forward(self, model: nn.Module, batch: dict) -> RawOutputs:
