@@ -409,7 +409,8 @@ class LLAQuantizer(Quantizer):
         live = level > 0
         pos = torch.where((codes.sign > 0) & live, torch.ones_like(level) << expo_pos, 0)
         neg = torch.where((codes.sign < 0) & live, -(torch.ones_like(level) << expo_neg), 0)
-        tops = torch.tensor([float(top_pos), float(top_neg)]).reshape(2, 1)
+        tops = torch.tensor([float(top_pos), float(top_neg)],
+                            device=codes.scale.device).reshape(2, 1)
         scale = codes.scale.reshape(2, -1).float() * torch.exp2((1.0 - tops) * step.float())
         form = LLAQShiftForm(pos=pos.to(torch.int8), neg=neg.to(torch.int8),
                              scale_pos=per_row(scale[0]), scale_neg=per_row(scale[1]),
