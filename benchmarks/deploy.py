@@ -27,7 +27,9 @@ symmetric int8 weights, uint8 activations, the ``ort_int8`` rewrite), FP32 TVM
 (``tvm_relax``), INT4 TVM (``tvm_int4``: W4A4, integer convs, packed weights). TVM runs
 our fixed schedules (``tvm_schedule``) and, on an AVX-512 VNNI CPU, the int8 convolution
 kernel of ``tvm_vnni``; there is no MetaSchedule tuning database.
-Two-stage detectors (``frcnn``) have no raw single graph: storage only.
+A two-stage detector (``frcnn``) is two graphs per row (``deploy/two_stage.py``): its time
+is graph 1 + mmdet's RPN decoding, NMS and RoIAlign on the host + graph 2 on
+``test_cfg.rpn.max_per_img`` RoIs + the box decoding, as its deployed backend model runs.
 """
 from __future__ import annotations
 
@@ -148,6 +150,95 @@ def _first_layer(model: torch.nn.Module, layers: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- latency
+Graph = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def _ort_graph(path: Path) -> Graph:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    return lambda feeds: sess.run(None, feeds)
+
+
+def _tvm_graph(directory: Path) -> Graph:
+    from mmdet_regptq.deploy.tvm_build import TvmRunner
+
+    runner = TvmRunner(directory)
+    return lambda feeds: list(runner(feeds).values())
+
+
+def two_stage_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work: Path,
+                       tvm: bool) -> dict[str, Callable[[np.ndarray], Any]]:
+    """The four deployments of a two-stage detector, each as graph 1 → host → graph 2."""
+    import onnx
+    from mmdet.structures import DetDataSample
+
+    from mmdet_regptq.deploy import build_detector, export_onnx, make_ort_int8, \
+        quantize_for_deploy
+    from mmdet_regptq.deploy.tvm_build import build_artifact
+    from mmdet_regptq.deploy.two_stage import (ROI_INPUT, RoIStage, RpnStage, TwoStageHost,
+                                               num_rois_of)
+
+    x = torch.randn(1, 3, size, size)
+    meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
+                scale_factor=(1.0, 1.0), batch_input_shape=(size, size))
+    num_rois = num_rois_of(cfg)
+
+    def export_pair(model: torch.nn.Module, tag: str, int4: bool) -> tuple[Path, Path, list]:
+        stage1 = RpnStage(model).eval()
+        names = stage1.output_names(x)
+        roi_x = TwoStageHost(model, num_rois).sample_roi_features(stage1, x, [meta])
+        paths = work / f'{name}_{tag}.onnx', work / f'{name}_{tag}_roi.onnx'
+        export_onnx(stage1, x, paths[0], output_names=names, int4_weights=int4, opset=17
+                    if not int4 else 21)
+        export_onnx(RoIStage(model).eval(), roi_x, paths[1], input_names=[ROI_INPUT],
+                    output_names=RoIStage.output_names, int4_weights=int4,
+                    opset=17 if not int4 else 21)
+        return paths[0], paths[1], [{'input': x.numpy()}, {ROI_INPUT: roi_x.numpy()}]
+
+    def pipeline(host: TwoStageHost, names: list[str], graph1: Graph, graph2: Graph
+                 ) -> Callable[[np.ndarray], Any]:
+        def roi_graph(feats: torch.Tensor) -> list[torch.Tensor]:
+            return [torch.from_numpy(o) for o in graph2({ROI_INPUT: feats.numpy()})]
+
+        def run(feed: np.ndarray) -> Any:
+            outs = dict(zip(names, (torch.from_numpy(o) for o in graph1({'input': feed}))))
+            return host.predict(outs, roi_graph, [DetDataSample(metainfo=meta)],
+                                rescale=False)
+        return run
+
+    fp = build_detector(cfg, checkpoint)
+    names = RpnStage(fp).output_names(x)
+    host = TwoStageHost(build_detector(cfg, checkpoint), num_rois)
+    fp1, fp2, _ = export_pair(fp, 'fp32', int4=False)
+    runs = {'FP32 ORT': pipeline(host, names, _ort_graph(fp1), _ort_graph(fp2))}
+    q8 = build_detector(cfg, checkpoint)
+    quantize_for_deploy(q8, quant=W8A8, method=dict(type='MinMax'), input_shape=(size, size))
+    q1, q2, feeds = export_pair(q8, 'w8a8', int4=False)
+    for path, feed in zip((q1, q2), feeds):
+        fused, report = make_ort_int8(onnx.load(str(path)), [feed])
+        logging.info('%s INT8 ORT %s: %s', name, path.name, report.summary())
+        onnx.save(fused, str(path))
+    runs['INT8 ORT'] = pipeline(host, names, _ort_graph(q1), _ort_graph(q2))
+    if tvm:
+        dirs = [work / f'{p.stem}_tvm' for p in (fp1, fp2)]
+        for path, out in zip((fp1, fp2), dirs):
+            build_artifact(onnx.load(str(path)), out, integer=False)
+        runs['FP32 TVM'] = pipeline(host, names, *(_tvm_graph(d) for d in dirs))
+        q4 = build_detector(cfg, checkpoint)
+        quantize_for_deploy(q4, quant=W4A4, method=dict(type='MinMax'),
+                            input_shape=(size, size))
+        paths = export_pair(q4, 'w4a4', int4=True)[:2]
+        dirs = [work / f'{p.stem}_tvm' for p in paths]
+        for path, out in zip(paths, dirs):
+            _, report = build_artifact(onnx.load(str(path)), out, integer=True)
+            logging.info('%s INT4 TVM %s: %s', name, path.name, report.summary())
+        runs['INT4 TVM'] = pipeline(host, names, *(_tvm_graph(d) for d in dirs))
+    return runs
+
+
 def export_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work: Path,
                     tvm: bool) -> dict[str, Callable[[np.ndarray], Any]]:
     """Build the four deployments of one detector; returns row name → run(input)."""
@@ -218,7 +309,10 @@ def time_interleaved(runs: dict[str, Callable], feed: np.ndarray, n: dict[str, i
 
 def latency_rows(name: str, cfg: Any, checkpoint: str | None, args: argparse.Namespace,
                  work: Path) -> list[dict]:
-    runs = export_variants(name, cfg, checkpoint, args.size, work, tvm=not args.skip_tvm)
+    from mmdet_regptq.deploy.two_stage import is_two_stage
+
+    variants = two_stage_variants if is_two_stage(cfg.model) else export_variants
+    runs = variants(name, cfg, checkpoint, args.size, work, tvm=not args.skip_tvm)
     feed = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(
         np.float32)
     n = {k: (args.tvm_runs if 'TVM' in k else args.runs) for k in runs}
@@ -248,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--models', default='r50,retinanet,fcos,frcnn')
     parser.add_argument('--latency-models', default=None,
-                        help='models to time (default: --models minus frcnn)')
+                        help='models to time (default: --models)')
     parser.add_argument('--checkpoints', nargs='*', default=[],
                         help='name=path of trained checkpoints of the bundled detectors')
     parser.add_argument('--size', type=int, default=512)
@@ -267,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     checkpoints = dict(c.split('=', 1) for c in args.checkpoints)
     models = args.models.split(',')
-    timed = (args.latency_models.split(',') if args.latency_models
-             else [m for m in models if m != 'frcnn'])
+    timed = args.latency_models.split(',') if args.latency_models else models
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     storage, latency = [], []

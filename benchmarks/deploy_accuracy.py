@@ -1,6 +1,7 @@
-"""Deployed AP vs fake-quant AP of the bundled single-stage detectors.
+"""Deployed AP vs fake-quant AP of the bundled detectors.
 
-    python benchmarks/deploy_accuracy.py [--detectors retinanet fcos] [--method QDrop]
+    python benchmarks/deploy_accuracy.py [--detectors retinanet fcos faster-rcnn]
+        [--method QDrop]
         (--method: a name, or LABEL=NAME{json options} as in benchmarks/accuracy.py)
         [--iters 100] [--num-images 32] [--val-images 100]
         [--backends tvm-int4 onnxruntime-int8]
@@ -12,8 +13,8 @@ given method) and test the fake-quant model with mmdet's Runner + CocoMetric on 
 backend's deploy config (``deploy_configs/detection_<backend>_static-192x192.py``: export →
 ``to_backend`` → mmdeploy's ``build_test_runner``) and test it on the same images (batch 1:
 the deployed graphs are static). Prints the table (AP on the 0–100 scale, deployed −
-fake-quant) and writes it as CSV. Faster R-CNN is not deployable as one raw graph (its RPN
-NMS runs inside ``_forward``).
+fake-quant) and writes it as CSV. Faster R-CNN deploys as two graphs with mmdet's RPN
+decoding, NMS and RoIAlign on the host between them (``mmdet_regptq/deploy/two_stage.py``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 from accuracy import parse_method  # noqa: E402  (benchmarks/ is the script's directory)
 
 DETECTORS = {'retinanet': 'retinanet_r18-16_fpn64_synthetic',
-             'fcos': 'fcos_r18-16_fpn64_synthetic'}
+             'fcos': 'fcos_r18-16_fpn64_synthetic',
+             'faster-rcnn': 'faster-rcnn_r18-16_fpn64_synthetic'}
 #: backend -> (deploy config, the bit width of the model it deploys)
 BACKENDS = {'tvm-int4': ('detection_tvm-int4_static-192x192.py', 'w4a4'),
             'onnxruntime-int8': ('detection_onnxruntime-int8_static-192x192.py', 'w8a8')}

@@ -48,7 +48,8 @@ class RawDetector(nn.Module):
 
     Raises:
         NotImplementedError: two-stage / query-based detectors, whose ``_forward`` runs
-            NMS or set prediction with data-dependent shapes.
+            NMS or set prediction with data-dependent shapes (two-stage ones deploy as two
+            graphs: ``two_stage.py``).
     """
 
     def __init__(self, detector: nn.Module) -> None:
@@ -56,8 +57,8 @@ class RawDetector(nn.Module):
         if not hasattr(detector, 'bbox_head') or hasattr(detector, 'roi_head'):
             raise NotImplementedError(
                 f'{type(detector).__name__}: only single-stage dense detectors '
-                '(bbox_head, no roi_head) export as a raw graph; two-stage detectors need '
-                'the RPN proposals (NMS) inside the graph')
+                '(bbox_head, no roi_head) export as one raw graph; a two-stage detector '
+                'exports as two graphs (mmdet_regptq.deploy.two_stage: RpnStage, RoIStage)')
         self.detector = detector
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:

@@ -16,7 +16,9 @@ Importing this module (a deploy config's ``custom_imports=dict(imports=[
   (``codebase_config.model_type='regptq_raw'``): :class:`RawOutputDetector` runs a backend
   graph that returns the raw head outputs (``raw{i}_{j}``, see ``detector.py``) and decodes
   them with mmdet's ``bbox_head.predict_by_feat`` (NMS in PyTorch), as mmdeploy's RKNN
-  model does. Any backend (onnxruntime, tvm_int4, tvm_relax) works with it.
+  model does. A two-stage detector is two graphs with mmdet's RPN decoding, NMS and
+  RoIAlign between them (``two_stage.py``). Any backend (onnxruntime, tvm_int4, tvm_relax)
+  works with it.
 """
 from __future__ import annotations
 
@@ -43,9 +45,11 @@ def regptq_options(deploy_cfg: Any) -> dict:
     Keys: ``int4_weights`` (store <= 4-bit weights as ONNX INT4, default True),
     ``onnx_format`` (``'qdq'`` | ``'ort_int8'`` | ``'tensorrt'``), ``calib_images`` (images
     for the ORT INT8 output ranges, default 4), ``require_quantized`` (refuse a float
-    checkpoint, default False).
+    checkpoint, default False), ``num_rois`` (two-stage detectors: RoIs per call of the RoI
+    graph; default 0 = the model's ``test_cfg.rpn.max_per_img``).
     """
-    opts = dict(int4_weights=True, onnx_format='qdq', calib_images=4, require_quantized=False)
+    opts = dict(int4_weights=True, onnx_format='qdq', calib_images=4, require_quantized=False,
+                num_rois=0)
     given = dict((deploy_cfg or {}).get('regptq', {}) or {})
     unknown = sorted(set(given) - set(opts))
     if unknown:
@@ -163,10 +167,14 @@ def _register_raw_detector() -> type:
     registry = getattr(odm, '__BACKEND_MODEL')
 
     class RawOutputDetector(odm.End2EndModel):
-        """A backend graph of raw head outputs + mmdet's ``predict_by_feat`` in PyTorch.
+        """Backend graph(s) of raw head outputs + mmdet's own decoding in PyTorch.
 
-        Inputs are zero-padded (bottom/right) to the graph's static shape, the way mmdet
-        pads a batch, so any test-pipeline image up to that size runs.
+        Single-stage: one graph, then ``bbox_head.predict_by_feat``. Two-stage (the model
+        config has ``rpn_head`` and ``roi_head``): the backend files of two graphs (image →
+        features + RPN outputs; RoI features → box head outputs), joined by
+        :class:`~mmdet_regptq.deploy.two_stage.TwoStageHost`. Inputs are zero-padded
+        (bottom/right) to the graph's static shape, the way mmdet pads a batch, so any
+        test-pipeline image up to that size runs.
         """
 
         def __init__(self, backend: Any, backend_files: Sequence[str], device: str,
@@ -174,41 +182,86 @@ def _register_raw_detector() -> type:
             from mmdeploy.utils import get_input_shape, load_config
             from mmdet.registry import MODELS
 
+            from mmdet_regptq.deploy.two_stage import TwoStageHost, num_rois_of
+
+            model_cfg = load_config(model_cfg)[0]
             super().__init__(backend, backend_files, device, deploy_cfg, model_cfg=model_cfg,
                              **kwargs)
-            model_cfg = load_config(model_cfg)[0]
+            self.test_cfg = model_cfg.model.get('test_cfg')
+            self.static_shape = get_input_shape(deploy_cfg)  # [W, H] or None
+            if self.two_stage:
+                num_rois = num_rois_of(model_cfg, regptq_options(deploy_cfg)['num_rois'])
+                self.host = TwoStageHost(MODELS.build(model_cfg.model), num_rois)
+                return
             head_cfg = dict(model_cfg.model.bbox_head)
             head_cfg.update(train_cfg=model_cfg.model.get('train_cfg'),
                             test_cfg=model_cfg.model.get('test_cfg'))
             self.head = MODELS.build(head_cfg).eval()
-            self.test_cfg = model_cfg.model.get('test_cfg')
-            self.static_shape = get_input_shape(deploy_cfg)  # [W, H] or None
+
+        @property
+        def two_stage(self) -> bool:
+            from mmdet_regptq.deploy.two_stage import is_two_stage
+            return is_two_stage(self.model_cfg.model)
 
         def _init_wrapper(self, backend: Any, backend_files: Sequence[str], device: str) -> None:
             from mmdeploy.codebase.base import BaseBackendModel
-            self.wrapper = BaseBackendModel._build_wrapper(
-                backend=backend, backend_files=backend_files, device=device,
-                input_names=[self.input_name], output_names=None, deploy_cfg=self.deploy_cfg)
 
-        def raw_forward(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
-            """Backend outputs in ``_forward``'s structure (per-level lists)."""
+            from mmdet_regptq.deploy.two_stage import ROI_INPUT
+
+            files = list(backend_files)
+            graphs = [(files, self.input_name)]
+            if self.two_stage:
+                if len(files) % 2:
+                    raise ValueError(f'a two-stage detector needs the files of two graphs, '
+                                     f'got {len(files)}: {files}')
+                half = len(files) // 2
+                graphs = [(files[:half], self.input_name), (files[half:], ROI_INPUT)]
+            wrappers = [BaseBackendModel._build_wrapper(
+                backend=backend, backend_files=part, device=device, input_names=[name],
+                output_names=None, deploy_cfg=self.deploy_cfg) for part, name in graphs]
+            self.wrapper = wrappers[0]
+            self.roi_wrapper = wrappers[1] if len(wrappers) > 1 else None
+
+        def _padded(self, inputs: torch.Tensor) -> torch.Tensor:
             if self.static_shape:
                 w, h = self.static_shape
                 if inputs.shape[-2] > h or inputs.shape[-1] > w:
                     raise ValueError(f'input {tuple(inputs.shape[-2:])} is larger than the '
                                      f'static shape {(h, w)} of the deployed graph')
                 inputs = F.pad(inputs, (0, w - inputs.shape[-1], 0, h - inputs.shape[-2]))
-            outputs = self.wrapper({self.input_name: inputs.contiguous()})
-            return unflatten_raw(outputs)
+            return inputs.contiguous()
+
+        def raw_outputs(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+            """The (first) graph's named outputs."""
+            return self.wrapper({self.input_name: self._padded(inputs)})
+
+        def raw_forward(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
+            """Backend outputs in ``_forward``'s structure (per-level lists); two-stage:
+            ``(features, rpn scores, rpn deltas)``."""
+            return unflatten_raw(self.raw_outputs(inputs))
+
+        def roi_forward(self, roi_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Two-stage: the RoI graph on ``[num_rois, C, h, w]`` RoI features."""
+            from mmdet_regptq.deploy.two_stage import ROI_INPUT
+
+            if self.roi_wrapper is None:
+                raise RuntimeError('roi_forward: this deployment has no RoI graph')
+            outs = self.roi_wrapper({ROI_INPUT: roi_feats.contiguous()})
+            (scores,), (deltas,) = unflatten_raw(outs)
+            return scores, deltas
 
         def forward(self, inputs: torch.Tensor, data_samples: Any = None, mode: str = 'predict',
                     **kwargs: Any) -> Any:
             assert mode == 'predict', 'deployed models only predict'
-            raw = self.raw_forward(inputs)
-            metas = [s.metainfo for s in data_samples]
-            with torch.no_grad():
-                results = self.head.predict_by_feat(*raw, batch_img_metas=metas,
-                                                    cfg=self.test_cfg, rescale=True)
+            if self.two_stage:
+                results = self.host.predict(self.raw_outputs(inputs), self.roi_forward,
+                                            data_samples, rescale=True)
+            else:
+                raw = self.raw_forward(inputs)
+                metas = [s.metainfo for s in data_samples]
+                with torch.no_grad():
+                    results = self.head.predict_by_feat(*raw, batch_img_metas=metas,
+                                                        cfg=self.test_cfg, rescale=True)
             for sample, result in zip(data_samples, results):
                 sample.pred_instances = result
             return data_samples

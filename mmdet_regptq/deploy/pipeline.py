@@ -8,6 +8,8 @@ repeats its few lines with our step in between:
     build_task_processor → build_pytorch_model → [quantize + load quantized.pth] →
     create_input → mmdeploy.apis.onnx.export (under export_mode) → lower Q/DQ
 
+(two graphs for a two-stage detector: ``two_stage.py``)
+
 and everything after the ONNX file is mmdeploy's: ``mmdeploy.apis.utils.to_backend`` (our
 ``tvm_int4`` / ``tvm_relax`` managers, or onnxruntime), ``build_backend_model`` (our
 ``regptq_raw`` detector model) and ``build_test_runner`` for AP with mmdet's metric.
@@ -30,6 +32,8 @@ from mmdet_regptq.deploy.export import (TORCHSCRIPT_MAX_OPSET, ExportReport, exp
 from mmdet_regptq.deploy.mmdeploy_plugin import regptq_options
 from mmdet_regptq.deploy.ort_int8 import make_ort_int8
 from mmdet_regptq.deploy.tensorrt import check_tensorrt_qdq
+from mmdet_regptq.deploy.two_stage import (ROI_INPUT, RoIStage, RpnStage, TwoStageHost,
+                                           is_two_stage, num_rois_of, roi_graph_file)
 
 __all__ = ['DeployResult', 'load_deploy_model', 'export_detector', 'deploy', 'evaluate',
            'is_quantized_checkpoint']
@@ -42,6 +46,7 @@ class DeployResult:
     """Files and checks of one deployment."""
 
     onnx_file: str
+    onnx_files: list[str] = field(default_factory=list)  # two-stage: + the RoI graph
     backend_files: list[str] = field(default_factory=list)
     export: ExportReport | None = None
     notes: list[str] = field(default_factory=list)
@@ -81,10 +86,11 @@ def _pad_to(inputs: torch.Tensor, shape: Sequence[int] | None) -> torch.Tensor:
 
 
 def _calib_feeds(task_processor: Any, model: torch.nn.Module, shape: Sequence[int] | None,
-                 extra: Sequence[torch.Tensor], num: int) -> list[dict[str, np.ndarray]]:
-    """Preprocessed images for the ORT INT8 output ranges: the model config's test set
-    when it is readable (``num`` images), else the given images."""
-    feeds = [{'input': t.cpu().numpy()} for t in extra]
+                 extra: Sequence[tuple[torch.Tensor, list]], num: int
+                 ) -> list[tuple[torch.Tensor, list]]:
+    """Preprocessed images (and their metainfo) for the ORT INT8 output ranges: the model
+    config's test set when it is readable (``num`` images), else the given images."""
+    feeds = list(extra)
     try:
         cfg = task_processor.model_cfg
         loader_cfg = dict(cfg.test_dataloader)
@@ -93,8 +99,9 @@ def _calib_feeds(task_processor: Any, model: torch.nn.Module, shape: Sequence[in
         for i, data in enumerate(loader):
             if i >= num:
                 break
-            batch = model.data_preprocessor(data, False)['inputs']
-            feeds.append({'input': _pad_to(batch, shape).cpu().numpy()})
+            batch = model.data_preprocessor(data, False)
+            feeds.append((_pad_to(batch['inputs'], shape).cpu(),
+                          [s.metainfo for s in batch['data_samples']]))
     except Exception as err:  # noqa: BLE001 - no dataset here (e.g. COCO configs)
         logger.warning('calibration images from the test set unavailable (%s); using the '
                        'deployment image(s) only', err)
@@ -134,39 +141,74 @@ def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img
         raise ValueError('this deploy config needs a quantized checkpoint (quantized.pth '
                          'written by RegPTQHook / quantize_detector), got a float one')
     shape = get_input_shape(deploy_cfg)
-    _, inputs = task_processor.create_input(img, shape,
-                                            data_preprocessor=model.data_preprocessor)
+    data, inputs = task_processor.create_input(img, shape,
+                                               data_preprocessor=model.data_preprocessor)
     inputs = _pad_to(inputs if isinstance(inputs, torch.Tensor) else inputs[0], shape).cpu()
+    metas = [s.metainfo for s in data['data_samples']]
     onnx_cfg = get_onnx_config(deploy_cfg)
-    raw = RawDetector(model).eval()
-    names = raw_output_names(model, inputs)
+    two_stage = is_two_stage(model)
+    if two_stage:
+        stage1: torch.nn.Module = RpnStage(model).eval()
+        names = stage1.output_names(inputs)
+    else:
+        stage1 = RawDetector(model).eval()
+        names = raw_output_names(model, inputs)
     prefix = str(work_dir / Path(onnx_cfg.get('save_file', 'end2end.onnx')).stem)
     opset = onnx_cfg.get('opset_version', 21)
     context = dict(deploy_cfg=deploy_cfg)
-    with export_mode(raw) as report, legacy_onnx_export():
-        export(raw, inputs, output_path_prefix=prefix, backend=get_backend(deploy_cfg).value,
-               input_metas=None, context_info=context,
-               input_names=list(onnx_cfg.get('input_names', ['input'])), output_names=names,
-               opset_version=min(opset, TORCHSCRIPT_MAX_OPSET), dynamic_axes=None,
-               keep_initializers_as_inputs=onnx_cfg.get('keep_initializers_as_inputs', False),
-               optimize=False)
+    input_name = list(onnx_cfg.get('input_names', ['input']))[0]
+
+    def export_graph(module: torch.nn.Module, x: torch.Tensor, path_prefix: str,
+                     input_names: list[str], output_names: list[str]) -> ExportReport:
+        with export_mode(module) as report, legacy_onnx_export():
+            export(module, x, output_path_prefix=path_prefix,
+                   backend=get_backend(deploy_cfg).value, input_metas=None,
+                   context_info=context, input_names=input_names, output_names=output_names,
+                   opset_version=min(opset, TORCHSCRIPT_MAX_OPSET), dynamic_axes=None,
+                   keep_initializers_as_inputs=onnx_cfg.get('keep_initializers_as_inputs',
+                                                            False),
+                   optimize=False)
+        finalize_onnx(path_prefix + '.onnx', int4_weights=opts['int4_weights'], report=report,
+                      target_opset=opset)
+        return report
+
+    report = export_graph(stage1, inputs, prefix, [input_name], names)
     onnx_file = prefix + '.onnx'
-    finalize_onnx(onnx_file, int4_weights=opts['int4_weights'], report=report,
-                  target_opset=opset)
-    result = DeployResult(onnx_file=onnx_file, export=report)
+    result = DeployResult(onnx_file=onnx_file, onnx_files=[onnx_file], export=report)
     with torch.no_grad():
-        reference = [t.numpy() for t in raw(inputs)]
+        reference = [t.numpy() for t in stage1(inputs)]
+    # graph 2 of a two-stage detector: the RoI box head on the export image's proposals
+    graphs = [(onnx_file, input_name, lambda x, m: x)]
+    if two_stage:
+        host = TwoStageHost(model, num_rois_of(model_cfg, opts['num_rois']))
+        roi_stage = RoIStage(model).eval()
+        roi_feats = host.sample_roi_features(stage1, inputs, metas)
+        roi_file = roi_graph_file(onnx_file)
+        roi_report = export_graph(roi_stage, roi_feats, roi_file[:-len('.onnx')], [ROI_INPUT],
+                                  list(RoIStage.output_names))
+        result.onnx_files.append(roi_file)
+        result.notes.append(f'RoI graph export: {roi_report.summary()}')
+        with torch.no_grad():
+            roi_reference = [t.numpy() for t in roi_stage(roi_feats)]
+        np.savez(work_dir / 'reference_outputs_roi.npz', **{ROI_INPUT: roi_feats.numpy()},
+                 **dict(zip(RoIStage.output_names, roi_reference)))
+        graphs.append((result.onnx_files[1], ROI_INPUT,
+                       lambda x, m: host.sample_roi_features(stage1, x, m)))
     if opts['onnx_format'] == 'ort_int8':
-        feeds = _calib_feeds(task_processor, model, shape, [inputs], opts['calib_images'])
-        fused, int8_report = make_ort_int8(onnx.load(onnx_file), feeds)
-        onnx.save(fused, onnx_file)
-        result.notes.append(f'ORT INT8: {int8_report.summary()}')
+        images = _calib_feeds(task_processor, model, shape, [(inputs, metas)],
+                              opts['calib_images'])
+        for path, name, make_input in graphs:
+            feeds = [{name: make_input(x, m).numpy()} for x, m in images]
+            fused, int8_report = make_ort_int8(onnx.load(path), feeds)
+            onnx.save(fused, path)
+            result.notes.append(f'ORT INT8 {Path(path).name}: {int8_report.summary()}')
     elif opts['onnx_format'] == 'tensorrt':
-        check = check_tensorrt_qdq(onnx.load(onnx_file))
-        result.notes.append(check.summary())
-        if not check.ok:
-            raise ValueError('the export breaks TensorRT explicit-quantization rules:\n  '
-                             + '\n  '.join(check.errors[:20]))
+        for path, _, _ in graphs:
+            check = check_tensorrt_qdq(onnx.load(path))
+            result.notes.append(f'{Path(path).name}: {check.summary()}')
+            if not check.ok:
+                raise ValueError(f'{Path(path).name} breaks TensorRT explicit-quantization '
+                                 'rules:\n  ' + '\n  '.join(check.errors[:20]))
     result.notes.append(f'export: {report.summary()}')
     np.savez(work_dir / 'reference_outputs.npz', input=inputs.numpy(),
              **dict(zip(names, reference)))
@@ -192,14 +234,15 @@ def deploy(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any, *,
     backend = get_backend(deploy_cfg).value
     manager = get_backend_manager(backend)
     if backend == 'onnxruntime':
-        result.backend_files = [result.onnx_file]
+        result.backend_files = list(result.onnx_files)
     elif manager is None or not manager.is_available():
         result.notes.append(f'backend {backend!r} is not installed here: stopping at the '
                             f'ONNX model {result.onnx_file}')
         return result
     else:
-        result.backend_files = list(to_backend(backend, [result.onnx_file], str(work_dir),
-                                               deploy_cfg=deploy_cfg, device=device))
+        result.backend_files = list(to_backend(backend, list(result.onnx_files),
+                                               str(work_dir), deploy_cfg=deploy_cfg,
+                                               device=device))
     task_processor = build_task_processor(model_cfg, deploy_cfg, device)
     backend_model = task_processor.build_backend_model(result.backend_files)
     stored = np.load(Path(work_dir) / 'reference_outputs.npz')
@@ -209,6 +252,15 @@ def deploy(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any, *,
                    key=lambda k: tuple(int(p) for p in k[3:].split('_')))
     result.max_abs_diff = max(float(np.abs(stored[n] - t.numpy()).max())
                               for n, t in zip(names, flat))
+    roi_file = Path(work_dir) / 'reference_outputs_roi.npz'
+    if len(result.onnx_files) > 1 and roi_file.exists():
+        roi = np.load(roi_file)
+        outs = backend_model.roi_forward(torch.from_numpy(roi[ROI_INPUT]))
+        roi_diff = max(float(np.abs(roi[n] - t.numpy()).max())
+                       for n, t in zip(RoIStage.output_names, outs))
+        result.notes.append(f'{backend}: RoI graph outputs vs PyTorch model, max |diff| = '
+                            f'{roi_diff:.3g}')
+        result.max_abs_diff = max(result.max_abs_diff, roi_diff)
     result.notes.append(f'{backend}: raw outputs vs PyTorch model, max |diff| = '
                         f'{result.max_abs_diff:.3g}')
     if test_img is not None:

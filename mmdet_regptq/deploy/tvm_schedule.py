@@ -11,6 +11,10 @@ kind of block, after ``LegalizeOps`` / ``FuseTIR``:
   the ``n, f_o, y`` loops fused and parallel, the accumulator tile in a local buffer
   (``cache_write``) written back once per tile, reduction init split off;
   its padding block is inlined;
+- a 2-D matrix product block (``matmul``: ``[M, K] x [K, N]``, a Linear layer / ONNX
+  Gemm): rows split by 4 and columns by ``V`` (register tile ``4 x V``, the rows unrolled,
+  the columns vectorized), loops ``m_o, n_o | k | m_i, n_i``, ``m_o, n_o`` fused and
+  parallel, the accumulator tile in a local buffer;
 - in a function without a convolution (a fused chain of casts, rescale, bias, ReLU, adds,
   quantize, clip, resize, layout changes, or a normalization): every spatial block but the
   last inlined into its consumers (one pass over memory);
@@ -77,6 +81,27 @@ def _schedule_conv(sch: Any, block: Any) -> None:
     sch.vectorize(wb_loops[-1])
 
 
+def _schedule_matmul(sch: Any, block: Any) -> None:
+    loops = sch.get_loops(block)
+    if len(loops) != 3 or _iter_types(sch, block) != [0, 0, 2]:
+        raise ValueError('not a 2-D [M, K] x [K, N] matmul')
+    m, n, k = loops
+    m_ext, n_ext = _extent(sch, m), _extent(sch, n)
+    tm = next(t for t in (4, 2, 1) if m_ext % t == 0)
+    tn = largest_divisor(n_ext, _LANES)
+    m_o, m_i = sch.split(m, [None, tm])
+    n_o, n_i = sch.split(n, [None, tn])
+    sch.reorder(m_o, n_o, k, m_i, n_i)
+    outer = sch.fuse(m_o, n_o)
+    sch.parallel(outer)
+    local = sch.cache_write(block, 0, 'local')
+    sch.reverse_compute_at(local, outer)
+    sch.unroll(m_i)
+    sch.vectorize(n_i)
+    sch.decompose_reduction(block, k)
+    sch.vectorize(sch.get_loops(local)[-1])
+
+
 def _schedule_spatial(sch: Any, block: Any) -> None:
     loops = sch.get_loops(block)
     if not loops:
@@ -124,6 +149,9 @@ def schedule_cpu(mod: Any) -> Any:
             try:
                 if name.startswith('conv2d_nchw'):
                     _schedule_conv(sch, block)
+                    changed = True
+                elif name == 'matmul':
+                    _schedule_matmul(sch, block)
                     changed = True
                 elif all(t == 0 for t in _iter_types(sch, block)):
                     _schedule_spatial(sch, block)

@@ -96,3 +96,42 @@ def test_llaq_layer_deploys_as_int8_shifts(tmp_path, single_thread, capsys):
                         '--labels', 'a', 'b'])
     table = capsys.readouterr().out
     assert '| b |' in table and '1 int8 shift' in table and '| 1.' in table
+
+
+def test_matmul_schedule_keeps_the_values_and_tiles_the_loops(single_thread):
+    """A Linear layer (ONNX Gemm) gets the matmul schedule: same values as TVM's default
+    lowering, loops parallel and vectorized."""
+    import onnx
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from mmdet_regptq.deploy.tvm_build import compile_onnx, host_target
+    from mmdet_regptq.deploy.tvm_schedule import schedule_cpu
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((48, 200)).astype(np.float32)          # [N, K], transB
+    graph = helper.make_graph(
+        [helper.make_node('Gemm', ['x', 'w'], ['y'], transB=1)], 'fc',
+        [helper.make_tensor_value_info('x', TensorProto.FLOAT, [12, 200])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, [12, 48])],
+        [numpy_helper.from_array(weight, 'w')])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
+    x = rng.standard_normal((12, 200)).astype(np.float32)
+    outs = []
+    for schedule in (False, True):
+        exe = compile_onnx(model, {'x': [12, 200]}, schedule=schedule)
+        vm = relax.VirtualMachine(exe, tvm.cpu())
+        outs.append(vm['main'](tvm.runtime.tensor(x, tvm.cpu())).numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(outs[1], x @ weight.T, rtol=1e-4, atol=1e-3)
+
+    target = host_target()
+    mod = from_onnx(model, shape_dict={'x': [12, 200]}, keep_params_in_input=False)
+    with target:
+        from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+        mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
+                                       + cpu_generic.legalize_passes(target))(mod)
+    text = schedule_cpu(mod).script()
+    assert 'T.parallel' in text and 'T.vectorized' in text and 'matmul_local' in text

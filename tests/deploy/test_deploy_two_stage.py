@@ -1,0 +1,147 @@
+"""Faster R-CNN deployed as two graphs (image → features + RPN; RoI features → box head)
+with mmdet's RPN decoding, NMS and RoIAlign on the host between them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+FRCNN = ROOT / 'configs/synthetic/faster-rcnn_r18-16_fpn64_synthetic.py'
+CHECKPOINT = ROOT / 'checkpoints/faster-rcnn_r18-16_fpn64_synthetic.pth'
+VAL_IMAGE = ROOT / 'data/synthetic/val/000003.jpg'
+
+
+@pytest.fixture(scope='module')
+def quantized_frcnn(single_thread):
+    """The bundled Faster R-CNN, W4A4 MinMax-calibrated on two val images."""
+    import mmdet_regptq  # noqa: F401
+    from mmdet_regptq.deploy import build_detector, quantize_for_deploy
+
+    torch.manual_seed(0)
+    model = build_detector(str(FRCNN), str(CHECKPOINT))
+    quantize_for_deploy(model, quant=dict(w_bits=4, a_bits=4), method=dict(type='MinMax'),
+                        input_shape=(192, 192))
+    model._regptq_quantized = True
+    return model
+
+
+def _detections(samples, min_score=0.3):
+    dets = samples[0].pred_instances
+    keep = dets.scores > min_score
+    order = dets.scores[keep].argsort(descending=True)
+    return dets.bboxes[keep][order], dets.scores[keep][order], dets.labels[keep][order]
+
+
+def test_roi_graph_runs_any_number_of_rois_in_padded_chunks():
+    from mmdet_regptq.deploy.two_stage import run_in_chunks
+
+    calls = []
+
+    def graph(x):
+        calls.append(x.shape[0])
+        return x.sum(dim=(1, 2, 3))[:, None], x.mean(dim=(1, 2, 3))[:, None].repeat(1, 4)
+
+    feats = torch.randn(7, 2, 3, 3)
+    scores, deltas = run_in_chunks(graph, feats, num_rois=3)
+    assert calls == [3, 3, 3]                      # 7 RoIs: 3 + 3 + 1 zero-padded to 3
+    torch.testing.assert_close(scores[:, 0], feats.sum(dim=(1, 2, 3)))
+    assert deltas.shape == (7, 4)
+
+
+def test_num_rois_comes_from_the_rpn_test_cfg_or_the_deploy_config():
+    from mmengine.config import Config
+
+    from mmdet_regptq.deploy.mmdeploy_plugin import regptq_options
+    from mmdet_regptq.deploy.two_stage import num_rois_of
+
+    cfg = Config.fromfile(str(FRCNN))
+    assert num_rois_of(cfg) == cfg.model.test_cfg.rpn.max_per_img == 100
+    assert num_rois_of(cfg, 64) == 64
+    with pytest.raises(ValueError, match='regptq.num_rois=-2'):
+        num_rois_of(cfg, -2)
+    cfg.model.test_cfg.rpn.pop('max_per_img')
+    with pytest.raises(ValueError, match='max_per_img is not set'):
+        num_rois_of(cfg)
+    assert regptq_options(dict(regptq=dict(num_rois=50)))['num_rois'] == 50
+
+
+def _deployed_and_reference(model, deploy_cfg, model_cfg, backend_files):
+    """Detections of the backend model and of the fake-quant model's ``predict``."""
+    from mmdeploy.apis import build_task_processor
+
+    processor = build_task_processor(model_cfg, deploy_cfg, 'cpu')
+    backend_model = processor.build_backend_model(backend_files)
+    data, _ = processor.create_input(str(VAL_IMAGE), None, data_preprocessor=None)
+    batch = backend_model.data_preprocessor(data, False)
+    deployed = backend_model(batch['inputs'], batch['data_samples'], mode='predict')
+    data, _ = processor.create_input(str(VAL_IMAGE), None, data_preprocessor=None)
+    batch = model.data_preprocessor(data, False)
+    with torch.no_grad():
+        reference = model.predict(batch['inputs'], batch['data_samples'])
+    return _detections(deployed), _detections(reference)
+
+
+def test_onnxruntime_int8_deployment_finds_the_fake_quant_detections(quantized_frcnn,
+                                                                     tmp_path):
+    """ORT INT8 (QLinearConv, its own requantization rounding: not bit-exact) finds the
+    fake-quant model's confident detections."""
+    from mmdeploy.utils import load_config
+    from mmdet.structures.bbox import bbox_overlaps
+
+    from mmdet_regptq.deploy.pipeline import deploy
+
+    deploy_cfg, model_cfg = load_config(
+        str(ROOT / 'deploy_configs/detection_onnxruntime-int8_static-192x192.py'), str(FRCNN))
+    deploy_cfg.regptq.calib_images = 2
+    result = deploy(deploy_cfg, model_cfg, None, str(VAL_IMAGE), work_dir=tmp_path,
+                    model=quantized_frcnn)
+    assert result.backend_files == [str(tmp_path / 'end2end.onnx'),
+                                    str(tmp_path / 'end2end_roi.onnx')]
+    roi_graph = onnx.load(result.backend_files[1])
+    assert [i.name for i in roi_graph.graph.input] == ['roi_feats']
+    assert sum('ORT INT8' in note for note in result.notes) == 2     # both graphs rewritten
+    assert any('RoI graph outputs vs PyTorch' in note for note in result.notes)
+    assert np.isfinite(result.max_abs_diff)
+
+    (boxes, _, labels), (ref_boxes, ref_scores, ref_labels) = _deployed_and_reference(
+        quantized_frcnn, deploy_cfg, model_cfg, result.backend_files)
+    confident = ref_scores > 0.5
+    assert int(confident.sum()) > 0
+    iou = bbox_overlaps(ref_boxes[confident], boxes)                 # [confident, deployed]
+    same_label = ref_labels[confident][:, None] == labels[None]
+    found = ((iou > 0.8) & same_label).any(dim=1)
+    assert found.float().mean() >= 0.8, (found, iou.max(dim=1).values)
+
+
+def test_tvm_int4_deployment_predicts_what_the_fake_quant_model_predicts(
+        quantized_frcnn, tmp_path):
+    """TVM INT4 computes the quantized layers exactly: both graphs + the host steps give
+    mmdet's ``predict`` of the fake-quant PyTorch model."""
+    from mmdeploy.utils import load_config
+
+    from mmdet_regptq.deploy.pipeline import deploy
+
+    deploy_cfg, model_cfg = load_config(
+        str(ROOT / 'deploy_configs/detection_tvm-int4_static-192x192.py'), str(FRCNN))
+    result = deploy(deploy_cfg, model_cfg, None, str(VAL_IMAGE), work_dir=tmp_path,
+                    model=quantized_frcnn, test_img=str(VAL_IMAGE))
+    assert len(result.backend_files) == 6            # model.so, weights.npz, meta.json x 2
+    assert {Path(f).parent.name for f in result.backend_files} == {
+        'end2end_tvm_int4', 'end2end_roi_tvm_int4'}
+    meta = (tmp_path / 'end2end_roi_tvm_int4' / 'meta.json').read_text()
+    assert 'shared_fcs.0' in meta                    # the box head's fcs run as integer ops
+    assert result.max_abs_diff < 1e-3, result.notes
+    assert any('detections with score > 0.3' in note for note in result.notes)
+    stored = np.load(tmp_path / 'reference_outputs_roi.npz')
+    assert stored['roi_feats'].shape[0] == 100       # test_cfg.rpn.max_per_img
+
+    (boxes, scores, labels), (ref_boxes, ref_scores, ref_labels) = _deployed_and_reference(
+        quantized_frcnn, deploy_cfg, model_cfg, result.backend_files)
+    assert len(ref_boxes) > 0
+    assert torch.equal(labels, ref_labels)
+    torch.testing.assert_close(boxes, ref_boxes, atol=1e-2, rtol=0)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-3, rtol=0)
