@@ -11,6 +11,7 @@ adapter; dense heads whose decoding differs register a decoder by head class
 |---|---|---|
 | one-stage dense heads (RetinaNet, FCOS, ATSS, GFL, YOLOF, RTMDet, YOLOX) | ``SingleStageDetector`` | ``dense.py`` |
 | two-stage (Faster / Mask R-CNN) | ``TwoStageDetector`` | ``two_stage.py`` |
+| cascade two-stage (Cascade R-CNN, HTC, DetectoRS) | ``CascadeRCNN`` | ``cascade.py`` |
 | query-based (DETR family) | ``DetectionTransformer`` | ``detr.py`` |
 | query-based two-stage (Sparse R-CNN, QueryInst) | ``SparseRCNN`` | ``query_two_stage.py`` |
 """
@@ -23,13 +24,15 @@ from torch import nn
 from mmdet_regptq.calib.fgic import DetPredictions
 from mmdet_regptq.models.base import (DETECTOR_ADAPTERS, FINAL_LAYER_NAMES, DetectorAdapter,
                                       RawOutputs, final_layer_patterns)
+from mmdet_regptq.models.cascade import CascadeAdapter
 from mmdet_regptq.models.dense import DENSE_DECODERS, DenseHeadAdapter
 from mmdet_regptq.models.detr import DETRAdapter
 from mmdet_regptq.models.query_two_stage import QueryTwoStageAdapter
 from mmdet_regptq.models.two_stage import TwoStageAdapter
 
 __all__ = ['DETECTOR_ADAPTERS', 'DENSE_DECODERS', 'FINAL_LAYER_NAMES', 'DetectorAdapter',
-           'DenseHeadAdapter', 'TwoStageAdapter', 'DETRAdapter', 'QueryTwoStageAdapter',
+           'DenseHeadAdapter', 'TwoStageAdapter', 'CascadeAdapter', 'DETRAdapter',
+           'QueryTwoStageAdapter',
            'DetPredictions',
            'RawOutputs', 'find_adapter', 'final_layer_patterns']
 

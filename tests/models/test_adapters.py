@@ -343,3 +343,78 @@ def test_query_two_stage_decodes_as_predict_bbox(rel_path):
     reg = _matching(adapter.regression_layer_patterns(), _names(model))
     assert reg and all('reg' in n for n in reg)
     assert model.roi_head.bbox_head[-1].fc_reg.weight.grad is not None
+
+
+def build_cascade_model(rel_path):
+    """Cascade R-CNN / HTC on ResNet-18 with 32-channel features and 64-wide box heads."""
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(os.path.join(ZOO, rel_path))
+    cfg.merge_from_dict({f'model.{k}': v for k, v in _R18.items()})
+    model_cfg = cfg.model
+    model_cfg.rpn_head.in_channels = model_cfg.rpn_head.feat_channels = 32
+    roi = model_cfg.roi_head
+    for key in ('bbox_roi_extractor', 'mask_roi_extractor', 'semantic_roi_extractor'):
+        if key in roi:
+            roi[key].out_channels = 32
+    for head in roi.bbox_head:
+        head.in_channels, head.fc_out_channels = 32, 64
+    for head in roi.get('mask_head', []):
+        head.in_channels = head.conv_out_channels = 32
+        head.num_convs = 1
+    if 'semantic_head' in roi:
+        roi.semantic_head.update(in_channels=32, conv_out_channels=32, num_convs=1)
+    model_cfg.test_cfg.rpn.max_per_img = 20
+    model_cfg.test_cfg.rcnn.score_thr = 0.0     # random init: keep low-score detections
+    _no_init_cfg(model_cfg)
+    torch.manual_seed(0)
+    return MODELS.build(model_cfg).eval()
+
+
+@pytest.mark.parametrize('rel_path', ['cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py',
+                                      'htc/htc_r50_fpn_1x_coco.py'])
+def test_cascade_decodes_as_predict_bbox(rel_path):
+    """Cascade R-CNN / HTC (semantic branch): every prediction of mmdet's own predict_bbox
+    on the fixed FP proposals is one of the adapter's (RoI, class) scores with its box, and
+    the global loss reaches every stage's regression layer (later stages pool the RoIs the
+    earlier ones refined)."""
+    from mmdet_regptq.models import CascadeAdapter
+    model = build_cascade_model(rel_path)
+    adapter = find_adapter(model)
+    assert type(adapter) is CascadeAdapter and adapter.refines
+    batch = adapter.prepare_batch(make_data())
+    raw = adapter.forward(model, batch)
+    preds = adapter.decode_stages(raw)['roi']
+    counts = [len(p) for p in batch['proposals']]
+    assert [len(p.scores) for p in preds] == counts
+    with torch.no_grad():
+        feats = model.extract_feat(batch['inputs'])
+        extra = {}
+        if getattr(model.roi_head, 'with_semantic', False):
+            extra['semantic_feat'] = model.roi_head.semantic_head(feats)[1]
+        from mmengine.structures import InstanceData
+        expected = model.roi_head.predict_bbox(
+            feats, [s.metainfo for s in batch['data_samples']],
+            [InstanceData(bboxes=p) for p in batch['proposals']], model.roi_head.test_cfg,
+            rescale=False, **extra)
+    found = 0
+    for pred, exp in zip(preds, expected):
+        for score, label, box in zip(exp.scores, exp.labels, exp.bboxes):
+            rows = (pred.scores[:, label] - score).abs() < 1e-6
+            assert rows.any()
+            boxes = pred.boxes[rows]
+            boxes = boxes if boxes.dim() == 2 else boxes[:, label]   # class-agnostic or not
+            assert any(torch.allclose(b, box, atol=1e-3) for b in boxes)
+            found += 1
+    assert found > 0
+    loss_fn = adapter.global_loss(FGICConfig())
+    assert float(loss_fn(raw, raw).detach()) == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        fp = adapter.forward(model, batch)
+    model.roi_head.bbox_head[0].fc_reg.weight.data.mul_(1.5)
+    loss = loss_fn(fp, adapter.forward(model, batch))
+    loss.backward()
+    assert float(loss) > 0
+    for head in model.roi_head.bbox_head:
+        assert head.fc_reg.weight.grad is not None and head.fc_reg.weight.grad.abs().sum() > 0
+    reg = _matching(adapter.regression_layer_patterns(), _names(model))
+    assert {n for n in reg if n.startswith('roi_head.bbox_head.2')}

@@ -1,0 +1,95 @@
+"""Cascade RoI heads (Cascade R-CNN, HTC, DetectoRS): the stages run as mmdet predicts.
+
+``CascadeRoIHead.predict_bbox`` runs its stages through ``_refine_roi``: stage ``t`` pools
+the RoIs that stage ``t - 1`` refined with the deltas of its argmax class; the class
+scores are the mean of every stage's logits, and the boxes are the last stage's deltas
+decoded from the RoIs that stage saw. :class:`CascadeAdapter` runs exactly that on the FP
+model's fixed proposals (see ``two_stage.py``). Prediction ``i`` of two states of the model
+then comes from the same proposal, and FGIC compares the final scores and boxes, which is
+the pair mmdet's NMS would see. The refined RoIs are the model's own (they depend on the
+earlier stages' outputs), so they travel in ``RawOutputs.rois``.
+
+Only the heads whose ``_bbox_forward`` takes ``(stage, x, rois[, semantic_feat])`` are
+decoded: ``CascadeRoIHead`` and HTC's ``HybridTaskCascadeRoIHead`` (its semantic feature
+is computed as its ``predict`` does). Other subclasses (SCNet's, with a global context
+feature) keep ``roi_head.forward``, and Reg-PTQ falls back to the MSE of those outputs.
+"""
+from __future__ import annotations
+
+import torch
+from mmdet.structures.bbox import bbox2roi
+from torch import Tensor, nn
+
+from mmdet_regptq.calib.fgic import DetPredictions
+from mmdet_regptq.models.base import (DETECTOR_ADAPTERS, RawOutputs, branch_patterns,
+                                      image_shapes, shape_list)
+from mmdet_regptq.models.dense import find_dense_decoder
+from mmdet_regptq.models.two_stage import TwoStageAdapter, decode_rois
+
+__all__ = ['CascadeAdapter']
+
+#: RoI heads whose stages ``CascadeAdapter`` runs and decodes itself.
+REFINED_HEADS = ('CascadeRoIHead', 'HybridTaskCascadeRoIHead')
+
+
+@DETECTOR_ADAPTERS.register_module(name='CascadeRCNN')
+class CascadeAdapter(TwoStageAdapter):
+    """Cascade R-CNN and its subclasses (HTC, DetectoRS' cascades, SCNet).
+
+    ``forward`` returns ``RawOutputs(outputs=(rpn_outs, (cls_score, bbox_pred)), img_shapes,
+    rois)``: ``cls_score [R, C + 1]`` the stages' mean logits, ``bbox_pred`` the last
+    stage's deltas, ``rois [R, 5]`` the RoIs the last stage ran on, in the order of the FP
+    proposals. ``decode_stages`` gives ``'rpn'`` and ``'roi'`` (softmax scores, boxes
+    decoded by the last stage's coder), as :class:`TwoStageAdapter` does.
+
+    Regression branch: the RPN's shared conv and ``rpn_reg``, and every stage's shared and
+    regression layers (the refined RoIs of later stages depend on the earlier stages' box
+    outputs).
+    """
+
+    def regression_layer_patterns(self) -> list[str]:
+        return [branch_patterns('rpn_head', 'rpn_conv|rpn_reg'),
+                branch_patterns('roi_head.bbox_head',
+                                'shared_convs|shared_fcs|reg_convs|reg_fcs|fc_reg')]
+
+    @property
+    def refines(self) -> bool:
+        """Whether this RoI head's stages are run and decoded here (module doc)."""
+        return type(self.model.roi_head).__name__ in REFINED_HEADS
+
+    def forward(self, model: nn.Module, batch: dict) -> RawOutputs:
+        if not self.refines:
+            return super().forward(model, batch)
+        if 'proposals' not in batch:
+            raise KeyError("CascadeAdapter.forward: the batch has no 'proposals'; build "
+                           'batches with adapter.prepare_batch (it stores the FP proposals)')
+        feats = model.extract_feat(batch['inputs'])
+        rpn_outs = model.rpn_head(feats)
+        roi_head = model.roi_head
+        extra = {}
+        if getattr(roi_head, 'with_semantic', False):
+            extra['semantic_feat'] = roi_head.semantic_head(feats)[1]
+        proposals = batch['proposals']
+        metas = [s.metainfo for s in batch['data_samples']]
+        rois, cls_scores, bbox_preds = roi_head._refine_roi(
+            feats, bbox2roi(proposals), metas, tuple(len(p) for p in proposals), **extra)
+        if any(p is None for p in bbox_preds):
+            raise NotImplementedError('a cascade stage without box regression')
+        return RawOutputs((rpn_outs, (torch.cat(cls_scores), torch.cat(bbox_preds))),
+                          image_shapes(batch['data_samples'], batch['inputs'].device),
+                          torch.cat(rois))
+
+    def decode_stages(self, raw: RawOutputs) -> dict[str, list[DetPredictions]]:
+        if not self.refines:
+            raise NotImplementedError(
+                f'{type(self.model.roi_head).__name__}: its stages need inputs this adapter '
+                f'does not build (decoded: {", ".join(REFINED_HEADS)})')
+        shapes = shape_list(raw.img_shapes)
+        rpn_head = self.model.rpn_head
+        rpn_outs, (cls_score, bbox_pred) = raw.outputs
+        last_head = self.model.roi_head.bbox_head[-1]
+        return {'rpn': find_dense_decoder(rpn_head)(rpn_head, rpn_outs, shapes),
+                'roi': decode_rois(last_head, cls_score, bbox_pred, raw.rois, shapes)}
+
+    def logits(self, raw: RawOutputs) -> Tensor:
+        return raw.outputs[1][0]
