@@ -25,6 +25,16 @@ __all__ = ['QuantModule', 'QuantConv2d', 'QuantLinear', 'QuantMultiheadAttention
 QuantizerFactory = Callable[[Quantizer, Tensor], Quantizer]
 
 
+def _state_key(weight: Tensor, quantizer: Quantizer) -> tuple:
+    """What a cached fake-quantized weight depends on: every tensor's storage, version,
+    shape and dtype, and the quantizer's switches."""
+    tensors = [weight, *quantizer.parameters(), *quantizer.buffers()]
+    return (tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
+                  for t in tensors),
+            quantizer.enabled, quantizer.bits, quantizer.is_initialized(),
+            getattr(quantizer, 'soft_targets', None))
+
+
 class QuantModule(nn.Module):
     """Base of the quantized wrappers.
 
@@ -44,6 +54,9 @@ class QuantModule(nn.Module):
     ``weight``, ...), so code reading the wrapped layer keeps working.
     """
 
+    #: cache fake-quantized weights in evaluation (one weight copy per layer; set False
+    #: on the class or an instance to save that memory)
+    cache_weights: ClassVar[bool] = True
     _weight_slots: ClassVar[dict[str, str]] = {'weight': 'weight_quantizer'}
     _input_slots: ClassVar[dict[str, str]] = {'input': 'input_quantizer'}
     act_ch_axis: ClassVar[int] = 1
@@ -88,13 +101,29 @@ class QuantModule(nn.Module):
 
     # ------------------------------------------------------------------ quantized tensors
     def quantized_weight(self, slot: str | None = None) -> Tensor:
-        """Weight of ``slot`` (default primary) after its quantizer, if on."""
+        """Weight of ``slot`` (default primary) after its quantizer, if on.
+
+        Without autograd (evaluation) the result is cached until the weight or any tensor
+        of the quantizer changes (storage or in-place version) or its switches do: the
+        weights of a calibrated model are fixed, so inference quantizes each one once.
+        """
         slot = slot or next(iter(self.weight_slots()))
         weight = self.float_weight(slot)
         quantizer = getattr(self, self.weight_slots()[slot])
         if quantizer is None or not self.quant_weight:
             return weight
-        return quantizer(weight)
+        if (not self.cache_weights or torch.is_grad_enabled() or torch.jit.is_tracing()
+                or torch.jit.is_scripting()
+                or 'forward' in quantizer.__dict__):      # export_mode patched it
+            return quantizer(weight)
+        key = _state_key(weight, quantizer)
+        cache = self.__dict__.setdefault('_weight_cache', {})
+        hit = cache.get(slot)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        out = quantizer(weight)
+        cache[slot] = (key, out)
+        return out
 
     def quantize_input(self, x: Tensor, slot: str | None = None) -> Tensor:
         """Input ``x`` of ``slot`` (default primary) after its quantizer and QDrop."""

@@ -153,3 +153,41 @@ def test_mha_slots_and_quantized_forward():
     assert set(separate.weight_slots()) == {'q_proj_weight', 'k_proj_weight', 'v_proj_weight',
                                             'out_proj.weight'}
     assert separate.a_bits is None and separate.key_quantizer is None
+
+
+def test_inference_caches_the_quantized_weight_until_anything_it_depends_on_changes(
+        conv_case):
+    conv, x, qconv = conv_case
+    with torch.no_grad():
+        first = qconv.quantized_weight()
+        assert qconv.quantized_weight() is first                   # cached
+        expected = qconv(x)
+        conv.weight.mul_(0.5)                                      # in place: version bump
+        moved = qconv.quantized_weight()
+        assert moved is not first
+        assert torch.equal(moved, qconv.weight_quantizer(conv.weight))
+        qconv.weight_quantizer.scale.data = qconv.weight_quantizer.scale.data * 2  # storage
+        assert not torch.equal(qconv.quantized_weight(), moved)
+        qconv.weight_quantizer.enabled = False                     # a switch
+        assert torch.equal(qconv.quantized_weight(), conv.weight)
+    qconv.weight_quantizer.enabled = True
+    with torch.no_grad():
+        cached = qconv.quantized_weight()
+    with_grad = qconv.quantized_weight()                           # never cached with autograd
+    assert with_grad is not cached and with_grad.requires_grad
+    assert torch.equal(with_grad.detach(), cached)
+    assert expected.shape == (2, 4, 5, 5)
+
+
+def test_cached_weight_follows_an_adaround_switch():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    qconv = _wrap(conv, QuantConv2d, torch.randn(2, 3, 5, 5))
+    qconv.replace_weight_quantizer(AdaRoundQuantizer)
+    quantizer = qconv.weight_quantizer
+    with torch.no_grad():
+        soft = qconv.quantized_weight()
+        quantizer.soft_targets = False
+        hard = qconv.quantized_weight()
+    assert hard is not soft
+    assert torch.equal(hard, quantizer(conv.weight).detach())
