@@ -191,3 +191,13 @@ def test_cached_weight_follows_an_adaround_switch():
         hard = qconv.quantized_weight()
     assert hard is not soft
     assert torch.equal(hard, quantizer(conv.weight).detach())
+
+
+def test_cache_weights_switch_turns_the_cache_off(conv_case, monkeypatch):
+    _, _, qconv = conv_case
+    monkeypatch.setattr(QuantConv2d, 'cache_weights', False)
+    with torch.no_grad():
+        assert qconv.quantized_weight() is not qconv.quantized_weight()
+    monkeypatch.setattr(QuantConv2d, 'cache_weights', True)
+    with torch.no_grad():
+        assert qconv.quantized_weight() is qconv.quantized_weight()
