@@ -108,6 +108,24 @@ def _calib_feeds(task_processor: Any, model: torch.nn.Module, shape: Sequence[in
     return feeds
 
 
+def _export_task_processor(model_cfg: Any, deploy_cfg: Any, device: str) -> Any:
+    """mmdeploy's task processor for the export. mmdeploy refuses ``device='cpu'`` for a
+    TensorRT config because building the engine needs a GPU; the ONNX export does not, and
+    no machine here has TensorRT. So for the export step only, that device check is left
+    out (the rest is ``mmdeploy.apis.build_task_processor``)."""
+    from mmdeploy.apis import build_task_processor
+    from mmdeploy.codebase import get_codebase_class, import_codebase
+    from mmdeploy.utils import get_backend, get_codebase
+    from mmdeploy.utils.config_utils import get_codebase_external_module
+
+    if get_backend(deploy_cfg).value != 'tensorrt' or device != 'cpu':
+        return build_task_processor(model_cfg, deploy_cfg, device)
+    codebase_type = get_codebase(deploy_cfg, model_cfg=model_cfg)
+    import_codebase(codebase_type, get_codebase_external_module(deploy_cfg))
+    return get_codebase_class(codebase_type).build_task_processor(model_cfg, deploy_cfg,
+                                                                   device)
+
+
 def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any,
                     work_dir: str | Path, device: str = 'cpu',
                     model: torch.nn.Module | None = None) -> DeployResult:
@@ -125,7 +143,6 @@ def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img
     Returns:
         :class:`DeployResult` with the ONNX file (lowered and checked).
     """
-    from mmdeploy.apis import build_task_processor
     from mmdeploy.apis.onnx import export
     from mmdeploy.utils import get_backend, get_input_shape, get_onnx_config, load_config
 
@@ -133,7 +150,7 @@ def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img
     opts = regptq_options(deploy_cfg)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    task_processor = build_task_processor(model_cfg, deploy_cfg, device)
+    task_processor = _export_task_processor(model_cfg, deploy_cfg, device)
     if model is None:
         model = load_deploy_model(task_processor, checkpoint)
     quantized = getattr(model, '_regptq_quantized', False)
@@ -237,7 +254,7 @@ def deploy(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any, *,
         result.backend_files = list(result.onnx_files)
     elif manager is None or not manager.is_available():
         result.notes.append(f'backend {backend!r} is not installed here: stopping at the '
-                            f'ONNX model {result.onnx_file}')
+                            f'ONNX model(s) {", ".join(result.onnx_files)}')
         return result
     else:
         result.backend_files = list(to_backend(backend, list(result.onnx_files),

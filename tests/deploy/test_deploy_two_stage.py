@@ -145,3 +145,30 @@ def test_tvm_int4_deployment_predicts_what_the_fake_quant_model_predicts(
     assert torch.equal(labels, ref_labels)
     torch.testing.assert_close(boxes, ref_boxes, atol=1e-2, rtol=0)
     torch.testing.assert_close(scores, ref_scores, atol=1e-3, rtol=0)
+
+
+def test_tensorrt_config_exports_and_validates_both_graphs_on_a_cpu(single_thread, tmp_path):
+    """mmdeploy refuses device='cpu' for TensorRT configs; the export step needs no GPU, so
+    the deploy stops at both validated ONNX graphs (TensorRT is not installed here)."""
+    from mmdeploy.utils import load_config
+
+    from mmdet_regptq.deploy import build_detector, quantize_for_deploy
+    from mmdet_regptq.deploy.pipeline import deploy
+
+    symmetric = dict(type='Uniform', per_channel=False, symmetric=True, scale_method='minmax')
+    quant = dict(w_bits=8, a_bits=8, first_layer_bits=8, act=symmetric,
+                 weight=dict(symmetric, per_channel=True))
+    model = build_detector(str(FRCNN), str(CHECKPOINT))
+    quantize_for_deploy(model, quant=quant, method=dict(type='MinMax'), input_shape=(192, 192))
+    model._regptq_quantized = True
+    deploy_cfg, model_cfg = load_config(
+        str(ROOT / 'deploy_configs/detection_tensorrt-int8-explicit_static-512x512.py'),
+        str(FRCNN))
+    deploy_cfg.onnx_config.input_shape = [192, 192]
+    result = deploy(deploy_cfg, model_cfg, None, str(VAL_IMAGE), work_dir=tmp_path,
+                    model=model)
+    assert result.backend_files == []
+    assert [Path(f).name for f in result.onnx_files] == ['end2end.onnx', 'end2end_roi.onnx']
+    checked = [n for n in result.notes if n.startswith(('end2end.onnx:', 'end2end_roi.onnx:'))]
+    assert len(checked) == 2, result.notes
+    assert any("'tensorrt' is not installed here" in n for n in result.notes)
