@@ -203,3 +203,18 @@ def test_input_too_small_matches_the_kernel_size_errors():
         "can't be greater than actual input size"))
     assert tool.input_too_small(RuntimeError('selected index k out of range'))  # DINO topk
     assert not tool.input_too_small(RuntimeError('carafe_forward_impl: not found'))
+
+
+def test_cap_proposals_lowers_only_an_rpn_count_above_the_cap():
+    from mmengine.config import ConfigDict
+
+    cap_proposals = _load_tool().cap_proposals
+    two_stage = ConfigDict(test_cfg=dict(rpn=dict(nms_pre=1000, max_per_img=1000),
+                                         rcnn=dict(max_per_img=100)))
+    assert cap_proposals(two_stage, 100) == 1000
+    assert two_stage.test_cfg.rpn.max_per_img == 100
+    assert two_stage.test_cfg.rcnn.max_per_img == 100          # detections untouched
+    assert cap_proposals(two_stage, 100) is None               # already within the cap
+    assert cap_proposals(two_stage, 0) is None                 # 0: the config's own count
+    assert cap_proposals(ConfigDict(test_cfg=dict(score_thr=0.05)), 100) is None
+    assert cap_proposals(ConfigDict(), 100) is None

@@ -14,7 +14,9 @@ those 2 images, and predicts again. Each config runs in its own process with a t
 
 Choices (see ``pick_representative``): ``*_tta.py`` files are never picked; tracking,
 re-id and video folders are out; SyncBN becomes BN (one process); the input size is the
-config's test pipeline size, capped (``--max-size``) for CPU time; images are the bundled
+config's test pipeline size, capped (``--max-size``) for CPU time, and so is the number
+of RPN proposals per image (``--max-proposals``, ``test_cfg.rpn.max_per_img``: the RoI
+head on 1000 proposals dominated the two-stage models' time); images are the bundled
 synthetic set (``data/synthetic``) through the config's own test pipeline, annotation
 loading steps removed. The optional packages some configs import are the ``zoo`` extra
 (``pip install -e .[zoo]``: scikit-image, mmpretrain, timm).
@@ -230,6 +232,20 @@ _TOO_SMALL = ('smaller than kernel', "Kernel size can't be greater than actual",
               'selected index k out of range')
 
 
+def cap_proposals(model_cfg: Any, max_proposals: int) -> int | None:
+    """Lower ``test_cfg.rpn.max_per_img`` to ``max_proposals`` (in place); returns the
+    original value when it was lowered, else None (no RPN, or already within the cap)."""
+    test_cfg = model_cfg.get('test_cfg') if hasattr(model_cfg, 'get') else None
+    rpn = test_cfg.get('rpn') if hasattr(test_cfg, 'get') else None
+    if not hasattr(rpn, 'get') or not max_proposals:
+        return None
+    current = rpn.get('max_per_img')
+    if current is None or current <= max_proposals:
+        return None
+    rpn['max_per_img'] = max_proposals
+    return current
+
+
 def input_too_small(err: BaseException) -> bool:
     """Whether ``err`` says the input is too small for the network (see ``_TOO_SMALL``)."""
     return any(text in str(err) for text in _TOO_SMALL)
@@ -379,8 +395,12 @@ def classify_quant(stage: str, err: str) -> str:
     return f'{stage}: {err.split(":")[0].strip()[:60]}'
 
 
+def _add_note(row: dict, note: str) -> None:
+    row['note'] = f"{row['note']}; {note}" if row.get('note') else note
+
+
 def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | None = None,
-            seed: int = 0, on_stage: Any = None) -> dict:
+            seed: int = 0, on_stage: Any = None, max_proposals: int = 100) -> dict:
     """Build, FP-predict, quantize, calibrate and predict one zoo config (this process).
 
     ``on_stage(row)`` is called after the FP prediction and after the calibration, so that a
@@ -413,6 +433,9 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
             raise KeyError('the config has no model (not a detector config)')
         init_default_scope(cfg.get('default_scope', 'mmdet'))
         model_cfg = offline_cfg(copy.deepcopy(cfg.model))
+        capped = cap_proposals(model_cfg, max_proposals)
+        if capped:
+            row['note'] = f'RPN proposals {capped} -> {max_proposals} per image'
         row['stage'] = 'build'
         torch.manual_seed(seed)
         model = MODELS.build(model_cfg)
@@ -434,12 +457,12 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
                 if not input_too_small(err) or size >= MAX_RETRY_SIZE:
                     raise
                 size *= 2
-                row['note'] = f'input --max-size {size}: {max_size} is too small for it'
+                _add_note(row, f'input --max-size {size}: {max_size} is too small for it')
         if not finite_outputs(fp_out):
             # random init: without trained BN statistics some deep backbones blow up
             # (Darknet-53's boxes overflow); take the statistics from the 2 images
             recompute_bn_stats(model, batch)
-            row['note'] = 'BN statistics from the 2 images (random init: non-finite FP)'
+            _add_note(row, 'BN statistics from the 2 images (random init: non-finite FP)')
             with torch.no_grad():
                 fp_out = model.test_step(batch)
             if not finite_outputs(fp_out):
@@ -482,7 +505,7 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
 def _run_child(config: Path, out_json: Path, log: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), '--one', str(config),
            '--result', str(out_json), '--max-size', str(args.max_size),
-           '--iters', str(args.iters)]
+           '--iters', str(args.iters), '--max-proposals', str(args.max_proposals)]
     if args.method:
         cmd += ['--method', args.method]
     def limit_cpu() -> None:   # CPU seconds, not wall time: the machine is shared
@@ -547,7 +570,8 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: argparse.Name
     lines = [
         '# MMDet zoo coverage', '',
         f'Command: `nice -n 15 env OMP_NUM_THREADS=1 .venv/bin/python tools/zoo_coverage.py '
-        f'--max-size {args.max_size} --iters {args.iters} --timeout {args.timeout}'
+        f'--max-size {args.max_size} --iters {args.iters} --timeout {args.timeout} '
+        f'--max-proposals {args.max_proposals}'
         + (f' --method {args.method}' if args.method else '') + '`', '',
         f'- folders swept: {len(rows)} (+{len(skipped)} out of scope)'
         + (f'; not run yet: {len(missing)} ({", ".join(missing)})' if missing else ''),
@@ -556,7 +580,9 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: argparse.Name
         f'quantized + calibrated + predicts: **{len(full)} / {len(fp_ok)}'
         + (f' ({100 * len(full) / len(fp_ok):.0f}%)**' if fp_ok else '**'),
         f'- calibration method: {", ".join(methods)} ({args.iters} iterations per unit, '
-        '2 synthetic images, W4A4 default policy)', '',
+        '2 synthetic images, W4A4 default policy)',
+        '- two-stage rows whose note says "RPN proposals N -> M" ran with the proposal cap; '
+        'rows swept before the cap existed ran with the config\'s own count', '',
         '| folder | config | input | FP builds+predicts | % Conv/Linear quantized | '
         'calibrated | predicted | s | error |',
         '|---|---|---|---|---|---|---|---|---|']
@@ -670,6 +696,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--max-size', type=int, default=320,
                         help='cap of the longer side of keep-ratio test resizes')
     parser.add_argument('--iters', type=int, default=2, help='calibration iterations per unit')
+    parser.add_argument('--max-proposals', type=int, default=100,
+                        help="cap of the RPN's test_cfg.rpn.max_per_img (0: the config's)")
     parser.add_argument('--timeout', type=int, default=900,
                         help='CPU seconds per config (RLIMIT_CPU of its process)')
     parser.add_argument('--wall-timeout', type=int, default=4 * 3600,
@@ -698,7 +726,7 @@ def main(argv: list[str] | None = None) -> None:
                 part.write_text(json.dumps(row, indent=1))
                 os.replace(part, args.result)
         row = run_one(args.one, max_size=args.max_size, iters=args.iters, method=args.method,
-                      on_stage=write)
+                      on_stage=write, max_proposals=args.max_proposals)
         text = json.dumps(row, indent=1)
         if args.result:
             Path(args.result).write_text(text)
