@@ -33,7 +33,8 @@ from mmdet_regptq.deploy.mmdeploy_plugin import regptq_options
 from mmdet_regptq.deploy.ort_int8 import make_ort_int8
 from mmdet_regptq.deploy.tensorrt import check_tensorrt_qdq
 from mmdet_regptq.deploy.two_stage import (ROI_INPUT, RoIStage, RpnStage, TwoStageHost,
-                                           is_two_stage, num_rois_of, roi_graph_file)
+                                           check_deployable, is_two_stage, num_rois_of,
+                                           roi_graph_file)
 
 __all__ = ['DeployResult', 'load_deploy_model', 'export_detector', 'deploy', 'evaluate',
            'is_quantized_checkpoint']
@@ -165,6 +166,7 @@ def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img
     onnx_cfg = get_onnx_config(deploy_cfg)
     two_stage = is_two_stage(model)
     if two_stage:
+        check_deployable(model)       # before any file is written
         stage1: torch.nn.Module = RpnStage(model).eval()
         names = stage1.output_names(inputs)
     else:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from mmdet_regptq.deploy.detector import _flatten, unflatten_raw
 
 __all__ = ['RpnStage', 'RoIStage', 'is_two_stage', 'roi_graph_file', 'num_rois_of',
-           'TwoStageHost', 'ROI_INPUT']
+           'TwoStageHost', 'ROI_INPUT', 'check_deployable']
 
 ROI_INPUT = 'roi_feats'
 RoIGraph = Callable[[Tensor], Sequence[Tensor]]
@@ -92,16 +92,27 @@ class RoIStage(nn.Module):
 
     def __init__(self, detector: nn.Module) -> None:
         super().__init__()
-        bbox_head = getattr(detector.roi_head, 'bbox_head', None)
-        if not isinstance(bbox_head, nn.Module):
-            raise NotImplementedError(
-                f'{type(detector.roi_head).__name__}: only a single box head deploys '
-                '(cascade heads have a list of them)')
-        self.bbox_head = bbox_head
+        check_deployable(detector)
+        self.bbox_head = detector.roi_head.bbox_head
 
     def forward(self, roi_feats: Tensor) -> tuple[Tensor, Tensor]:
         scores, deltas = self.bbox_head(roi_feats)
         return scores, deltas
+
+
+def check_deployable(detector: nn.Module) -> None:
+    """Raise unless the RoI head is one box head and no mask head (what graph 2 holds)."""
+    roi_head = detector.roi_head
+    if getattr(roi_head, 'with_mask', False):
+        raise NotImplementedError(
+            f'{type(detector).__name__}: its mask head is not deployed (graph 2 holds the '
+            'box head only); for a box-only deployment remove mask_head / '
+            'mask_roi_extractor from the model config')
+    bbox_head = getattr(roi_head, 'bbox_head', None)
+    if not isinstance(bbox_head, nn.Module) or isinstance(bbox_head, nn.ModuleList):
+        raise NotImplementedError(
+            f'{type(roi_head).__name__}: only a single box head deploys (cascade heads have '
+            'a list of them)')
 
 
 def run_in_chunks(graph: RoIGraph, roi_feats: Tensor, num_rois: int) -> tuple[Tensor, Tensor]:
@@ -129,6 +140,7 @@ class TwoStageHost:
     """
 
     def __init__(self, detector: nn.Module, num_rois: int) -> None:
+        check_deployable(detector)
         self.detector = detector.eval()
         self.num_rois = num_rois
 

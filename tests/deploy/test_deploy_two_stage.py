@@ -172,3 +172,22 @@ def test_tensorrt_config_exports_and_validates_both_graphs_on_a_cpu(single_threa
     checked = [n for n in result.notes if n.startswith(('end2end.onnx:', 'end2end_roi.onnx:'))]
     assert len(checked) == 2, result.notes
     assert any("'tensorrt' is not installed here" in n for n in result.notes)
+
+
+def test_mask_and_cascade_heads_are_refused_with_the_reason():
+    from torch import nn
+
+    from mmdet_regptq.deploy import build_detector
+    from mmdet_regptq.deploy.two_stage import RoIStage, TwoStageHost, check_deployable
+
+    model = build_detector(str(FRCNN))
+    check_deployable(model)                                        # Faster R-CNN deploys
+    model.roi_head.mask_head = nn.Identity()                       # now with_mask is True
+    with pytest.raises(NotImplementedError, match='mask head is not deployed'):
+        RoIStage(model)
+    with pytest.raises(NotImplementedError, match='mask head is not deployed'):
+        TwoStageHost(model, 100)
+    del model.roi_head.mask_head
+    model.roi_head.bbox_head = nn.ModuleList([model.roi_head.bbox_head])
+    with pytest.raises(NotImplementedError, match='only a single box head'):
+        check_deployable(model)
