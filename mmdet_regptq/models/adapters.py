@@ -32,9 +32,8 @@ from mmdet_regptq.models.two_stage import TwoStageAdapter
 
 __all__ = ['DETECTOR_ADAPTERS', 'DENSE_DECODERS', 'FINAL_LAYER_NAMES', 'DetectorAdapter',
            'DenseHeadAdapter', 'TwoStageAdapter', 'CascadeAdapter', 'DETRAdapter',
-           'QueryTwoStageAdapter',
-           'DetPredictions',
-           'RawOutputs', 'find_adapter', 'final_layer_patterns']
+           'QueryTwoStageAdapter', 'DetPredictions', 'RawOutputs', 'find_adapter',
+           'final_layer_patterns']
 
 
 def find_adapter(model: nn.Module, **options: Any) -> DetectorAdapter:
