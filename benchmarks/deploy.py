@@ -243,7 +243,6 @@ def export_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work
                     tvm: bool) -> dict[str, Callable[[np.ndarray], Any]]:
     """Build the four deployments of one detector; returns row name → run(input)."""
     import onnx
-    import onnxruntime as ort
 
     from mmdet_regptq.deploy import (RawDetector, build_detector, export_onnx, make_ort_int8,
                                      quantize_for_deploy, raw_output_names)
@@ -253,10 +252,8 @@ def export_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work
     runs: dict[str, Callable[[np.ndarray], Any]] = {}
 
     def ort_session(path: Path) -> Callable:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        sess = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
-        return lambda feed: sess.run(None, {'input': feed})
+        graph = _ort_graph(path)
+        return lambda feed: graph({'input': feed})
 
     fp = build_detector(cfg, checkpoint)
     names = raw_output_names(fp, x)

@@ -73,16 +73,19 @@ class RpnStage(nn.Module):
             raise TypeError(f'{type(detector).__name__} has no rpn_head + roi_head')
         self.detector = detector
 
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+    def structured(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """``(features, rpn scores, rpn deltas)``, each per level (the graph's outputs
+        before flattening)."""
         feats = self.detector.extract_feat(x)
         scores, deltas = self.detector.rpn_head(feats)
-        return tuple(_flatten((list(feats), scores, deltas))[0])
+        return list(feats), list(scores), list(deltas)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(_flatten(self.structured(x))[0])
 
     @torch.no_grad()
     def output_names(self, x: Tensor) -> list[str]:
-        feats = self.detector.extract_feat(x)
-        scores, deltas = self.detector.rpn_head(feats)
-        return _flatten((list(feats), scores, deltas))[1]
+        return _flatten(self.structured(x))[1]
 
 
 class RoIStage(nn.Module):
@@ -180,12 +183,11 @@ class TwoStageHost:
                                                   rescale=rescale)
 
     @torch.no_grad()
-    def sample_roi_features(self, stage1: nn.Module, x: Tensor, metas: Sequence[dict]
+    def sample_roi_features(self, stage1: RpnStage, x: Tensor, metas: Sequence[dict]
                             ) -> Tensor:
         """``[num_rois, C, h, w]`` RoI features of image batch ``x`` (export / calibration
         input of graph 2), zero-padded or cut to ``num_rois``."""
-        names = stage1.output_names(x)
-        feats, scores, deltas = unflatten_raw(dict(zip(names, stage1(x))))
+        feats, scores, deltas = stage1.structured(x)
         roi_feats = self.roi_features(feats, self.proposals(scores, deltas, metas))
         roi_feats = roi_feats[:self.num_rois]
         pad = self.num_rois - roi_feats.shape[0]

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import torch
 from mmdet.structures.bbox import bbox2roi
-from torch import Tensor, nn
+from torch import nn
 
 from mmdet_regptq.calib.fgic import DetPredictions
-from mmdet_regptq.models.base import (DETECTOR_ADAPTERS, RawOutputs, branch_patterns,
-                                      image_shapes, shape_list)
-from mmdet_regptq.models.dense import find_dense_decoder
-from mmdet_regptq.models.two_stage import TwoStageAdapter, decode_rois
+from mmdet_regptq.models.base import DETECTOR_ADAPTERS, RawOutputs, image_shapes
+from mmdet_regptq.models.two_stage import TwoStageAdapter
 
 __all__ = ['CascadeAdapter']
 
@@ -42,15 +40,10 @@ class CascadeAdapter(TwoStageAdapter):
     proposals. ``decode_stages`` gives ``'rpn'`` and ``'roi'`` (softmax scores, boxes
     decoded by the last stage's coder), as :class:`TwoStageAdapter` does.
 
-    Regression branch: the RPN's shared conv and ``rpn_reg``, and every stage's shared and
-    regression layers (the refined RoIs of later stages depend on the earlier stages' box
-    outputs).
+    Regression branch: :class:`TwoStageAdapter`'s patterns, which match every stage's
+    shared and regression layers (the refined RoIs of later stages depend on the earlier
+    stages' box outputs).
     """
-
-    def regression_layer_patterns(self) -> list[str]:
-        return [branch_patterns('rpn_head', 'rpn_conv|rpn_reg'),
-                branch_patterns('roi_head.bbox_head',
-                                'shared_convs|shared_fcs|reg_convs|reg_fcs|fc_reg')]
 
     @property
     def refines(self) -> bool:
@@ -60,11 +53,7 @@ class CascadeAdapter(TwoStageAdapter):
     def forward(self, model: nn.Module, batch: dict) -> RawOutputs:
         if not self.refines:
             return super().forward(model, batch)
-        if 'proposals' not in batch:
-            raise KeyError("CascadeAdapter.forward: the batch has no 'proposals'; build "
-                           'batches with adapter.prepare_batch (it stores the FP proposals)')
-        feats = model.extract_feat(batch['inputs'])
-        rpn_outs = model.rpn_head(feats)
+        feats, rpn_outs = self.features_and_rpn(model, batch)
         roi_head = model.roi_head
         extra = {}
         if getattr(roi_head, 'with_semantic', False):
@@ -79,17 +68,12 @@ class CascadeAdapter(TwoStageAdapter):
                           image_shapes(batch['data_samples'], batch['inputs'].device),
                           torch.cat(rois))
 
+    def final_bbox_head(self) -> nn.Module:
+        return self.model.roi_head.bbox_head[-1]
+
     def decode_stages(self, raw: RawOutputs) -> dict[str, list[DetPredictions]]:
         if not self.refines:
             raise NotImplementedError(
                 f'{type(self.model.roi_head).__name__}: its stages need inputs this adapter '
                 f'does not build (decoded: {", ".join(REFINED_HEADS)})')
-        shapes = shape_list(raw.img_shapes)
-        rpn_head = self.model.rpn_head
-        rpn_outs, (cls_score, bbox_pred) = raw.outputs
-        last_head = self.model.roi_head.bbox_head[-1]
-        return {'rpn': find_dense_decoder(rpn_head)(rpn_head, rpn_outs, shapes),
-                'roi': decode_rois(last_head, cls_score, bbox_pred, raw.rois, shapes)}
-
-    def logits(self, raw: RawOutputs) -> Tensor:
-        return raw.outputs[1][0]
+        return super().decode_stages(raw)

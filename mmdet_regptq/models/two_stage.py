@@ -132,12 +132,22 @@ class TwoStageAdapter(DetectorAdapter):
                 'calibration image(s); they get one whole-image proposal')
         return batch
 
-    def forward(self, model: nn.Module, batch: dict) -> RawOutputs:
+    @staticmethod
+    def features_and_rpn(model: nn.Module, batch: dict) -> tuple[tuple, tuple]:
+        """Backbone + neck features and the raw RPN outputs of a batch that holds the FP
+        proposals (:meth:`prepare_batch`)."""
         if 'proposals' not in batch:
-            raise KeyError("TwoStageAdapter.forward: the batch has no 'proposals'; build "
-                           'batches with adapter.prepare_batch (it stores the FP proposals)')
+            raise KeyError("the batch has no 'proposals'; build batches with the two-stage "
+                           "adapter's prepare_batch (it stores the FP proposals)")
         feats = model.extract_feat(batch['inputs'])
-        rpn_outs = model.rpn_head(feats)
+        return feats, model.rpn_head(feats)
+
+    def final_bbox_head(self) -> nn.Module:
+        """The box head whose coder decodes the RoI outputs."""
+        return self.model.roi_head.bbox_head
+
+    def forward(self, model: nn.Module, batch: dict) -> RawOutputs:
+        feats, rpn_outs = self.features_and_rpn(model, batch)
         proposals = [InstanceData(bboxes=p) for p in batch['proposals']]
         roi_outs = model.roi_head.forward(feats, proposals, batch['data_samples'])
         return RawOutputs((rpn_outs, roi_outs),
@@ -150,7 +160,7 @@ class TwoStageAdapter(DetectorAdapter):
     def decode_stages(self, raw: RawOutputs) -> dict[str, list[DetPredictions]]:
         shapes = shape_list(raw.img_shapes)
         rpn_head = self.model.rpn_head
-        (rpn_outs, roi_outs), bbox_head = raw.outputs, self.model.roi_head.bbox_head
+        (rpn_outs, roi_outs), bbox_head = raw.outputs, self.final_bbox_head()
         bbox_pred = roi_outs[1] if len(roi_outs) > 1 else None
         return {'rpn': find_dense_decoder(rpn_head)(rpn_head, rpn_outs, shapes),
                 'roi': decode_rois(bbox_head, roi_outs[0], bbox_pred, raw.rois, shapes)}
