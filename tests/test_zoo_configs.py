@@ -178,11 +178,13 @@ def test_offline_cfg_turns_downloads_off():
     tool = _load_tool()
     cfg = dict(backbone=dict(type='mmpretrain.TIMMBackbone', pretrained=True,
                              init_cfg=dict(type='Pretrained', checkpoint='https://x/y.pth')),
-               neck=dict(norm_cfg=dict(type='SyncBN')), teacher_ckpt='https://x/t.pth')
+               neck=dict(norm_cfg=dict(type='SyncBN')), teacher_ckpt='https://x/t.pth',
+               teacher_config='configs/gfl/gfl_r101_fpn_ms-2x_coco.py')
     out = tool.offline_cfg(cfg)
     assert out['backbone']['pretrained'] is False          # timm wants a bool, not None
     assert out['backbone']['init_cfg'] is None and out['teacher_ckpt'] is None
     assert out['neck']['norm_cfg']['type'] == 'BN'
+    assert os.path.isfile(out['teacher_config'])            # LD's teacher: the packaged copy
 
 
 def test_sweep_claims_a_folder_once_and_reclaims_a_dead_holder(tmp_path):

@@ -22,6 +22,11 @@ TORCH_VERSION=2.14.1
 MMCV_VERSION=2.1.0
 
 log() { echo "[install] $*"; }
+# torch's wheel unpacks to ~6 GB in the venv; say so up front instead of failing mid-install.
+free_gb=$(df -Pk "$(dirname "$VENV")" | awk 'NR==2 {print int($4 / 1048576)}')
+if [ ! -x "$VENV/bin/python" ] && [ "${free_gb:-0}" -lt 10 ]; then
+  log "WARNING: only ${free_gb} GB free under $(dirname "$VENV"); a new venv needs about 10 GB (torch alone ~6 GB)"
+fi
 [ -x "$VENV/bin/python" ] || { log "creating virtualenv $VENV"; "$PYTHON" -m venv "$VENV"; }
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)

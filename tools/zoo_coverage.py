@@ -137,7 +137,8 @@ def offline_cfg(node: Any) -> Any:
     ``init_cfg`` of type ``Pretrained`` (or pointing at a remote checkpoint) -> ``None``;
     ``pretrained`` / ``teacher_ckpt`` / ``checkpoint`` keys naming a file or URL -> ``None``
     (a boolean ``pretrained=True``, e.g. timm's download flag -> ``False``);
-    ``SyncBN`` / ``MMSyncBN`` norm layers -> ``BN``.
+    ``SyncBN`` / ``MMSyncBN`` norm layers -> ``BN``; a ``teacher_config`` given relative to
+    mmdet's repository (``configs/...``, knowledge distillation) -> the packaged copy.
     """
     if isinstance(node, dict):
         for key in list(node):
@@ -152,6 +153,9 @@ def offline_cfg(node: Any) -> Any:
                 node[key] = False if isinstance(value, bool) else None  # timm: a bool flag
             elif key == 'type' and value in ('SyncBN', 'MMSyncBN', 'NaiveSyncBN'):
                 node[key] = 'BN'
+            elif key == 'teacher_config' and isinstance(value, str) and \
+                    value.startswith('configs/'):
+                node[key] = str(zoo_root() / value[len('configs/'):])
             else:
                 offline_cfg(value)
     elif isinstance(node, (list, tuple)):

@@ -11,6 +11,10 @@ quantized model). At an iteration each prefix module's ``forward`` is temporaril
 ``forward_fn(model, batch)`` runs: only unit ``k`` and what follows is computed. A hook
 collects unit ``k``'s outputs, so the local and the global loss come from ONE forward.
 Units after ``k`` run in their current state (not yet quantized).
+
+An optional ``tail_fn`` is a cheaper forward with the outputs the final-output loss reads
+(Mask R-CNN without its mask head): units it calls run their tails with it; the others
+(the mask head's own units) with ``forward_fn``. Each keeps its own trace and FP targets.
 """
 from __future__ import annotations
 
@@ -75,6 +79,8 @@ class TailRunner:
         max_bytes: in-memory cap of each of the two caches (prefix outputs, FP targets).
         spill_dir: where the caches spill.
         fp_context: factory of a context manager active during the FP target forwards.
+        tail_fn: optional cheaper forward for the units it calls (module doc); its outputs
+            must be what the loss on final outputs reads from ``forward_fn``'s.
 
     The model's forward must be deterministic in its module calls (the same modules in
     the same order for every batch); a module called more often than traced raises.
@@ -82,19 +88,24 @@ class TailRunner:
 
     def __init__(self, model: nn.Module, forward_fn: ForwardFn, batches: Sequence[Any], *,
                  max_bytes: int = 2 * GiB, spill_dir: str | None = None,
-                 fp_context: Callable[[], ContextManager] | None = None) -> None:
+                 fp_context: Callable[[], ContextManager] | None = None,
+                 tail_fn: ForwardFn | None = None) -> None:
         if len(batches) == 0:
             raise ValueError('TailRunner: no calibration batches')
         self.model = model
-        self.forward_fn = forward_fn
         self.batches = batches
         self.device = model_device(model)
         self._fp_context = fp_context or contextlib.nullcontext
-        with torch.no_grad(), quant_disabled(model):
-            self.records, _ = trace_calls(model, forward_fn, batches[0],
-                                          is_leaf=lambda m: isinstance(m, QuantModule))
+        self._forwards = [forward_fn] + ([tail_fn] if tail_fn is not None else [])
+        self._traces = []
+        for fn in self._forwards:
+            with torch.no_grad(), quant_disabled(model):
+                records, _ = trace_calls(model, fn, batches[0],
+                                         is_leaf=lambda m: isinstance(m, QuantModule))
+            self._traces.append(records)
+        self._active = 0
         self._prefix = ActivationCache(max_bytes=max_bytes, spill_dir=spill_dir)
-        self._targets: ActivationCache | None = None
+        self._all_targets: dict[int, ActivationCache] = {}
         self._cache_args = dict(max_bytes=max_bytes, spill_dir=spill_dir)
         self._plan: dict[int, tuple[nn.Module, list[str | None]]] = {}
         self.unit: ReconUnit | None = None
@@ -109,10 +120,15 @@ class TailRunner:
         Also computes the FP final outputs (targets) on the first call.
         """
         self._prefix.clear()
-        first = next((r for r in self.records if r.name == unit.name), None)
+        # the cheapest forward that calls the unit (tail_fn is last when given)
+        for active in reversed(range(len(self._forwards))):
+            first = next((r for r in self._traces[active] if r.name == unit.name), None)
+            if first is not None:
+                break
         if first is None:
             raise ValueError(f'TailRunner: unit {unit.name!r} was not called in the traced '
                              'forward')
+        self._active = active
         prefix = maximal_prefix(self.records, first.start)
         self._plan = self._make_plan(prefix)
         for batch in self.batches:
@@ -121,8 +137,22 @@ class TailRunner:
                 run_forward(self.model, self.forward_fn, batch)
             self._prefix.append(CacheEntry(output=stored), copy=False)
         self.unit = unit
-        if self._targets is None:
-            self._targets = self._record_targets()
+        if active not in self._all_targets:
+            self._all_targets[active] = self._record_targets()
+
+    @property
+    def forward_fn(self) -> ForwardFn:
+        """The forward the prepared unit's tail runs with."""
+        return self._forwards[self._active]
+
+    @property
+    def records(self) -> list[CallRecord]:
+        """The traced calls of :attr:`forward_fn`."""
+        return self._traces[self._active]
+
+    @property
+    def _targets(self) -> ActivationCache | None:
+        return self._all_targets.get(self._active)
 
     def _make_plan(self, prefix: list[CallRecord]) -> dict[int, tuple[nn.Module, list]]:
         """Per patched module, its calls in a tail run: a cache key (lookup) or None (live).
@@ -258,7 +288,7 @@ class TailRunner:
     def release(self) -> None:
         """Free the caches (end of calibration)."""
         self._prefix.clear()
-        if self._targets is not None:
-            self._targets.clear()
-        self._targets = None
+        for targets in self._all_targets.values():
+            targets.clear()
+        self._all_targets = {}
         self.unit = None

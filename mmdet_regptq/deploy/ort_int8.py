@@ -18,7 +18,13 @@ dequantized weights: slower than FP32 (measured in BUILD_NOTES / ``benchmarks/de
    a float layer) gets an 8-bit ``uint8`` Q/DQ, its range measured by running OUR exported
    model on calibration inputs (min/max, ``qparams_from_range`` as our quantizers). This
    requantization is the one numerical change against the fake-quant model: at most half
-   an 8-bit step of that tensor's range, which :func:`ort_int8_report` measures.
+   an 8-bit step of that tensor's range, which :func:`ort_int8_report` measures;
+4. residual and FPN top-down adds become ``DQ, DQ -> Add -> Q`` so ORT runs them as
+   ``QLinearAdd`` (:func:`integer_adds`): a float input that one of our 8-bit quantizers
+   already reads takes that quantizer's value (at most half its step away), a nearest
+   ``Resize`` of a dequantized tensor is requantized with the same parameters (exact), and
+   the add's output goes straight into our next quantizer (a ReLU in between is dropped
+   when that quantizer's ``uint8`` zero point 0 clamps negatives anyway: exact).
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from mmdet_regptq.deploy.onnx_graph import GraphIndex, attrs
 from mmdet_regptq.quant import QuantGrid, qparams_from_range
 
 __all__ = ['OrtInt8Report', 'make_ort_int8', 'recentre_weights', 'conv_output_ranges',
-           'merge_duplicate_quantizers']
+           'merge_duplicate_quantizers', 'integer_adds']
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +57,21 @@ class OrtInt8Report:
         requantized: layer output → ``(scale, zero_point)`` of the added 8-bit Q/DQ.
         recentred: weights stored as int8 with zero point 0.
         merged: QuantizeLinear nodes removed as duplicates of another on the same tensor.
+        integer_adds: Add nodes now between DequantizeLinear inputs and one QuantizeLinear
+            (ORT runs them as ``QLinearAdd``).
     """
 
     fused: list[str] = field(default_factory=list)
     requantized: dict[str, tuple[float, int]] = field(default_factory=dict)
     recentred: list[str] = field(default_factory=list)
     merged: int = 0
+    integer_adds: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (f'{len(self.fused)} layers end in our own Q, {len(self.requantized)} outputs '
                 f'requantized to uint8, {len(self.recentred)} weights re-centred to int8, '
-                f'{self.merged} duplicate QuantizeLinear merged')
+                f'{self.merged} duplicate QuantizeLinear merged, '
+                f'{len(self.integer_adds)} adds in integers')
 
 
 def _quantized_layers(index: GraphIndex) -> list[onnx.NodeProto]:
@@ -209,6 +219,145 @@ def conv_output_ranges(model: onnx.ModelProto, names: Iterable[str],
     return ranges
 
 
+def _full_8bit_quantizer(index: GraphIndex, q: onnx.NodeProto) -> bool:
+    """A per-tensor 8-bit QuantizeLinear read only by DequantizeLinear (no narrowing Clip:
+    a 4-bit activation grid is ``Q -> Clip -> DQ``, too coarse to stand in for a float)."""
+    if q.op_type != 'QuantizeLinear' or len(q.input) < 3 or q.output[0] in index.graph_outputs:
+        return False
+    scale, zp = index.const(q.input[1]), index.const(q.input[2])
+    if scale is None or zp is None or scale.size != 1 or zp.dtype not in (np.uint8, np.int8):
+        return False
+    return all(u.op_type == 'DequantizeLinear' for u in index.users(q.output[0]))
+
+
+def _clamps_negatives(index: GraphIndex, q: onnx.NodeProto) -> bool:
+    zp = index.const(q.input[2]) if len(q.input) > 2 else None
+    return zp is not None and zp.dtype == np.uint8 and zp.size == 1 and int(zp) == 0
+
+
+def _topological(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` reordered so every input is produced before it is read (stable)."""
+    ready = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+    ready.add('')
+    order: list[onnx.NodeProto] = []
+    pending = list(nodes)
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                order.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ValueError('ORT INT8: the rewritten graph has a cycle')
+        pending = rest
+    return order
+
+
+def integer_adds(model: onnx.ModelProto) -> list[str]:
+    """Rewrite residual / FPN adds into ``DQ, DQ -> Add -> Q`` (module doc, step 4).
+
+    Three passes over the adds of two non-constant inputs:
+      1. a float input that an 8-bit quantizer of ours also reads is replaced by that
+         quantizer's dequantized value;
+      2. the output: through a ReLU whose readers are all ``uint8``/zero-point-0
+         quantizers, those quantizers read the add directly (exact); otherwise, when one of
+         its readers is an 8-bit quantizer, the other readers (a Resize, a Shape) read that
+         quantizer's dequantized value;
+      3. a float input produced by a nearest ``Resize`` of a dequantized tensor gets a Q/DQ
+         with that tensor's parameters (exact: nearest resizing copies values).
+    Returns the adds whose inputs are all dequantized and whose output feeds one Q.
+    """
+    graph = model.graph
+    index = GraphIndex(model)
+    added: dict[str, list[onnx.NodeProto]] = {}      # tensor -> new nodes reading it
+    new_dq: dict[str, str] = {}
+    counter = iter(range(1 << 30))
+
+    def dequantized(q: onnx.NodeProto) -> str:
+        """An existing or new DequantizeLinear of ``q``'s output (same parameters)."""
+        for user in index.users(q.output[0]):
+            if user.op_type == 'DequantizeLinear' and list(user.input[1:]) == list(q.input[1:]):
+                return user.output[0]
+        if q.output[0] not in new_dq:
+            out = new_dq[q.output[0]] = f'{q.output[0]}.dq{next(counter)}'
+            added.setdefault(q.output[0], []).append(helper.make_node(
+                'DequantizeLinear', [q.output[0], *q.input[1:]], [out],
+                name=f'{out}/DequantizeLinear'))
+        return new_dq[q.output[0]]
+
+    def is_float(name: str) -> bool:
+        return index.const(name) is None and \
+            index.producer_of(name, 'DequantizeLinear') is None
+
+    adds = [n for n in graph.node if n.op_type == 'Add' and len(n.input) == 2
+            and all(index.const(i) is None for i in n.input)]
+    for add in adds:                                                          # pass 1
+        for i, name in enumerate(add.input):
+            quantizers = [u for u in index.users(name) if _full_8bit_quantizer(index, u)]
+            if is_float(name) and quantizers:
+                add.input[i] = dequantized(quantizers[0])
+    index = GraphIndex(model)
+    dropped: set[int] = set()
+    for add in adds:                                                          # pass 2
+        out = add.output[0]
+        users = index.users(out)
+        if out in index.graph_outputs or not users:
+            continue
+        if len(users) == 1 and users[0].op_type == 'Relu' and \
+                users[0].output[0] not in index.graph_outputs:
+            relu_users = index.users(users[0].output[0])
+            if relu_users and all(u.op_type == 'QuantizeLinear' and _clamps_negatives(index, u)
+                                  for u in relu_users):
+                for q in relu_users:
+                    q.input[0] = out
+                dropped.add(id(users[0]))
+            continue
+        quantizers = [u for u in users if _full_8bit_quantizer(index, u)]
+        if quantizers:
+            for user in users:
+                if user.op_type == 'QuantizeLinear':
+                    continue
+                for j, name in enumerate(user.input):
+                    if name == out:
+                        user.input[j] = dequantized(quantizers[0])
+    index = GraphIndex(model)
+    for add in adds:                                                          # pass 3
+        for i, name in enumerate(add.input):
+            resize = index.producer_of(name, 'Resize')
+            if not is_float(name) or resize is None or \
+                    attrs(resize).get('mode', b'nearest') not in (b'nearest', 'nearest'):
+                continue
+            source = index.producer_of(resize.input[0], 'DequantizeLinear')
+            if source is None or len(source.input) < 3:
+                continue
+            prefix = f'{name}.requant{next(counter)}'
+            added.setdefault(name, []).extend([
+                helper.make_node('QuantizeLinear', [name, *source.input[1:]], [f'{prefix}.int'],
+                                 name=f'{prefix}/QuantizeLinear'),
+                helper.make_node('DequantizeLinear', [f'{prefix}.int', *source.input[1:]],
+                                 [prefix], name=f'{prefix}/DequantizeLinear')])
+            add.input[i] = prefix
+    nodes = []
+    for node in graph.node:  # one rebuild at the end: extend() copies, edits need the originals
+        if id(node) in dropped:
+            continue
+        nodes.append(node)
+        for out in node.output:
+            nodes.extend(added.get(out, []))
+    del graph.node[:]
+    graph.node.extend(_topological(model, nodes))
+    index = GraphIndex(model)
+    done = []
+    for add in adds:
+        users = index.users(add.output[0])
+        if all(index.producer_of(i, 'DequantizeLinear') is not None for i in add.input) and \
+                len(users) == 1 and users[0].op_type == 'QuantizeLinear':
+            done.append(add.name or add.output[0])
+    return done
+
+
 def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np.ndarray]],
                   ) -> tuple[onnx.ModelProto, OrtInt8Report]:
     """Rewrite an exported Q/DQ model for ONNX Runtime's integer kernels (module doc).
@@ -266,6 +415,7 @@ def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(new_inits)
+    report.integer_adds = integer_adds(out)
     onnx.checker.check_model(out, full_check=True)
     logger.info('ORT INT8: %s', report.summary())
     return out, report

@@ -38,8 +38,8 @@ import onnx
 
 from mmdet_regptq.deploy.integer_graph import IntegerReport, PackedWeight, to_integer_graph
 from mmdet_regptq.deploy.tvm_schedule import cpu_pipeline
-from mmdet_regptq.deploy.tvm_vnni import (emit_conv_vnni, emit_conv_vnni_wide, has_vnni,
-                                          vnni_applicable)
+from mmdet_regptq.deploy.tvm_vnni import (emit_conv_vnni, emit_conv_vnni_wide,
+                                          emit_matmul_vnni, has_vnni, vnni_applicable)
 from mmdet_regptq.quant.packing import pack_int, unpack_int
 
 __all__ = ['host_target', 'extra_onnx_converters', 'compile_onnx', 'build_artifact',
@@ -157,6 +157,29 @@ def _conv_integer_converter(float_exact: frozenset = frozenset(), vnni: bool = F
     return ConvInteger
 
 
+def _matmul_integer_converter(fallback: type, vnni: bool = False,
+                              used_vnni: list | None = None) -> type:
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class MatMulInteger(OnnxOpConverter):
+        """ONNX MatMulInteger: 2-D int8 x int8 products without zero points (our Linear
+        layers, e.g. the RoI box head) on the VNNI kernel with ``vnni``; anything else
+        through TVM's own converter (``fallback``)."""
+
+        @classmethod
+        def _impl_v10(cls, bb: Any, inputs: Sequence[Any], attr: dict, params: Any) -> Any:
+            a, b = inputs[0], inputs[1]
+            zero_points = any(len(inputs) > i and inputs[i] is not None for i in (2, 3))
+            if vnni and len(a.ty.shape) == 2 and len(b.ty.shape) == 2 and \
+                    vnni_applicable(_dtype(a), _dtype(b), zero_points):
+                if used_vnni is not None:
+                    used_vnni.append(_var_name(b))
+                return emit_matmul_vnni(bb, a, b)
+            return fallback._impl_v10(bb, inputs, attr, params)
+
+    return MatMulInteger
+
+
 @contextlib.contextmanager
 def extra_onnx_converters(float_exact: Sequence[str] = (), vnni: bool = False,
                           used_vnni: list | None = None) -> Iterator[None]:
@@ -176,6 +199,9 @@ def extra_onnx_converters(float_exact: Sequence[str] = (), vnni: bool = False,
         table = dict(original())
         for name, conv in extra.items():
             table.setdefault(name, conv)
+        if 'MatMulInteger' in table:
+            table['MatMulInteger'] = _matmul_integer_converter(table['MatMulInteger'], vnni,
+                                                               used_vnni)
         return table
 
     onnx_frontend._get_convert_map = convert_map

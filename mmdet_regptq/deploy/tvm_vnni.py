@@ -35,7 +35,7 @@ from typing import Any
 from mmdet_regptq.deploy.tvm_schedule import largest_divisor
 
 __all__ = ['has_vnni', 'conv_vnni_kernel', 'emit_conv_vnni', 'emit_conv_vnni_wide',
-           'vnni_applicable']
+           'emit_matmul_vnni', 'vnni_applicable']
 
 _MAX_ACCUMULATORS = 24
 
@@ -262,3 +262,22 @@ def emit_conv_vnni_wide(bb: Any, x: Any, w: Any, strides: Any, pads: Any, dilati
     h_part = relax.op.strided_slice(acc, axes=[1], begin=[0], end=[k])
     l_part = relax.op.strided_slice(acc, axes=[1], begin=[k], end=[2 * k])
     return relax.op.add(relax.op.multiply(h_part, relax.const(16, 'int32')), l_part)
+
+
+def emit_matmul_vnni(bb: Any, a: Any, b: Any) -> Any:
+    """Relax: int32 ``a @ b`` (``[M, K]`` x ``[K, N]``, int8) through the VNNI kernel.
+
+    A matrix product is a 1x1 convolution of a ``1 x M`` image with ``K`` channels: the
+    ``M`` rows (RoIs of the box head) become output columns, which the kernel tiles for
+    weight reuse. Transposing ``a`` (``M x K`` bytes) and the int32 result is cheap next to
+    the product; ``b``'s layout change depends on the weight only, so it is lifted out of
+    the inference like a convolution's.
+    """
+    from tvm import relax
+
+    m, k = (int(d) for d in a.ty.shape)
+    n = int(b.ty.shape[1])
+    x = bb.normalize(relax.op.reshape(relax.op.permute_dims(a, [1, 0]), (1, k, 1, m)))
+    w = bb.normalize(relax.op.reshape(relax.op.permute_dims(b, [1, 0]), (n, k, 1, 1)))
+    acc = bb.normalize(emit_conv_vnni(bb, x, w, 1, 0, 1))
+    return relax.op.permute_dims(relax.op.reshape(acc, (n, m)), [1, 0])

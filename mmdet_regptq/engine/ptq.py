@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from mmdet_regptq.calib import output_mse
+from mmdet_regptq.calib import FGICLoss, output_mse
 from mmdet_regptq.engine.checkpoint import load_quantized, save_quantized
 from mmdet_regptq.engine.resume import CalibrationResume, fingerprint, sigterm_as_exception
 from mmdet_regptq.models.adapters import DetectorAdapter, find_adapter
@@ -136,11 +136,13 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
             [on_unit_end] if on_unit_end else [])
         # --------------------------------------------------------------------------------
         torch.manual_seed(seed)
+        # FGIC decodes boxes only: its tail forwards can leave out what decoding never reads
+        tail_fn = adapter.box_forward if isinstance(global_loss, FGICLoss) else None
         with sigterm_as_exception():
             result['stats'] = method_obj.calibrate(
                 model, batches, adapter.forward, output_fn=adapter.logits,
                 global_loss=global_loss, logger=logger, seed=seed, start_unit=start_unit or 0,
-                on_unit_end=_chain(callbacks))
+                on_unit_end=_chain(callbacks), tail_fn=tail_fn)
         if work_dir is not None:
             path = Path(work_dir) / 'quantized.pth'
             save_quantized(model, path, meta={**(meta or {}), **_describe(quant, method),

@@ -156,6 +156,15 @@ class DetectorAdapter:
         outputs = model._forward(batch['inputs'], batch['data_samples'])
         return RawOutputs(outputs, image_shapes(batch['data_samples'], batch['inputs'].device))
 
+    def box_forward(self, model: nn.Module, batch: dict) -> RawOutputs:
+        """The part of :meth:`forward` that :meth:`decode_stages` reads.
+
+        Reg-PTQ's global loss runs the network after every unit at every iteration; a
+        family whose forward also computes outputs the decoding never reads (Mask R-CNN's
+        mask head) overrides this to leave them out. Default: :meth:`forward`.
+        """
+        return self.forward(model, batch)
+
     def logits(self, raw: RawOutputs) -> Tensor:
         """Classification logits ``[N, C]`` of every prediction (PD-Quant's KL)."""
         raise NotImplementedError(f'{type(self).__name__} has no logits()')

@@ -68,6 +68,10 @@ class CascadeAdapter(TwoStageAdapter):
                           image_shapes(batch['data_samples'], batch['inputs'].device),
                           torch.cat(rois))
 
+    def box_forward(self, model: nn.Module, batch: dict) -> RawOutputs:
+        """:meth:`forward` (it runs the box stages only already)."""
+        return self.forward(model, batch)
+
     def final_bbox_head(self) -> nn.Module:
         return self.model.roi_head.bbox_head[-1]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmdet_regptq.quant import init_activation_quantizers, quantize_model
@@ -25,10 +26,34 @@ class TinyNet(nn.Module):
         return y, self.fc(y.mean((2, 3)))
 
 
-def make_quantized(policy: dict, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    """A calibrated (MinMax) TinyNet and its calibration input ``[2, 3, 16, 16]``."""
+class ResidualNet(nn.Module):
+    """A ResNet basic block (add -> ReLU, the identity also read by the next convs) and an
+    FPN top-down step (lateral + nearest 2x upsample), as in the bundled detectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.lateral = nn.Conv2d(8, 8, 1)
+        self.top = nn.Conv2d(8, 8, 1)
+        self.out = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        y = torch.relu(self.c2(torch.relu(self.c1(x))) + x)
+        top = self.top(torch.relu(self.down(y)))
+        p = self.lateral(y) + F.interpolate(top, scale_factor=2.0, mode='nearest')
+        return self.out(p)
+
+
+def make_quantized(policy: dict, seed: int = 0, net: type[nn.Module] | None = None
+                   ) -> tuple[nn.Module, torch.Tensor]:
+    """A calibrated (MinMax) ``net`` (default TinyNet) and its calibration input
+    ``[2, 3, 16, 16]``."""
     torch.manual_seed(seed)
-    model = TinyNet().eval()
+    model = (net or TinyNet)().eval()
     x = torch.randn(2, 3, 16, 16)
     quantize_model(model, dict(final_layers=[], **policy), example_forward=lambda m: m(x))
     init_activation_quantizers(model, lambda: model(x))

@@ -13,7 +13,7 @@ from mmdet_regptq.deploy.tvm_build import unpack_weight
 from mmdet_regptq.deploy.verify import max_abs_diff, ort_run
 from mmdet_regptq.quant import pack_int
 
-from deploy_toy import make_quantized
+from deploy_toy import ResidualNet, make_quantized
 
 
 def test_ort_int8_graph(w4a4):
@@ -32,6 +32,30 @@ def test_ort_int8_graph(w4a4):
     scale = max(float(r.abs().max()) for r in ref)
     print(f'ORT INT8 vs fake-quant: max |diff| = {diff:.3g} (outputs up to {scale:.3g})')
     assert diff < 0.05 * scale
+
+
+def test_ort_int8_runs_residual_and_fpn_adds_in_integers(single_thread, tmp_path):
+    """W8A8 residual block + FPN top-down add: every add becomes ``DQ, DQ -> Add -> Q``,
+    ORT fuses them into QLinearAdd, and the output stays within a few 8-bit steps."""
+    import onnxruntime as ort
+
+    model, x = make_quantized(dict(w_bits=8, a_bits=8), net=ResidualNet)
+    path = tmp_path / 'residual.onnx'
+    export_onnx(model, x, path, output_names=['out'])
+    fused, report = make_ort_int8(onnx.load(str(path)), [{'input': x.numpy()}])
+    assert len(report.integer_adds) == 2, report.summary()
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / 'opt.onnx')
+    ort.InferenceSession(fused.SerializeToString(), options, providers=['CPUExecutionProvider'])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / 'opt.onnx')).graph.node]
+    assert ops.count('QLinearAdd') == 2 and 'Add' not in ops and 'Relu' not in ops, ops
+    out = ort_run(fused, {'input': x.numpy()})['out']
+    with torch.no_grad():
+        ref = model(x).numpy()
+    diff = float(np.abs(out - ref).max())
+    print(f'ORT INT8 with integer adds vs fake-quant: max |diff| = {diff:.3g} '
+          f'(outputs up to {np.abs(ref).max():.3g})')
+    assert diff < 0.05 * float(np.abs(ref).max())
 
 
 def test_integer_graph_and_packing(single_thread, tmp_path):

@@ -31,9 +31,9 @@ def test_tvm_int4_compiles_and_matches(w4a4, tmp_path):
     # with its zero points through the split-weight form); weight layouts are lifted
     from mmdet_regptq.deploy.tvm_build import host_target
     from mmdet_regptq.deploy.tvm_vnni import has_vnni
-    # (the three convs, one of them grouped, at batch 2; the Linear stays float32)
+    # (the three convs, one of them grouped, at batch 2, and the Linear as a 1x1 conv)
     kinds = list(meta['kernels'].values())
-    assert kinds.count('vnni_int8') == (3 if has_vnni(host_target()) else 0)
+    assert kinds.count('vnni_int8') == (4 if has_vnni(host_target()) else 0)
     assert kinds.count('float32_accumulate') == len(kinds) - kinds.count('vnni_int8')
     assert meta['transform_params']
     stored = np.load(files[1])

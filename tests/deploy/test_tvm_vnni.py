@@ -100,3 +100,33 @@ def test_vnni_wide_conv_of_uint8_codes_is_bit_exact(groups):
     ref = torch.nn.functional.conv2d(centred, torch.from_numpy(weight).double(), stride=stride,
                                      padding=pads, groups=groups).numpy().astype(np.int64)
     assert np.array_equal(got.astype(np.int64), ref)
+
+
+@pytest.mark.skipif(not has_vnni(host_target()), reason='this CPU has no AVX-512 VNNI')
+@pytest.mark.parametrize('m,k,n', [(100, 3136, 256), (7, 30, 5)])
+def test_matmul_integer_runs_on_the_vnni_kernel_bit_exact(m, k, n):
+    """ONNX MatMulInteger (a Linear layer of the RoI head) compiles to the VNNI kernel
+    (as a 1x1 convolution over the rows) and equals the int64 product."""
+    import onnx
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
+
+    from mmdet_regptq.deploy.tvm_build import compile_onnx
+
+    rng = np.random.default_rng(1)
+    a = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    b = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    a[0, :4] = [-128, 127, -128, 127]
+    graph = helper.make_graph(
+        [helper.make_node('MatMulInteger', ['a', 'b'], ['y'])], 'mm',
+        [helper.make_tensor_value_info('a', TensorProto.INT8, [m, k])],
+        [helper.make_tensor_value_info('y', TensorProto.INT32, [m, n])],
+        [numpy_helper.from_array(b, 'b')])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
+    used: list = []
+    executable = compile_onnx(model, {'a': [m, k]}, used_vnni=used)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    out = vm['main'](tvm.runtime.tensor(a)).numpy()
+    assert used, 'MatMulInteger did not take the VNNI kernel'
+    assert np.array_equal(out.astype(np.int64), a.astype(np.int64) @ b.astype(np.int64))

@@ -418,3 +418,51 @@ def test_cascade_decodes_as_predict_bbox(rel_path):
         assert head.fc_reg.weight.grad is not None and head.fc_reg.weight.grad.abs().sum() > 0
     reg = _matching(adapter.regression_layer_patterns(), _names(model))
     assert {n for n in reg if n.startswith('roi_head.bbox_head.2')}
+
+
+def test_mask_rcnn_box_forward_skips_the_mask_head_in_tail_runs():
+    """Reg-PTQ's tail forwards of Mask R-CNN leave out the mask head (FGIC never reads it):
+    ``box_forward`` decodes exactly as ``forward``; a TailRunner given it as ``tail_fn``
+    runs a backbone unit's tail without calling the mask head and gives the same FGIC
+    loss; a mask-head unit (not called by ``box_forward``) still runs with the full
+    forward."""
+    from mmdet_regptq.calib import find_units
+    from mmdet_regptq.calib.tail import TailRunner
+    from mmdet_regptq.quant import init_activation_quantizers, quantize_model
+
+    overrides, _, _ = ZOO_MODELS['mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py']
+    model = build_zoo_model('mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', overrides)
+    adapter = find_adapter(model, max_proposals=12)
+    batch = adapter.prepare_batch(make_data())
+    with torch.no_grad():
+        full, boxes = adapter.forward(model, batch), adapter.box_forward(model, batch)
+    assert len(full.outputs[1]) == 3 and len(boxes.outputs[1]) == 2
+    for a, b in zip(adapter.decode(full), adapter.decode(boxes)):
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.boxes, b.boxes)
+
+    quantize_model(model, {'w_bits': 4, 'a_bits': 8},
+                   example_forward=lambda m: adapter.forward(m, batch))
+    init_activation_quantizers(model, lambda: adapter.forward(model, batch))
+    units = find_units(model, adapter.forward, batch)
+    mask_calls = []
+    model.roi_head.mask_head.register_forward_hook(lambda *a: mask_calls.append(1))
+    loss_fn = adapter.global_loss(FGICConfig())
+    plain = TailRunner(model, adapter.forward, [batch])
+    cheap = TailRunner(model, adapter.forward, [batch], tail_fn=adapter.box_forward)
+    first = units[0]
+    assert first.name.startswith('backbone')
+    losses = []
+    for runner in (plain, cheap):
+        runner.prepare(first)
+        mask_calls.clear()
+        with torch.no_grad():
+            result = runner.run(0)
+            losses.append(float(loss_fn(runner.target(0), result.outputs)))
+        assert len(result.unit_outputs) == first.num_calls
+        assert bool(mask_calls) == (runner is plain)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    mask_unit = next(u for u in units if u.name.startswith('roi_head.mask_head'))
+    cheap.prepare(mask_unit)
+    assert cheap.forward_fn == adapter.forward
+    with torch.no_grad():
+        assert len(cheap.run(0).unit_outputs) == mask_unit.num_calls

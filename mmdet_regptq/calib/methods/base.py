@@ -177,7 +177,7 @@ class PTQMethod:
                   output_fn: Callable[[Any], Tensor] | None = None,
                   global_loss: GradLoss | None = None, logger: logging.Logger | None = None,
                   on_unit_end: UnitCallback | None = None, start_unit: int = 0,
-                  seed: int = 0) -> list[ReconStats]:
+                  seed: int = 0, tail_fn: ForwardFn | None = None) -> list[ReconStats]:
         """Calibrate a model converted by ``quantize_model``; returns per-unit stats.
 
         Args:
@@ -194,6 +194,9 @@ class PTQMethod:
             start_unit: skip ``units[:start_unit]`` (restored by the caller, see
                 :meth:`restore_finished`); activation scales are then not re-initialised.
             seed: unit ``k`` reconstructs with seed ``seed + k``.
+            tail_fn: a cheaper ``forward_fn`` whose outputs are all ``global_loss`` and
+                ``output_fn`` read (the detector adapter's ``box_forward``); the final-output
+                forwards of the units it calls use it (:class:`TailRunner`).
 
         Returns:
             One :class:`ReconStats` per reconstructed unit (empty for MinMax / MSE).
@@ -223,21 +226,22 @@ class PTQMethod:
                 return []
             return self._reconstruct_units(model, units, batches, forward_fn, output_fn,
                                            global_loss, logger, on_unit_end, start_unit,
-                                           seed)
+                                           seed, tail_fn)
 
     def _reconstruct_units(self, model: nn.Module, units: list[ReconUnit],
                            batches: Sequence[Any], forward_fn: ForwardFn,
                            output_fn: Callable[[Any], Tensor] | None,
                            global_loss: GradLoss | None, logger: logging.Logger,
                            on_unit_end: UnitCallback | None, start_unit: int,
-                           seed: int) -> list[ReconStats]:
+                           seed: int, tail_fn: ForwardFn | None = None) -> list[ReconStats]:
         set_quant_state(model, weight=False, input=False)
         for unit in units[:start_unit]:
             unit.set_quant(True)
         needs_tail = any(t.needs_final_outputs for t in self.losses(
             units[0], output_fn=output_fn, global_loss=global_loss))
         tail = (TailRunner(model, forward_fn, batches, max_bytes=self.cache_max_bytes,
-                           spill_dir=self.spill_dir, fp_context=self.fp_context)
+                           spill_dir=self.spill_dir, fp_context=self.fp_context,
+                           tail_fn=tail_fn)
                 if needs_tail else None)
         grad_loss = (global_loss or output_mse) if self.needs_fisher() else None
         bar = ProgressBar(len(units) - start_unit) if self.progress else None

@@ -221,7 +221,7 @@ class RegPTQ(QDrop):
                   output_fn: Callable[[Any], Tensor] | None = None,
                   global_loss: GradLoss | None = None, logger: logging.Logger | None = None,
                   on_unit_end: UnitCallback | None = None, start_unit: int = 0,
-                  seed: int = 0) -> list[ReconStats]:
+                  seed: int = 0, tail_fn: ForwardFn | None = None) -> list[ReconStats]:
         """See :meth:`PTQMethod.calibrate`; ``global_loss`` is the FGIC callable."""
         logger = logger or MMLogger.get_current_instance()
         if self.global_loss and global_loss is None:
@@ -244,7 +244,8 @@ class RegPTQ(QDrop):
 
         stats = super().calibrate(model, batches, forward_fn, output_fn=output_fn,
                                   global_loss=global_loss, logger=logger,
-                                  on_unit_end=unit_end, start_unit=start_unit, seed=seed)
+                                  on_unit_end=unit_end, start_unit=start_unit, seed=seed,
+                                  tail_fn=tail_fn)
         if totals['seconds'] > 0:
             share = (totals['tail'] + totals['loss']) / totals['seconds']
             logger.info(f'RegPTQ: the global term took about {share:.0%} of '
