@@ -37,7 +37,8 @@ class CascadeAdapter(TwoStageAdapter):
     ``forward`` returns ``RawOutputs(outputs=(rpn_outs, (cls_score, bbox_pred)), img_shapes,
     rois)``: ``cls_score [R, C + 1]`` the stages' mean logits, ``bbox_pred`` the last
     stage's deltas, ``rois [R, 5]`` the RoIs the last stage ran on, in the order of the FP
-    proposals. ``decode_stages`` gives ``'rpn'`` and ``'roi'`` (softmax scores, boxes
+    proposals. It also runs the mask heads (their layers get calibrated), which
+    ``box_forward`` (Reg-PTQ's tail forwards) leaves out. ``decode_stages`` gives ``'rpn'`` and ``'roi'`` (softmax scores, boxes
     decoded by the last stage's coder), as :class:`TwoStageAdapter` does.
 
     Regression branch: :class:`TwoStageAdapter`'s patterns, which match every stage's
@@ -51,8 +52,31 @@ class CascadeAdapter(TwoStageAdapter):
         return type(self.model.roi_head).__name__ in REFINED_HEADS
 
     def forward(self, model: nn.Module, batch: dict) -> RawOutputs:
+        """The box stages (:meth:`box_forward`), then the mask heads as mmdet's tensor-mode
+        forward runs them on the last stage's RoIs, so that their layers are calibration
+        units; their outputs are not returned (the decoding reads boxes only)."""
         if not self.refines:
             return super().forward(model, batch)
+        raw, feats, extra = self._box_stages(model, batch)
+        roi_head = model.roi_head
+        if getattr(roi_head, 'with_mask', False):
+            if type(roi_head).__name__ == 'HybridTaskCascadeRoIHead':
+                roi_head._mask_forward(stage=-1, x=feats, rois=raw.rois,
+                                       semantic_feat=extra.get('semantic_feat'),
+                                       training=False)
+            else:
+                for stage in range(roi_head.num_stages):
+                    roi_head._mask_forward(stage, feats, raw.rois)
+        return raw
+
+    def box_forward(self, model: nn.Module, batch: dict) -> RawOutputs:
+        """RPN outputs and the box stages only (module doc); a head this adapter does not
+        refine runs whole (:meth:`forward`)."""
+        if not self.refines:
+            return self.forward(model, batch)
+        return self._box_stages(model, batch)[0]
+
+    def _box_stages(self, model: nn.Module, batch: dict) -> tuple[RawOutputs, tuple, dict]:
         feats, rpn_outs = self.features_and_rpn(model, batch)
         roi_head = model.roi_head
         extra = {}
@@ -64,13 +88,10 @@ class CascadeAdapter(TwoStageAdapter):
             feats, bbox2roi(proposals), metas, tuple(len(p) for p in proposals), **extra)
         if any(p is None for p in bbox_preds):
             raise NotImplementedError('a cascade stage without box regression')
-        return RawOutputs((rpn_outs, (torch.cat(cls_scores), torch.cat(bbox_preds))),
-                          image_shapes(batch['data_samples'], batch['inputs'].device),
-                          torch.cat(rois))
-
-    def box_forward(self, model: nn.Module, batch: dict) -> RawOutputs:
-        """:meth:`forward` (it runs the box stages only already)."""
-        return self.forward(model, batch)
+        raw = RawOutputs((rpn_outs, (torch.cat(cls_scores), torch.cat(bbox_preds))),
+                         image_shapes(batch['data_samples'], batch['inputs'].device),
+                         torch.cat(rois))
+        return raw, feats, extra
 
     def final_bbox_head(self) -> nn.Module:
         return self.model.roi_head.bbox_head[-1]

@@ -358,7 +358,8 @@ def build_cascade_model(rel_path):
             roi[key].out_channels = 32
     for head in roi.bbox_head:
         head.in_channels, head.fc_out_channels = 32, 64
-    for head in roi.get('mask_head', []):
+    mask_heads = roi.get('mask_head', [])
+    for head in [mask_heads] if isinstance(mask_heads, dict) else mask_heads:
         head.in_channels = head.conv_out_channels = 32
         head.num_convs = 1
     if 'semantic_head' in roi:
@@ -418,6 +419,36 @@ def test_cascade_decodes_as_predict_bbox(rel_path):
         assert head.fc_reg.weight.grad is not None and head.fc_reg.weight.grad.abs().sum() > 0
     reg = _matching(adapter.regression_layer_patterns(), _names(model))
     assert {n for n in reg if n.startswith('roi_head.bbox_head.2')}
+
+
+@pytest.mark.parametrize('rel_path', ['cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py',
+                                      'htc/htc_r50_fpn_1x_coco.py'])
+def test_cascade_forward_runs_every_mask_head_and_box_forward_none(rel_path):
+    """The mask heads of Cascade Mask R-CNN / HTC run in ``forward`` (so their layers are
+    calibration units) and not in ``box_forward`` (Reg-PTQ's tails); both decode alike."""
+    model = build_cascade_model(rel_path)
+    adapter = find_adapter(model)
+    batch = adapter.prepare_batch(make_data())
+    heads = model.roi_head.mask_head
+    calls = {i: 0 for i in range(len(heads))}
+    for i, head in enumerate(heads):
+        head.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    with torch.no_grad():
+        full = adapter.forward(model, batch)
+        assert all(n == 1 for n in calls.values()), calls
+        boxes = adapter.box_forward(model, batch)
+    assert all(n == 1 for n in calls.values()), calls
+    for a, b in zip(adapter.decode(full), adapter.decode(boxes)):
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.boxes, b.boxes)
+    # every quantized layer, the mask heads' included, is a calibration unit
+    from mmdet_regptq.calib import find_units
+    from mmdet_regptq.quant import iter_quant_modules, quantize_model
+    quantize_model(model, {'w_bits': 4, 'a_bits': 8},
+                   example_forward=lambda m: adapter.forward(m, batch))
+    in_units = {name for unit in find_units(model, adapter.forward, batch)
+                for name, _ in unit.layers}
+    quantized = {name for name, _ in iter_quant_modules(model)}
+    assert {n for n in quantized if '.mask_head.' in n} and in_units == quantized
 
 
 def test_mask_rcnn_box_forward_skips_the_mask_head_in_tail_runs():
