@@ -28,6 +28,7 @@ dequantized weights: slower than FP32 (measured in BUILD_NOTES / ``benchmarks/de
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -140,7 +141,7 @@ def _ends_in_quantizer(index: GraphIndex, name: str) -> bool:
         scale, zp = index.const(q.input[1]), index.const(q.input[2])
         if scale is None or zp is None or scale.size != 1:
             return False
-        if relu and not (zp.dtype == np.uint8 and int(zp) == 0):
+        if relu and not _clamps_negatives(index, q):
             return False
         params.add((float(scale), int(zp), zp.dtype.str))
     return len(params) == 1
@@ -231,6 +232,7 @@ def _full_8bit_quantizer(index: GraphIndex, q: onnx.NodeProto) -> bool:
 
 
 def _clamps_negatives(index: GraphIndex, q: onnx.NodeProto) -> bool:
+    """A ``uint8`` quantizer with zero point 0: it maps negatives to 0 as a ReLU would."""
     zp = index.const(q.input[2]) if len(q.input) > 2 else None
     return zp is not None and zp.dtype == np.uint8 and zp.size == 1 and int(zp) == 0
 
@@ -273,7 +275,7 @@ def integer_adds(model: onnx.ModelProto) -> list[str]:
     index = GraphIndex(model)
     added: dict[str, list[onnx.NodeProto]] = {}      # tensor -> new nodes reading it
     new_dq: dict[str, str] = {}
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
 
     def dequantized(q: onnx.NodeProto) -> str:
         """An existing or new DequantizeLinear of ``q``'s output (same parameters)."""

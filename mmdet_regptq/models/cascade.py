@@ -38,8 +38,9 @@ class CascadeAdapter(TwoStageAdapter):
     rois)``: ``cls_score [R, C + 1]`` the stages' mean logits, ``bbox_pred`` the last
     stage's deltas, ``rois [R, 5]`` the RoIs the last stage ran on, in the order of the FP
     proposals. It also runs the mask heads (their layers get calibrated), which
-    ``box_forward`` (Reg-PTQ's tail forwards) leaves out. ``decode_stages`` gives ``'rpn'`` and ``'roi'`` (softmax scores, boxes
-    decoded by the last stage's coder), as :class:`TwoStageAdapter` does.
+    ``box_forward`` (Reg-PTQ's tail forwards) leaves out. ``decode_stages`` gives ``'rpn'``
+    and ``'roi'`` (softmax scores, boxes decoded by the last stage's coder), as
+    :class:`TwoStageAdapter` does.
 
     Regression branch: :class:`TwoStageAdapter`'s patterns, which match every stage's
     shared and regression layers (the refined RoIs of later stages depend on the earlier
