@@ -15,6 +15,8 @@ Units after ``k`` run in their current state (not yet quantized).
 An optional ``tail_fn`` is a cheaper forward with the outputs the final-output loss reads
 (Mask R-CNN without its mask head): units it calls run their tails with it; the others
 (the mask head's own units) with ``forward_fn``. Each keeps its own trace and FP targets.
+A unit ``tail_fn`` never calls cannot change what the loss reads (:meth:`reaches_loss` is
+False): its final-output gradient is exactly zero, so callers skip its tails.
 """
 from __future__ import annotations
 
@@ -114,6 +116,13 @@ class TailRunner:
         self._warned: set[int] = set()
 
     # ------------------------------------------------------------------ per unit
+    def reaches_loss(self, unit: ReconUnit) -> bool:
+        """Whether ``unit`` can change the outputs the final-output loss reads.
+
+        Without ``tail_fn`` every unit can; with it, only the units ``tail_fn`` calls.
+        """
+        return len(self._forwards) == 1 or any(r.name == unit.name for r in self._traces[-1])
+
     def prepare(self, unit: ReconUnit) -> None:
         """Store, per batch, the prefix outputs of ``unit`` from the current model state.
 

@@ -1,5 +1,6 @@
 """Reg-PTQ: FGIC filters and gradients (hand-made tensors), the method's switches on the toy
 model, and a calibration of a random-init RetinaNet on two synthetic images."""
+import copy
 import logging
 import math
 
@@ -10,7 +11,7 @@ from calib_toy import forward_fn, make_batches, make_float, make_quant, single_t
 from mmdet_regptq.calib import (DetPredictions, FGICConfig, FGICLoss, FisherMSE, GlobalLoss,
                                 OutputMSE, ReconContext, RegPTQ, aligned_iou, fgic_loss,
                                 fgic_mask, fgic_set_loss, output_mse)
-from mmdet_regptq.quant import LLAQuantizer, iter_quant_modules
+from mmdet_regptq.quant import LLAQuantizer, iter_quant_modules, quantize_model
 from mmdet_regptq.registry import PTQ_METHODS, build_from
 
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -248,6 +249,54 @@ def test_global_interval_runs_the_tail_on_every_nth_iteration(monkeypatch):
     assert per_interval[3][1] == [0, 3, 6]
     with pytest.raises(ValueError, match='global_interval'):
         RegPTQ(global_interval=0)
+
+
+def test_units_tail_fn_never_calls_reconstruct_local_only(monkeypatch, caplog):
+    """With ``tail_fn`` (a forward without an auxiliary branch the global loss never reads,
+    like Mask R-CNN's mask head), the branch's unit runs no tail: no TailRunner.prepare,
+    no L_G, the plain output error instead of the Fisher one (its gradients are exactly
+    zero) — and it is still trained and logged as local only."""
+    from mmdet_regptq.calib import tail as tail_module
+    from mmdet_regptq.calib.methods.base import local_only
+    prepared = []
+    original = tail_module.TailRunner.prepare
+    monkeypatch.setattr(tail_module.TailRunner, 'prepare',
+                        lambda self, unit: (prepared.append(unit.name), original(self, unit)))
+
+    class WithAux(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.toy = make_float()
+            self.aux = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def full(m, b):
+        return m.toy(b), m.aux(b)
+
+    def without_aux(m, b):
+        return m.toy(b), None
+
+    def loss(fp, q):
+        return output_mse(fp[0], q[0])
+
+    torch.manual_seed(0)
+    float_model, batches = WithAux().eval(), make_batches(2)
+    model = copy.deepcopy(float_model)
+    quantize_model(model, dict(w_bits=4, a_bits=4), example_forward=lambda m: full(m, batches[0]))
+    method = RegPTQ(iters=3, progress=False, log_interval=0, llaq=False)
+    logger = logging.getLogger('test_regptq_local')
+    with caplog.at_level(logging.INFO, logger='test_regptq_local'):
+        stats = method.calibrate(model, batches, full, global_loss=loss, logger=logger,
+                                 tail_fn=without_aux)
+    by_name = {s.unit: s for s in stats}
+    assert 'aux' in by_name and 'aux' not in prepared
+    assert set(prepared) == set(by_name) - {'aux'}
+    assert by_name['aux'].tail_share == 0 and math.isfinite(by_name['aux'].loss_after)
+    assert all(by_name[n].tail_share > 0 for n in prepared)
+    assert 'aux (layer' in caplog.text and 'local only' in caplog.text
+    terms = local_only([FisherMSE(), GlobalLoss(loss_fn=loss)])
+    assert [type(t) for t in terms] == [OutputMSE]
+    with pytest.raises(ValueError, match='no local reconstruction term'):
+        local_only([GlobalLoss(loss_fn=loss)])
 
 
 # ---------------------------------------------------------------------- RetinaNet

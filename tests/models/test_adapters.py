@@ -455,8 +455,8 @@ def test_mask_rcnn_box_forward_skips_the_mask_head_in_tail_runs():
     """Reg-PTQ's tail forwards of Mask R-CNN leave out the mask head (FGIC never reads it):
     ``box_forward`` decodes exactly as ``forward``; a TailRunner given it as ``tail_fn``
     runs a backbone unit's tail without calling the mask head and gives the same FGIC
-    loss; a mask-head unit (not called by ``box_forward``) still runs with the full
-    forward."""
+    loss; a mask-head unit (not called by ``box_forward``) does not reach the loss, and
+    would still run with the full forward."""
     from mmdet_regptq.calib import find_units
     from mmdet_regptq.calib.tail import TailRunner
     from mmdet_regptq.quant import init_activation_quantizers, quantize_model
@@ -493,6 +493,8 @@ def test_mask_rcnn_box_forward_skips_the_mask_head_in_tail_runs():
         assert bool(mask_calls) == (runner is plain)
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     mask_unit = next(u for u in units if u.name.startswith('roi_head.mask_head'))
+    assert cheap.reaches_loss(first) and plain.reaches_loss(mask_unit)
+    assert not cheap.reaches_loss(mask_unit)   # calibrate() skips its tails (local only)
     cheap.prepare(mask_unit)
     assert cheap.forward_fn == adapter.forward
     with torch.no_grad():

@@ -19,7 +19,7 @@ from ...quant import (AdaRoundQuantizer, eval_mode, init_activation_quantizers,
                       set_quant_state)
 from ..cache import GiB, ActivationCache
 from ..capture import GradLoss, capture_unit, output_mse
-from ..losses import OutputMSE, ReconLoss, RoundingRegularizer
+from ..losses import FisherMSE, OutputMSE, ReconLoss, RoundingRegularizer
 from ..reconstruct import OptimGroup, ReconStats, reconstruct, rounding_quantizers
 from ..tail import TailRunner
 from ..trace import ForwardFn
@@ -251,26 +251,31 @@ class PTQMethod:
                 unit = units[k]
                 cache = ActivationCache(max_bytes=self.cache_max_bytes,
                                         spill_dir=self.spill_dir)
-                if tail is not None:   # the prefix does not depend on unit k's state
-                    tail.prepare(unit)
+                losses = self.losses(unit, output_fn=output_fn, global_loss=global_loss)
+                unit_tail, unit_grad_loss = tail, grad_loss
+                if tail is not None and not tail.reaches_loss(unit):
+                    losses = local_only(losses)   # its final-output gradient is zero
+                    unit_tail, unit_grad_loss = None, None
+                if unit_tail is not None:   # the prefix does not depend on unit k's state
+                    unit_tail.prepare(unit)
                 capture_unit(model, unit, batches, forward_fn, cache,
-                             fp_inputs=self.fp_input_prob > 0, grad_loss=grad_loss,
-                             fp_context=self.fp_context, tail=tail)
+                             fp_inputs=self.fp_input_prob > 0, grad_loss=unit_grad_loss,
+                             fp_context=self.fp_context, tail=unit_tail)
                 groups = self.prepare_unit(unit)
                 unit.set_quant(True)
                 stats = reconstruct(
-                    unit, cache, iters=self.iters, param_groups=groups, tail=tail,
-                    losses=self.losses(unit, output_fn=output_fn, global_loss=global_loss),
-                    drop_prob=self.drop_prob, fp_input_prob=self.fp_input_prob,
+                    unit, cache, iters=self.iters, param_groups=groups, tail=unit_tail,
+                    losses=losses, drop_prob=self.drop_prob, fp_input_prob=self.fp_input_prob,
                     seed=seed + k, log_interval=self.log_interval, logger=logger,
                     tail_interval=self.tail_interval)
                 cache.clear()
                 all_stats.append(stats)
+                tail_note = ('' if tail is None else ', local only' if unit_tail is None
+                             else f', tail {stats.tail_share:.0%}')
                 logger.info(
                     f'[{k + 1}/{len(units)}] {unit.name} ({unit.kind}, {len(unit.layers)} '
                     f'layers, {unit.num_calls} calls): loss {stats.loss_before:.4g} -> '
-                    f'{stats.loss_after:.4g}, {stats.seconds:.1f}s'
-                    + (f', tail {stats.tail_share:.0%}' if tail is not None else ''))
+                    f'{stats.loss_after:.4g}, {stats.seconds:.1f}s{tail_note}')
                 if on_unit_end is not None:
                     on_unit_end(k, unit, stats)
                 if bar is not None:
@@ -279,6 +284,20 @@ class PTQMethod:
             if tail is not None:
                 tail.release()
         return all_stats
+
+
+def local_only(losses: Sequence[ReconLoss]) -> list[ReconLoss]:
+    """The terms of a unit whose final-output gradient is exactly zero.
+
+    Terms on final outputs are constant there and dropped; a Fisher-weighted error with
+    all-zero gradients is the plain output error (:class:`FisherMSE`'s fallback).
+    """
+    out = [OutputMSE(reduction=t.reduction, weight=t.weight) if isinstance(t, FisherMSE) else t
+           for t in losses if not t.needs_final_outputs]
+    if not any(t.needs_fisher is False and not t.is_regularizer for t in out):
+        raise ValueError(f'local_only: no local reconstruction term left in '
+                         f'{[t.name for t in losses]}')
+    return out
 
 
 def _check_initialized(units: Sequence[ReconUnit]) -> None:
