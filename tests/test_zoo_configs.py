@@ -197,6 +197,16 @@ def test_sweep_claims_a_folder_once_and_reclaims_a_dead_holder(tmp_path):
     assert tool._claim(path) == path and path.read_text() == str(os.getpid())
 
 
+def test_timeout_row_names_the_stage_and_the_units_done():
+    tool = _load_tool()
+    row = tool.finalize(tool.timeout_row(dict(stage='quantize+calibrate', units_done=12,
+                                              last_unit='backbone.layer2.0'), '900 s CPU'))
+    assert row['error'] == ('timeout after 900 s CPU in quantize+calibrate after 12 units '
+                            '(last: backbone.layer2.0)')
+    assert row['failure'] == 'timeout (in quantize+calibrate)'
+    assert tool.timeout_row({}, '1800 s wall')['error'] == 'timeout after 1800 s wall in load'
+
+
 def test_input_too_small_matches_the_kernel_size_errors():
     tool = _load_tool()
     assert tool.input_too_small(RuntimeError('input image is smaller than kernel'))

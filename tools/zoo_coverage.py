@@ -407,8 +407,9 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
             seed: int = 0, on_stage: Any = None, max_proposals: int = 100) -> dict:
     """Build, FP-predict, quantize, calibrate and predict one zoo config (this process).
 
-    ``on_stage(row)`` is called after the FP prediction and after the calibration, so that a
-    parent that kills this process on timeout still knows how far it got.
+    ``on_stage(row)`` is called after the FP prediction, after each calibrated unit and after
+    the calibration, so that a parent that kills this process on timeout still knows how
+    far it got (``units_done``, ``last_unit``).
     """
     on_stage = on_stage or (lambda row: None)
     import torch
@@ -479,7 +480,8 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
         result = quantize_detector(
             model, [batch], quant=dict(w_bits=4, a_bits=4),
             method=dict(type=method, iters=iters, progress=False, log_interval=0),
-            seed=seed, logger=logger)
+            seed=seed, logger=logger, on_unit_end=lambda k, unit, stats: (
+                row.update(units_done=k + 1, last_unit=unit.name), on_stage(row)))
         row['n_quantized'] = count_quantized(model, float_ids)
         row['n_units'] = len(result.get('stats', []))
         row['calibrated'] = True
@@ -506,6 +508,16 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
 
 
 # ------------------------------------------------------------------------ the sweep
+def timeout_row(row: dict, what: str) -> dict:
+    """The row of a child killed after ``what`` (``'900 s CPU'``): its last stage, and in
+    the calibration how many units it finished."""
+    where = row.get('stage', 'load')
+    if row.get('units_done') and where == 'quantize+calibrate':
+        where += f" after {row['units_done']} units (last: {row['last_unit']})"
+    return dict(row, timeout_in=row.get('stage', 'load'), stage='timeout',
+                error=f'timeout after {what} in {where}')
+
+
 def _run_child(config: Path, out_json: Path, log: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), '--one', str(config),
            '--result', str(out_json), '--max-size', str(args.max_size),
@@ -527,8 +539,7 @@ def _run_child(config: Path, out_json: Path, log: Path, args: argparse.Namespace
         row = json.loads(out_json.read_text()) if out_json.is_file() else {}
         what = (f'{args.timeout} s CPU' if proc.returncode == -signal.SIGXCPU
                 else f'{args.wall_timeout} s wall')
-        return dict(row, timeout_in=row.get('stage', 'load'), stage='timeout',
-                    error=f"timeout after {what} in {row.get('stage', 'load')}")
+        return timeout_row(row, what)
     if out_json.is_file():
         return json.loads(out_json.read_text())
     tail = [ln for ln in log.read_text(errors='replace').splitlines() if ln.strip()][-1:]
