@@ -30,6 +30,10 @@ kernel of ``tvm_vnni``; there is no MetaSchedule tuning database.
 A two-stage detector (``frcnn``) is two graphs per row (``deploy/two_stage.py``): its time
 is graph 1 + mmdet's RPN decoding, NMS and RoIAlign on the host + graph 2 on
 ``test_cfg.rpn.max_per_img`` RoIs + the box decoding, as its deployed backend model runs.
+
+``--ort-profile RUNS`` then explains the ORT rows: ORT's own profiler over RUNS runs of each
+ORT graph (``deploy/ort_profile.py``), printing kernel time per op type and the slowest
+nodes; every node's time goes to ``<work-dir>/<graph>_ort_nodes.csv``.
 """
 from __future__ import annotations
 
@@ -323,6 +327,38 @@ def latency_rows(name: str, cfg: Any, checkpoint: str | None, args: argparse.Nam
     return rows
 
 
+def ort_graph_files(name: str, work: Path, two_stage: bool) -> dict[str, Path]:
+    """The ONNX Runtime graphs :func:`latency_rows` wrote for ``name``: label → file."""
+    if two_stage:
+        return {'FP32 ORT graph 1': work / f'{name}_fp32.onnx',
+                'FP32 ORT RoI graph': work / f'{name}_fp32_roi.onnx',
+                'INT8 ORT graph 1': work / f'{name}_w8a8.onnx',
+                'INT8 ORT RoI graph': work / f'{name}_w8a8_roi.onnx'}
+    return {'FP32 ORT': work / f'{name}_fp32.onnx', 'INT8 ORT': work / f'{name}_w8a8_ort.onnx'}
+
+
+def ort_profile_rows(name: str, cfg: Any, args: argparse.Namespace, work: Path,
+                     top: int = 8) -> list[dict]:
+    """ORT's per-kernel profile of each ORT graph of ``name``: prints the op types and the
+    slowest nodes; returns one row per op type (all nodes go to a CSV in the work dir)."""
+    from mmdet_regptq.deploy.ort_profile import profile_ort
+    from mmdet_regptq.deploy.two_stage import is_two_stage
+
+    rows = []
+    for label, path in ort_graph_files(name, work, is_two_stage(cfg.model)).items():
+        prof = profile_ort(path, runs=args.ort_profile, threads=args.threads)
+        ops = [dict(model=name, graph=label, **r) for r in prof.op_types]
+        print_table(ops, f'ORT profile: {name} {label} ({path.name}), kernels '
+                         f'{prof.total_ms:.1f} ms/run, {prof.runs} runs, {args.threads} threads')
+        print_table(prof.nodes[:top], f'slowest {top} nodes: {name} {label}')
+        with open(work / f'{path.stem}_ort_nodes.csv', 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=['node', 'op_type', 'ms', 'share'])
+            writer.writeheader()
+            writer.writerows(prof.nodes)
+        rows += ops
+    return rows
+
+
 def print_table(rows: list[dict], title: str) -> None:
     if not rows:
         return
@@ -348,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--skip-tvm', action='store_true')
     parser.add_argument('--skip-latency', action='store_true')
+    parser.add_argument('--ort-profile', type=int, default=0, metavar='RUNS',
+                        help='after the latency runs, profile each ORT graph over RUNS runs '
+                             "with ORT's profiler: time per op type and per node (0: off)")
     parser.add_argument('--work-dir', default='work_dirs/benchmark_deploy')
     parser.add_argument('--csv', default='work_dirs/benchmark_deploy/deploy.csv')
     args = parser.parse_args(argv)
@@ -361,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     timed = args.latency_models.split(',') if args.latency_models else models
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    storage, latency = [], []
+    storage, latency, profile = [], [], []
     for name in models:
         cfg = model_config(name)
         storage += storage_rows(name, cfg, checkpoints.get(name))
@@ -372,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         latency += rows
         print_table(rows, f'latency: {name}, 1x3x{args.size}x{args.size}, '
                           f'{args.threads} threads')
+        if args.ort_profile:
+            profile += ort_profile_rows(name, cfg, args, work)
     print_table(storage, 'storage (MB of weights as stored; ratio = FP32 / format)')
     print_table(latency, f'latency (ms, median; batch 1, {args.size}x{args.size}, '
                          f'{args.threads} threads)')
@@ -385,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in latency:
             writer.writerow(['latency', r['model'], r['backend'], r['ms'],
                              r['speedup_vs_fp32_ort'], r['runs']])
+        for r in profile:   # ms per run of one op type; ratio = its share of the kernels
+            writer.writerow([f"ort_profile {r['graph']}", r['model'], r['op_type'], r['ms'],
+                             r['share'], args.ort_profile])
     print(f'\nCSV: {args.csv}')
     return 0
 

@@ -58,6 +58,40 @@ def test_ort_int8_runs_residual_and_fpn_adds_in_integers(single_thread, tmp_path
     assert diff < 0.05 * float(np.abs(ref).max())
 
 
+def test_ort_profile_sums_kernel_times_per_op_type_and_node(single_thread, tmp_path):
+    """benchmarks/deploy.py --ort-profile: the fused INT8 graph's kernel time is mostly in
+    QLinearConv; per-op and per-node sums agree with the total; the warm-up is dropped."""
+    from mmdet_regptq.deploy.ort_profile import profile_ort, random_feeds, summarize
+
+    model, x = make_quantized(dict(w_bits=8, a_bits=8), net=ResidualNet)
+    path = tmp_path / 'residual.onnx'
+    export_onnx(model, x, path, output_names=['out'])
+    fused, _ = make_ort_int8(onnx.load(str(path)), [{'input': x.numpy()}])
+    onnx.save(fused, str(tmp_path / 'fused.onnx'))
+    feeds = random_feeds(tmp_path / 'fused.onnx')
+    assert feeds['input'].shape == tuple(x.shape) and feeds['input'].dtype == np.float32
+    prof = profile_ort(tmp_path / 'fused.onnx', runs=3)
+    ops = {r['op_type']: r for r in prof.op_types}
+    assert 'QLinearConv' in ops and 'Conv' not in ops, ops
+    assert sum(r['ms'] for r in prof.op_types) == pytest.approx(prof.total_ms, abs=1e-2)
+    assert sum(r['nodes'] for r in prof.op_types) == len(prof.nodes)
+    assert prof.nodes[0]['ms'] >= prof.nodes[-1]['ms'] and prof.total_ms > 0
+    # two runs of 1 ms each after a 50 ms warm-up: 1 ms per run, the warm-up left out
+    events = [dict(name='model_run', cat='Session', ts=0, dur=60),
+              dict(name='a_kernel_time', cat='Node', ts=10, dur=50_000,
+                   args=dict(op_name='Conv')),
+              dict(name='model_run', cat='Session', ts=100, dur=10),
+              dict(name='a_kernel_time', cat='Node', ts=101, dur=1_000,
+                   args=dict(op_name='Conv')),
+              dict(name='model_run', cat='Session', ts=200, dur=10),
+              dict(name='a_kernel_time', cat='Node', ts=201, dur=1_000,
+                   args=dict(op_name='Conv'))]
+    assert summarize(events, runs=2).op_types == [dict(op_type='Conv', ms=1.0, nodes=1,
+                                                       share=1.0)]
+    with pytest.raises(ValueError, match='model_run'):
+        summarize(events, runs=3)
+
+
 def test_integer_graph_and_packing(single_thread, tmp_path):
     model, x = make_quantized(dict(w_bits=4, a_bits=4, first_layer=None))
     path = tmp_path / 'allint4.onnx'
