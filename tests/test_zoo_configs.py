@@ -207,6 +207,27 @@ def test_timeout_row_names_the_stage_and_the_units_done():
     assert tool.timeout_row({}, '1800 s wall')['error'] == 'timeout after 1800 s wall in load'
 
 
+def test_mmdet_compat_fixes_cascade_rpn_and_ssd_predict():
+    """Two mmdet 3.3 bugs the sweep works around, each with a note: CascadeRPNHead without
+    ``num_classes`` (config), SSDHead without ``loss_cls`` (predict)."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    from mmdet.registry import MODELS
+    tool = _load_tool()
+    cfg = Config.fromfile(str(tool.zoo_root() / 'cascade_rpn' / tool.PREFERRED['cascade_rpn']))
+    model_cfg = tool.offline_cfg(cfg.model)
+    assert tool.mmdet_compat_cfg(model_cfg) == ['mmdet 3.3 bug: CascadeRPNHead num_classes=1 '
+                                                'added']
+    assert model_cfg.rpn_head.num_classes == 1 and tool.mmdet_compat_cfg(model_cfg) == []
+    init_default_scope('mmdet')
+    ssd = MODELS.build(tool.offline_cfg(Config.fromfile(
+        str(tool.zoo_root() / 'ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py')).model))
+    assert not hasattr(ssd.bbox_head, 'loss_cls')
+    assert tool.mmdet_compat_model(ssd) == ['mmdet 3.3 bug: SSDHead.loss_cls=None (bbox_head)']
+    assert ssd.bbox_head.loss_cls is None and tool.mmdet_compat_model(ssd) == []
+
+
 def test_input_too_small_matches_the_kernel_size_errors():
     tool = _load_tool()
     assert tool.input_too_small(RuntimeError('input image is smaller than kernel'))

@@ -74,6 +74,7 @@ PREFERRED = {
     'res2net': 'faster-rcnn_res2net-101_fpn_2x_coco.py',
     'v3det': 'faster_rcnn_r50_fpn_8x4_sample1e-3_mstrain_v3det_2x.py',
     'hrnet': 'faster-rcnn_hrnetv2p-w18-1x_coco.py',
+    'cascade_rpn': 'cascade-rpn_faster-rcnn_r50-caffe_fpn_1x_coco.py',  # a detector, not RPN
 }
 
 _PENALTY = ('r101', 'x101', 'r152', 'x152', 'swin-l', 'swin-b', 'swinl', 'swinb', 'hourglass',
@@ -162,6 +163,38 @@ def offline_cfg(node: Any) -> Any:
         for item in node:
             offline_cfg(item)
     return node
+
+
+def mmdet_compat_cfg(model_cfg: Any) -> list[str]:
+    """Work around mmdet 3.3 config bugs (in place); returns a note per change.
+
+    ``CascadeRPNHead`` requires ``num_classes`` (it asserts 1) but the zoo's cascade RPN
+    configs do not pass it.
+    """
+    notes = []
+    rpn = model_cfg.get('rpn_head') if hasattr(model_cfg, 'get') else None
+    if isinstance(rpn, dict) and rpn.get('type') == 'CascadeRPNHead' \
+            and 'num_classes' not in rpn:
+        rpn['num_classes'] = 1
+        notes.append('mmdet 3.3 bug: CascadeRPNHead num_classes=1 added')
+    return notes
+
+
+def mmdet_compat_model(model: Any) -> list[str]:
+    """Work around mmdet 3.3 model bugs (in place); returns a note per change.
+
+    ``BaseDenseHead._predict_by_feat_single`` reads ``self.loss_cls``, which ``SSDHead``
+    never sets (its loss is hand-written): predict raises AttributeError. ``None`` is
+    what that line expects of a head without a custom-channel loss.
+    """
+    from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
+
+    notes = []
+    for name, module in model.named_modules():
+        if isinstance(module, BaseDenseHead) and not hasattr(module, 'loss_cls'):
+            module.loss_cls = None
+            notes.append(f'mmdet 3.3 bug: {type(module).__name__}.loss_cls=None ({name})')
+    return notes
 
 
 _ANNOTATION_LOADERS = ('LoadAnnotations', 'LoadPanopticAnnotations', 'LoadTrackAnnotations',
@@ -441,11 +474,15 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
         capped = cap_proposals(model_cfg, max_proposals)
         if capped:
             row['note'] = f'RPN proposals {capped} -> {max_proposals} per image'
+        for note in mmdet_compat_cfg(model_cfg):
+            _add_note(row, note)
         row['stage'] = 'build'
         torch.manual_seed(seed)
         model = MODELS.build(model_cfg)
         model.init_weights()
         model.eval()
+        for note in mmdet_compat_model(model):
+            _add_note(row, note)
         size = max_size
         while True:
             row['stage'] = 'data'
