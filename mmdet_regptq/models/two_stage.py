@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from mmdet_regptq.calib.fgic import DetPredictions
 from mmdet_regptq.models.base import (DETECTOR_ADAPTERS, DetectorAdapter, RawOutputs,
                                       branch_patterns, float_model, image_shapes, shape_list)
+from mmdet_regptq.models.cascade_rpn import cascade_rpn_forward, is_cascade_rpn
 from mmdet_regptq.models.dense import find_dense_decoder
 
 __all__ = ['TwoStageAdapter', 'decode_rois']
@@ -140,6 +141,9 @@ class TwoStageAdapter(DetectorAdapter):
             raise KeyError("the batch has no 'proposals'; build batches with the two-stage "
                            "adapter's prepare_batch (it stores the FP proposals)")
         feats = model.extract_feat(batch['inputs'])
+        if is_cascade_rpn(model.rpn_head):   # no forward: its stages refine the anchors
+            metas = [s.metainfo for s in batch['data_samples']]
+            return feats, cascade_rpn_forward(model.rpn_head, feats, metas)
         return feats, model.rpn_head(feats)
 
     def final_bbox_head(self) -> nn.Module:

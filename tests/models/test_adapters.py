@@ -499,3 +499,32 @@ def test_mask_rcnn_box_forward_skips_the_mask_head_in_tail_runs():
     assert cheap.forward_fn == adapter.forward
     with torch.no_grad():
         assert len(cheap.run(0).unit_outputs) == mask_unit.num_calls
+
+
+def test_cascade_rpn_decodes_its_refined_anchors_as_its_predict():
+    """Cascade RPN has no head forward: the adapter runs its stages as ``predict`` does and
+    decodes the last stage from the refined anchors. Every proposal mmdet's own
+    ``rpn_head.predict`` returns (after NMS) is one of the decoded boxes, with its score."""
+    stage = {'in_channels': 32, 'feat_channels': 32}
+    overrides = {**_R18, 'rpn_head.num_classes': 1,   # mmdet 3.3's config omits it
+                 **{f'rpn_head.stages.{i}.{k}': v for i in (0, 1) for k, v in stage.items()},
+                 'roi_head.bbox_roi_extractor.out_channels': 32,
+                 'roi_head.bbox_head.in_channels': 32, 'roi_head.bbox_head.fc_out_channels': 64}
+    model = build_zoo_model('cascade_rpn/cascade-rpn_faster-rcnn_r50-caffe_fpn_1x_coco.py',
+                            overrides)
+    adapter = find_adapter(model, max_proposals=50)
+    assert isinstance(adapter, TwoStageAdapter)
+    batch = adapter.prepare_batch(make_data())
+    with torch.no_grad():
+        raw = adapter.forward(model, batch)
+        decoded = adapter.decode_stages(raw)['rpn']
+        results = model.rpn_head.predict(model.extract_feat(batch['inputs']),
+                                         batch['data_samples'], rescale=False)
+    assert len(raw.outputs[0]) == 3                      # scores, deltas, refined anchors
+    for pred, result in zip(decoded, results):
+        assert len(result.bboxes) > 0
+        same_box = torch.cdist(result.bboxes, pred.boxes,
+                               compute_mode='donot_use_mm_for_euclid_dist') < 1e-3
+        same_score = (result.scores[:, None] - pred.scores[None, :, 0]).abs() < 1e-5
+        assert bool((same_box & same_score).any(dim=1).all())
+    assert adapter.decode(raw)[0].boxes.shape[-1] == 4   # the RoI stage decodes as before
