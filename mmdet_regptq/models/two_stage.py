@@ -71,6 +71,10 @@ def decode_rois(bbox_head: nn.Module, cls_score: Tensor, bbox_pred: Tensor | Non
     return out
 
 
+def _with_reg(bbox_head: nn.Module) -> bool:
+    return bool(getattr(bbox_head, 'with_reg', True))
+
+
 def whole_image_box(like: Tensor, img_shape: tuple) -> Tensor:
     """``[1, 4]`` box covering an ``(h, w)`` image, dtype/device of ``like``."""
     h, w = img_shape[:2]
@@ -159,16 +163,20 @@ class TwoStageAdapter(DetectorAdapter):
                           bbox2roi(batch['proposals']))
 
     def box_forward(self, model: nn.Module, batch: dict) -> RawOutputs:
-        """:meth:`forward` without the mask head: RPN outputs and the box head's
-        ``(cls_score, bbox_pred)`` on the FP proposals. With masks it is the mask head that
-        takes most of a Mask R-CNN tail forward (~60 % of Reg-PTQ's calibration time in the
-        zoo sweep, measured with py-spy), and decoding never reads its output."""
-        if not getattr(model.roi_head, 'with_mask', False):
+        """:meth:`forward` without the heads decoding never reads (a mask head, Grid
+        R-CNN's grid head): RPN outputs and the box head's ``(cls_score[, bbox_pred])`` on
+        the FP proposals. With masks it is the mask head that takes most of a Mask R-CNN
+        tail forward (~60 % of Reg-PTQ's calibration time in the zoo sweep, measured with
+        py-spy); the grid head's eight 576-channel convs on 14x14 RoIs are heavier still."""
+        roi_head = model.roi_head
+        if not (getattr(roi_head, 'with_mask', False) or hasattr(roi_head, 'grid_head')):
             return self.forward(model, batch)
         feats, rpn_outs = self.features_and_rpn(model, batch)
         rois = bbox2roi(batch['proposals'])
-        bbox = model.roi_head._bbox_forward(feats, rois)
-        return RawOutputs((rpn_outs, (bbox['cls_score'], bbox['bbox_pred'])),
+        bbox = roi_head._bbox_forward(feats, rois)
+        outs = (bbox['cls_score'],) + ((bbox['bbox_pred'],) if _with_reg(roi_head.bbox_head)
+                                       else ())
+        return RawOutputs((rpn_outs, outs),
                           image_shapes(batch['data_samples'], batch['inputs'].device), rois)
 
     def logits(self, raw: RawOutputs) -> Tensor:
@@ -178,7 +186,9 @@ class TwoStageAdapter(DetectorAdapter):
         shapes = shape_list(raw.img_shapes)
         rpn_head = self.model.rpn_head
         (rpn_outs, roi_outs), bbox_head = raw.outputs, self.final_bbox_head()
-        bbox_pred = roi_outs[1] if len(roi_outs) > 1 else None
+        # without regression (Grid R-CNN: the grid head refines the boxes after NMS, by
+        # the argmax of its heatmaps) the RoI stage's boxes are the proposals
+        bbox_pred = roi_outs[1] if len(roi_outs) > 1 and _with_reg(bbox_head) else None
         return {'rpn': find_dense_decoder(rpn_head)(rpn_head, rpn_outs, shapes),
                 'roi': decode_rois(bbox_head, roi_outs[0], bbox_pred, raw.rois, shapes)}
 

@@ -528,3 +528,26 @@ def test_cascade_rpn_decodes_its_refined_anchors_as_its_predict():
         same_score = (result.scores[:, None] - pred.scores[None, :, 0]).abs() < 1e-5
         assert bool((same_box & same_score).any(dim=1).all())
     assert adapter.decode(raw)[0].boxes.shape[-1] == 4   # the RoI stage decodes as before
+
+
+def test_grid_rcnn_decodes_scores_on_the_proposals_and_box_forward_skips_the_grid_head():
+    """Grid R-CNN's box head has no regression (its grid head refines boxes after NMS by a
+    heatmap argmax): the RoI stage decodes to the proposals with the box head's scores,
+    and ``box_forward`` (Reg-PTQ's tails) leaves the grid head out, decoding the same."""
+    overrides = {**_RCNN, 'roi_head.grid_roi_extractor.out_channels': 32,
+                 'roi_head.grid_head.in_channels': 32, 'roi_head.grid_head.num_convs': 2,
+                 'roi_head.grid_head.point_feat_channels': 4}
+    model = build_zoo_model('grid_rcnn/grid-rcnn_r50_fpn_gn-head_1x_coco.py', overrides)
+    adapter = find_adapter(model, max_proposals=12)
+    batch = adapter.prepare_batch(make_data())
+    calls = []
+    model.roi_head.grid_head.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        full = adapter.forward(model, batch)
+        assert calls and len(full.outputs[1]) == 2          # (cls_score, grid_preds)
+        calls.clear()
+        cheap = adapter.box_forward(model, batch)
+    assert not calls and len(cheap.outputs[1]) == 1
+    for a, b, proposals in zip(adapter.decode(full), adapter.decode(cheap), batch['proposals']):
+        assert torch.equal(a.scores, b.scores) and torch.equal(a.boxes, b.boxes)
+        assert torch.equal(a.boxes, proposals) and not a.sigmoid
