@@ -191,7 +191,10 @@ def mmdet_compat_model(model: Any) -> list[str]:
 
     notes = []
     for name, module in model.named_modules():
-        if isinstance(module, BaseDenseHead) and not hasattr(module, 'loss_cls'):
+        # heads that decode through BaseDenseHead (a prior generator; not a wrapper of
+        # stages like CascadeRPNHead)
+        if isinstance(module, BaseDenseHead) and hasattr(module, 'prior_generator') \
+                and not hasattr(module, 'loss_cls'):
             module.loss_cls = None
             notes.append(f'mmdet 3.3 bug: {type(module).__name__}.loss_cls=None ({name})')
     return notes
