@@ -205,6 +205,10 @@ def test_timeout_row_names_the_stage_and_the_units_done():
                             '(last: backbone.layer2.0)')
     assert row['failure'] == 'timeout (in quantize+calibrate)'
     assert tool.timeout_row({}, '1800 s wall')['error'] == 'timeout after 1800 s wall in load'
+    # the table names a row's CPU limit when it differs from the rendering run's --timeout
+    assert tool._seconds(dict(seconds=1500.0, cpu_limit_s=2400), 900) == \
+        '1500.0 (limit 2400 CPU-s)'
+    assert tool._seconds(dict(seconds=90.0), 900) == '90.0'
 
 
 def test_mmdet_compat_fixes_cascade_rpn_and_ssd_predict():

@@ -601,6 +601,13 @@ def finalize(row: dict) -> dict:
     return row
 
 
+def _seconds(row: dict, default_limit: int) -> str:
+    """Wall seconds, with the row's CPU limit when it ran under another ``--timeout``."""
+    limit = row.get('cpu_limit_s', default_limit)
+    return f"{row.get('seconds', '-')}" + (f' (limit {limit} CPU-s)' if limit != default_limit
+                                           else '')
+
+
 def _pct(row: dict) -> str:
     n = row.get('n_conv_linear') or 0
     if not n or not row.get('fp_ok'):
@@ -648,7 +655,7 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: argparse.Name
         lines.append(f"| {r['folder']} | {Path(r.get('config', '')).name} | "
                      f"{r.get('input', '-')} | {_yes(r.get('fp_ok'))} | {_pct(r)} | "
                      f"{_yes(r.get('calibrated'))} | {_yes(r.get('predicted'))} | "
-                     f"{r.get('seconds', '-')} | {err} |")
+                     f"{_seconds(r, args.timeout)} | {err} |")
     fp_fail = [r for r in rows if not r.get('fp_ok')]
     lines += ['', f'## FP failures ({len(fp_fail)}): not counted in the quantization rate', '',
               '| folder | config | reason | error |', '|---|---|---|---|']
@@ -727,6 +734,7 @@ def sweep(args: argparse.Namespace) -> None:
             row.setdefault('config', str(cfg.relative_to(zoo_root())))
             row.setdefault('seconds', round(time.perf_counter() - t0, 1))
             row['folder'] = folder
+            row['cpu_limit_s'] = args.timeout
             finalize(row)
             part = res_path.with_suffix(f'.{os.getpid()}.tmp')
             part.write_text(json.dumps(row, indent=1))
