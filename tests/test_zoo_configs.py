@@ -232,6 +232,32 @@ def test_mmdet_compat_fixes_cascade_rpn_and_ssd_predict():
     assert ssd.bbox_head.loss_cls is None and tool.mmdet_compat_model(ssd) == []
 
 
+def test_a_stopped_sweeps_partial_row_is_rendered_as_interrupted(tmp_path):
+    """A sweep killed mid-run leaves its child's partial row: --render-only shows it as
+    interrupted (stage, units done) while no live sweep holds the folder and no newer
+    result exists."""
+    import json
+    import time
+    tool = _load_tool()
+    (tmp_path / 'dino.json').write_text(json.dumps(dict(fp_ok=False, stage='fp predict')))
+    time.sleep(0.01)
+    partial = tmp_path / '.dino.123.child.json'
+    partial.write_text(json.dumps(dict(fp_ok=True, stage='quantize+calibrate', units_done=14,
+                                       last_unit='backbone.layer3.0')))
+    (tmp_path / '.dino.running').write_text('999999999')          # the killed sweep's claim
+    row = tool.interrupted_row(tmp_path, 'dino')
+    assert row['error'] == ('sweep stopped in quantize+calibrate after 14 units '
+                            '(last: backbone.layer3.0)')
+    assert tool.finalize(row)['failure'] == 'interrupted (sweep stopped)' and row['fp_ok']
+    (tmp_path / '.dino.running').write_text(str(os.getpid()))     # a live sweep holds it
+    assert tool.interrupted_row(tmp_path, 'dino') is None
+    (tmp_path / '.dino.running').unlink()
+    time.sleep(0.01)
+    (tmp_path / 'dino.json').write_text('{}')                     # a newer finished result
+    assert tool.interrupted_row(tmp_path, 'dino') is None
+    assert tool.interrupted_row(tmp_path, 'atss') is None
+
+
 def test_input_too_small_matches_the_kernel_size_errors():
     tool = _load_tool()
     assert tool.input_too_small(RuntimeError('input image is smaller than kernel'))

@@ -558,6 +558,28 @@ def timeout_row(row: dict, what: str) -> dict:
                 error=f'timeout after {what} in {where}')
 
 
+def interrupted_row(results: Path, folder: str) -> dict | None:
+    """The row of a run whose sweep was stopped (its child's partial JSON is left, newer
+    than the stored result, and no live sweep holds the folder), else None."""
+    partials = sorted(results.glob(f'.{folder}.*.child.json'), key=lambda p: p.stat().st_mtime)
+    done = results / f'{folder}.json'
+    claim = results / f'.{folder}.running'
+    if not partials or (done.is_file() and done.stat().st_mtime >= partials[-1].stat().st_mtime):
+        return None
+    if claim.is_file():
+        try:
+            os.kill(int(claim.read_text() or 0), 0)
+            return None                       # still running
+        except (ProcessLookupError, ValueError):
+            pass
+    row = json.loads(partials[-1].read_text())
+    where = row.get('stage', 'load')
+    if row.get('units_done') and where == 'quantize+calibrate':
+        where += f" after {row['units_done']} units (last: {row['last_unit']})"
+    return dict(row, folder=folder, stage='interrupted', failure='interrupted (sweep stopped)',
+                error=f'sweep stopped in {where}')
+
+
 def _run_child(config: Path, out_json: Path, log: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), '--one', str(config),
            '--result', str(out_json), '--max-size', str(args.max_size),
@@ -589,7 +611,9 @@ def _run_child(config: Path, out_json: Path, log: Path, args: argparse.Namespace
 
 def finalize(row: dict) -> dict:
     """Add the failure class and the table cells to a result row."""
-    if row.get('stage') == 'timeout':
+    if row.get('stage') == 'interrupted':
+        row['failure'] = 'interrupted (sweep stopped)'
+    elif row.get('stage') == 'timeout':
         row['failure'] = f"timeout (in {row.get('timeout_in', 'load')})"
     elif not row.get('fp_ok'):
         row['failure'] = classify_fp(
@@ -718,9 +742,12 @@ def sweep(args: argparse.Namespace) -> None:
         if cfg is None:
             continue
         res_path = out / 'results' / f'{folder}.json'
-        if args.render_only and not res_path.is_file():
+        interrupted = interrupted_row(out / 'results', folder)
+        if args.render_only and interrupted is not None:
+            row = interrupted
+        elif args.render_only and not res_path.is_file():
             continue
-        if res_path.is_file() and not args.rerun:
+        elif res_path.is_file() and not args.rerun:
             row = json.loads(res_path.read_text())
         else:
             claim = _claim(out / 'results' / f'.{folder}.running')
