@@ -548,14 +548,18 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
 
 
 # ------------------------------------------------------------------------ the sweep
-def timeout_row(row: dict, what: str) -> dict:
-    """The row of a child killed after ``what`` (``'900 s CPU'``): its last stage, and in
-    the calibration how many units it finished."""
+def _progress(row: dict) -> str:
+    """A partial row's last stage, and in the calibration how many units it finished."""
     where = row.get('stage', 'load')
     if row.get('units_done') and where == 'quantize+calibrate':
         where += f" after {row['units_done']} units (last: {row['last_unit']})"
+    return where
+
+
+def timeout_row(row: dict, what: str) -> dict:
+    """The row of a child killed after ``what`` (``'900 s CPU'``)."""
     return dict(row, timeout_in=row.get('stage', 'load'), stage='timeout',
-                error=f'timeout after {what} in {where}')
+                error=f'timeout after {what} in {_progress(row)}')
 
 
 def interrupted_row(results: Path, folder: str) -> dict | None:
@@ -563,21 +567,13 @@ def interrupted_row(results: Path, folder: str) -> dict | None:
     than the stored result, and no live sweep holds the folder), else None."""
     partials = sorted(results.glob(f'.{folder}.*.child.json'), key=lambda p: p.stat().st_mtime)
     done = results / f'{folder}.json'
-    claim = results / f'.{folder}.running'
     if not partials or (done.is_file() and done.stat().st_mtime >= partials[-1].stat().st_mtime):
         return None
-    if claim.is_file():
-        try:
-            os.kill(int(claim.read_text() or 0), 0)
-            return None                       # still running
-        except (ProcessLookupError, ValueError):
-            pass
+    if _held_by_live_process(results / f'.{folder}.running'):
+        return None                           # still running
     row = json.loads(partials[-1].read_text())
-    where = row.get('stage', 'load')
-    if row.get('units_done') and where == 'quantize+calibrate':
-        where += f" after {row['units_done']} units (last: {row['last_unit']})"
-    return dict(row, folder=folder, stage='interrupted', failure='interrupted (sweep stopped)',
-                error=f'sweep stopped in {where}')
+    return dict(row, folder=folder, stage='interrupted',
+                error=f'sweep stopped in {_progress(row)}')
 
 
 def _run_child(config: Path, out_json: Path, log: Path, args: argparse.Namespace) -> dict:
@@ -704,6 +700,17 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: argparse.Name
     return '\n'.join(lines)
 
 
+def _held_by_live_process(path: Path) -> bool:
+    """Whether the claim file ``path`` exists and names a live process."""
+    try:
+        os.kill(int(path.read_text() or 0), 0)
+        return True
+    except (ProcessLookupError, ValueError, FileNotFoundError):
+        return False
+    except PermissionError:       # alive, another user's
+        return True
+
+
 def _claim(path: Path) -> Path | None:
     """Create ``path`` holding this pid, or None while a live process holds it.
 
@@ -714,14 +721,10 @@ def _claim(path: Path) -> Path | None:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                os.kill(int(path.read_text() or 0), 0)
+            if _held_by_live_process(path):
                 return None
-            except (ProcessLookupError, ValueError, FileNotFoundError):
-                path.unlink(missing_ok=True)  # left by a killed sweep
-                continue
-            except PermissionError:
-                return None
+            path.unlink(missing_ok=True)  # left by a killed sweep
+            continue
         with os.fdopen(fd, 'w') as f:
             f.write(str(os.getpid()))
         return path
@@ -742,8 +745,8 @@ def sweep(args: argparse.Namespace) -> None:
         if cfg is None:
             continue
         res_path = out / 'results' / f'{folder}.json'
-        interrupted = interrupted_row(out / 'results', folder)
-        if args.render_only and interrupted is not None:
+        interrupted = interrupted_row(out / 'results', folder) if args.render_only else None
+        if interrupted is not None:
             row = interrupted
         elif args.render_only and not res_path.is_file():
             continue

@@ -15,10 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64, 10: np.float16,
-           11: np.float64}
-
-
 @dataclass
 class OrtProfile:
     """Kernel time per run (ms), summed per op type and per node.
@@ -52,10 +48,11 @@ def random_feeds(path: str | Path, seed: int = 0) -> dict[str, np.ndarray]:
         if any(d <= 0 for d in dims):
             raise ValueError(f'random_feeds: input {value.name!r} of {path} has a dynamic '
                              f'shape {dims}; pass feeds')
-        dtype = _DTYPES.get(tensor.elem_type)
-        if dtype is None:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
             raise ValueError(f'random_feeds: input {value.name!r} has ONNX element type '
-                             f'{tensor.elem_type}; allowed: {sorted(_DTYPES)}')
+                             f'{tensor.elem_type} ({dtype}); allowed: numeric or bool; '
+                             'pass feeds')
         feeds[value.name] = (rng.standard_normal(dims).astype(dtype)
                              if np.issubdtype(dtype, np.floating)
                              else rng.integers(0, 8, dims).astype(dtype))
