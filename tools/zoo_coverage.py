@@ -731,10 +731,52 @@ def _claim(path: Path) -> Path | None:
     return None
 
 
+def seed_results(record: Path, results: Path) -> int:
+    """Copy the committed record's rows into ``results`` where a folder has none yet.
+
+    The record (``docs/zoo_coverage.jsonl``) is what makes a sweep resumable across
+    machines: ``work_dirs`` is not committed, so a fresh checkout reruns only the folders
+    asked for (``--only ... --rerun``) and renders the rest from earlier runs.
+    """
+    if not record.is_file():
+        return 0
+    seeded = 0
+    for line in record.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        path = results / f"{row['folder']}.json"
+        if not path.is_file():
+            _write_atomic(path, json.dumps(row, indent=1))
+            seeded += 1
+    return seeded
+
+
+def write_record(results: Path, record: Path) -> None:
+    """Write every stored row (tracebacks cut to their last 1500 characters), one JSON line
+    per folder, sorted, atomically."""
+    rows = [json.loads(p.read_text()) for p in sorted(results.glob('*.json'))
+            if not p.name.startswith('.')]
+    lines = [json.dumps(dict(r, traceback=r.get('traceback', '')[-1500:]), sort_keys=True)
+             for r in sorted(rows, key=lambda r: r['folder'])]
+    _write_atomic(record, '\n'.join(lines) + '\n')
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    part = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    part.write_text(text)
+    os.replace(part, path)
+
+
 def sweep(args: argparse.Namespace) -> None:
     out = Path(args.out)
     (out / 'logs').mkdir(parents=True, exist_ok=True)
     (out / 'results').mkdir(parents=True, exist_ok=True)
+    record = Path(args.record) if args.record else None
+    if record is not None:
+        seeded = seed_results(record, out / 'results')
+        if seeded:
+            print(f'{seeded} rows from {record} (rerun a folder with --only F --rerun)')
     reps = representatives()
     if args.only:
         wanted = set(args.only.split(','))
@@ -766,10 +808,10 @@ def sweep(args: argparse.Namespace) -> None:
             row['folder'] = folder
             row['cpu_limit_s'] = args.timeout
             finalize(row)
-            part = res_path.with_suffix(f'.{os.getpid()}.tmp')
-            part.write_text(json.dumps(row, indent=1))
-            os.replace(part, res_path)
+            _write_atomic(res_path, json.dumps(row, indent=1))
             claim.unlink(missing_ok=True)
+            if record is not None:
+                write_record(out / 'results', record)
         row['folder'] = folder
         rows.append(finalize(row))
         print(f"{folder:22s} fp={_yes(row.get('fp_ok')):3s} quant={_pct(row):14s} "
@@ -797,6 +839,9 @@ def main(argv: list[str] | None = None) -> None:
                         help='wall-clock seconds per config')
     parser.add_argument('--method', default=None,
                         help='PTQ method (default: RegPTQ if registered, else QDrop)')
+    parser.add_argument('--record', default=str(REPO / 'docs' / 'zoo_coverage.jsonl'),
+                        help='committed rows: seeds folders without a stored result and is '
+                             'rewritten after each finished row ("" turns it off)')
     parser.add_argument('--only', default='', help='comma-separated folders')
     parser.add_argument('--rerun', action='store_true', help='ignore stored results')
     parser.add_argument('--reverse', action='store_true',

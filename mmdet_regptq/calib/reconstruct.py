@@ -49,8 +49,8 @@ class ReconStats:
         unit: unit name.
         kind: ``'block'`` or ``'layer'``.
         iters: iterations run.
-        loss_before: reconstruction error (non-regulariser terms) on a fixed entry with
-            hard rounding, before training.
+        loss_before: local reconstruction error (non-regulariser terms that do not need
+            final outputs) on a fixed entry with hard rounding, before training.
         loss_after: the same after training (rounding hardened).
         seconds: wall time of the whole call.
         tail_share: share of the training loop's time spent in tail forwards.
@@ -160,13 +160,17 @@ class _Loop:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Reconstruction error on draw 0: hard rounding, no drop, no input mixing."""
+        """Local reconstruction error on draw 0: hard rounding, no drop, no input mixing.
+
+        The terms on final outputs are left out: a tail forward only for this log line
+        was a quarter of a 2-iteration calibration (py-spy, SOLOv2 zoo row)."""
         soft = [q.soft_targets for q in self.quantizers]
         for q in self.quantizers:
             q.soft_targets = False
         try:
             with _train_mode(self.unit, False):
-                terms = self.score(self.context(0, 0, mix=False), regularizers=False)
+                terms = self.score(self.context(0, 0, mix=False, with_tail=False),
+                                   regularizers=False)
         finally:
             for q, flag in zip(self.quantizers, soft):
                 q.soft_targets = flag

@@ -9,7 +9,11 @@ dequantized weights: slower than FP32 (measured in BUILD_NOTES / ``benchmarks/de
 
 1. weights are stored as ``int8`` with zero point 0 when their codes, re-centred
    (``q - z``), fit (every grid of <= 7 bits; ``s * ((q - z) - 0)`` is the same value);
-   INT4 initializers become ``int8`` (ORT has no 4-bit convolution);
+   INT4 initializers become ``int8`` (ORT has no 4-bit convolution). On an x86 CPU
+   without VNNI, ORT's u8 x s8 kernel adds pairs of products in int16 (``vpmaddubsw``)
+   and saturates once ``|q - z| > 64`` (255 * 65 * 2 > 32767; measured: 12.75 off on
+   such a conv). There (:func:`u8s8_saturates`) wider weights are stored as ``uint8``
+   with zero point 128 instead, which ORT's u8 x u8 kernel computes exactly;
 2. a quantized Conv/Gemm whose output goes (through at most a Relu) only into our next
    layer's input quantizers already ends in a QuantizeLinear: nothing is added (equal
    QuantizeLinear nodes on one tensor are merged into one, as ORT fuses only a single
@@ -30,7 +34,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import platform
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -42,11 +48,29 @@ from mmdet_regptq.deploy.onnx_graph import GraphIndex, attrs
 from mmdet_regptq.quant import QuantGrid, qparams_from_range
 
 __all__ = ['OrtInt8Report', 'make_ort_int8', 'recentre_weights', 'conv_output_ranges',
-           'merge_duplicate_quantizers', 'integer_adds']
+           'merge_duplicate_quantizers', 'integer_adds', 'u8s8_saturates', 'SAFE_U8S8']
 
 logger = logging.getLogger(__name__)
 
 _QUANT_OPS = ('Conv', 'Gemm', 'MatMul')
+
+#: largest ``|q - z|`` of an int8 weight that ORT's int16 pair sums hold for any uint8 input
+SAFE_U8S8 = 64
+
+
+def u8s8_saturates(cpuinfo: str = '/proc/cpuinfo') -> bool:
+    """Whether ORT's u8 x s8 convolution can saturate on this CPU: x86 without VNNI
+    (AVX2 / AVX-512F sum pairs of u8 * s8 products in int16). Unknown x86 flags count as
+    saturating (the safe choice); ARM and others sum in int32."""
+    if platform.machine().lower() not in ('x86_64', 'amd64', 'i386', 'i686'):
+        return False
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return True
+    flags = next((line.split(':', 1)[1].split() for line in text.splitlines()
+                  if line.startswith('flags')), [])
+    return not ({'avx512_vnni', 'avx_vnni'} & set(flags))
 
 
 @dataclass
@@ -67,12 +91,15 @@ class OrtInt8Report:
     recentred: list[str] = field(default_factory=list)
     merged: int = 0
     integer_adds: list[str] = field(default_factory=list)
+    widened: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (f'{len(self.fused)} layers end in our own Q, {len(self.requantized)} outputs '
                 f'requantized to uint8, {len(self.recentred)} weights re-centred to int8, '
                 f'{self.merged} duplicate QuantizeLinear merged, '
-                f'{len(self.integer_adds)} adds in integers')
+                f'{len(self.integer_adds)} adds in integers'
+                + (f', {len(self.widened)} weights kept uint8 (no VNNI: u8 x s8 would '
+                   'saturate)' if self.widened else ''))
 
 
 def _quantized_layers(index: GraphIndex) -> list[onnx.NodeProto]:
@@ -88,14 +115,19 @@ def _quantized_layers(index: GraphIndex) -> list[onnx.NodeProto]:
     return found
 
 
-def recentre_weights(model: onnx.ModelProto, report: OrtInt8Report | None = None) -> None:
-    """Store every DQ'd integer weight as ``int8`` with zero point 0 where ``q - z`` fits,
-    else as ``int8``/``uint8`` (INT4 → 8-bit carrier). Values are unchanged."""
+def recentre_weights(model: onnx.ModelProto, report: OrtInt8Report | None = None, *,
+                     int8_limit: int = 127) -> None:
+    """Store every DQ'd integer weight as ``int8`` with zero point 0 where ``q - z`` fits
+    in ``-int8_limit - 1 .. int8_limit`` (``SAFE_U8S8`` where u8 x s8 saturates: then
+    ``-64 .. 64``), else as ``uint8`` with its zero point (``q - z + 128`` / 128 when the
+    codes are signed), else 8-bit as they are (INT4 → 8-bit carrier). Values are
+    unchanged."""
     report = report if report is not None else OrtInt8Report()
     index = GraphIndex(model)
     replaced: dict[str, onnx.TensorProto] = {}
     for node in model.graph.node:
-        if node.op_type != 'DequantizeLinear' or node.input[0] not in index.inits:
+        if node.op_type != 'DequantizeLinear' or node.input[0] not in index.inits \
+                or node.input[0] in replaced:     # a shared head's weight: one DQ per level
             continue
         codes = index.const(node.input[0]).astype(np.int64)
         zp_name = node.input[2] if len(node.input) > 2 else ''
@@ -107,11 +139,17 @@ def recentre_weights(model: onnx.ModelProto, report: OrtInt8Report | None = None
             centred = codes - zp.reshape(shape)
         else:
             centred = codes - zp
-        if centred.min() >= -128 and centred.max() <= 127:
+        low = -128 if int8_limit >= 127 else -int8_limit
+        if centred.min() >= low and centred.max() <= int8_limit:
             new_codes, new_zp = centred.astype(np.int8), np.zeros(zp.shape, np.int8)
             report.recentred.append(node.input[0])
-        elif codes.min() >= 0 and codes.max() <= 255:
+        elif codes.min() >= 0 and codes.max() <= 255 and zp.min() >= 0 and zp.max() <= 255:
             new_codes, new_zp = codes.astype(np.uint8), zp.astype(np.uint8)
+            report.widened.append(node.input[0])
+        elif centred.min() >= -128 and centred.max() <= 127:
+            new_codes = (centred + 128).astype(np.uint8)
+            new_zp = np.full(zp.shape, 128, np.uint8)
+            report.widened.append(node.input[0])
         else:
             new_codes, new_zp = codes.astype(np.int8), zp.astype(np.int8)
         replaced[node.input[0]] = numpy_helper.from_array(new_codes, node.input[0])
@@ -361,6 +399,7 @@ def integer_adds(model: onnx.ModelProto) -> list[str]:
 
 
 def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np.ndarray]],
+                  *, avoid_u8s8_saturation: bool | None = None,
                   ) -> tuple[onnx.ModelProto, OrtInt8Report]:
     """Rewrite an exported Q/DQ model for ONNX Runtime's integer kernels (module doc).
 
@@ -368,6 +407,10 @@ def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np
         model: output of ``export_onnx`` (any weight carrier); not modified.
         calib_inputs: feeds ``{input_name: array}`` to measure the added output ranges
             (images preprocessed as the model expects; a handful is enough).
+        avoid_u8s8_saturation: keep weights with ``|q - z| > 64`` in ``uint8`` (exact on
+            every CPU, slower u8 x u8 kernel); ``None``: when this CPU needs it
+            (:func:`u8s8_saturates`). Build with ``True`` for a model that will run on
+            unknown x86 CPUs.
 
     Returns:
         ``(new model, report)``.
@@ -375,7 +418,9 @@ def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np
     out = onnx.ModelProto()
     out.CopyFrom(model)
     report = OrtInt8Report()
-    recentre_weights(out, report)
+    if avoid_u8s8_saturation is None:
+        avoid_u8s8_saturation = u8s8_saturates()
+    recentre_weights(out, report, int8_limit=SAFE_U8S8 if avoid_u8s8_saturation else 127)
     report.merged = merge_duplicate_quantizers(out)
     index = GraphIndex(out)
     todo = []

@@ -242,10 +242,10 @@ def test_global_interval_runs_the_tail_on_every_nth_iteration(monkeypatch):
         assert all(math.isfinite(s.loss_after) for s in stats)
         per_interval[interval] = (len(runs), sorted(set(terms_seen)))
     units = len(stats)
-    # + 1 evaluation before and 1 after the loop per unit, both with the tail, and the
-    # capture's Fisher-gradient pass: one tail run per batch (2 batches)
-    assert per_interval[1][0] == units * (7 + 2 + 2)
-    assert per_interval[3][0] == units * (3 + 2 + 2)      # iterations 0, 3, 6
+    # + the capture's Fisher-gradient pass: one tail run per batch (2 batches); the
+    # evaluations before and after the loop score the local terms (no tail run)
+    assert per_interval[1][0] == units * (7 + 2)
+    assert per_interval[3][0] == units * (3 + 2)      # iterations 0, 3, 6
     assert per_interval[3][1] == [0, 3, 6]
     with pytest.raises(ValueError, match='global_interval'):
         RegPTQ(global_interval=0)

@@ -159,10 +159,12 @@ def test_mmdeploy_registration():
 
 
 def _two_tower_graph() -> onnx.ModelProto:
-    """x -> Q/DQ -> Conv (int8 weight) -> two equal QuantizeLinear (two head towers)."""
+    """x -> Q/DQ -> Conv (int8 weight) -> two equal QuantizeLinear (two head towers).
+
+    ``|w| <= 64``: ORT's u8 x s8 kernel is exact on every x86 CPU (ort_int8.SAFE_U8S8)."""
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.integers(-127, 127, (8, 4, 3, 3)).astype(np.int8), 'w'),
+    inits = [numpy_helper.from_array(rng.integers(-64, 65, (8, 4, 3, 3)).astype(np.int8), 'w'),
              numpy_helper.from_array(np.full(8, 0.01, np.float32), 'w.s'),
              numpy_helper.from_array(np.zeros(8, np.int8), 'w.z'),
              numpy_helper.from_array(np.array(0.02, np.float32), 'x.s'),
@@ -220,3 +222,45 @@ def test_equal_quantizers_of_one_tensor_are_merged_for_qlinearconv(tmp_path):
         if init.name == 'reg.s':
             init.CopyFrom(onnx.numpy_helper.from_array(np.array(0.07, np.float32), 'reg.s'))
     assert merge_duplicate_quantizers(other) == 0
+
+
+def test_u8s8_saturates_reads_the_cpus_vnni_flag(tmp_path, monkeypatch):
+    import platform
+
+    from mmdet_regptq.deploy.ort_int8 import u8s8_saturates
+
+    monkeypatch.setattr(platform, 'machine', lambda: 'x86_64')
+    for flags, saturates in (('fpu avx avx2', True), ('avx2 avx512f avx512_vnni', False),
+                             ('avx2 avx_vnni', False)):
+        info = tmp_path / 'cpuinfo'
+        info.write_text(f'processor\t: 0\nflags\t\t: {flags}\n')
+        assert u8s8_saturates(str(info)) is saturates, flags
+    assert u8s8_saturates(str(tmp_path / 'missing')) is True       # unknown: the safe side
+    monkeypatch.setattr(platform, 'machine', lambda: 'aarch64')
+    assert u8s8_saturates(str(tmp_path / 'missing')) is False
+
+
+def test_ort_int8_keeps_wide_weights_uint8_where_u8s8_would_saturate(single_thread, tmp_path):
+    """W8A8: with ``avoid_u8s8_saturation`` the 8-bit weights (|q - z| up to 127) stay
+    uint8 (ORT's exact u8 x u8 kernel) and the fused graph matches the fake-quant model on
+    any x86 CPU; 4-bit weights (|q - z| <= 15) still become int8 with zero point 0."""
+    model, x = make_quantized(dict(w_bits=8, a_bits=8), net=ResidualNet)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    export_onnx(model, x, tmp_path / 'w8.onnx', output_names=['out'])
+    fused, report = make_ort_int8(onnx.load(str(tmp_path / 'w8.onnx')), [{'input': x.numpy()}], avoid_u8s8_saturation=True)
+    assert report.widened and not report.recentred, report.summary()
+    inits = {i.name: i for i in fused.graph.initializer}
+    for name in report.widened:
+        assert inits[name].data_type == onnx.TensorProto.UINT8
+    out = ort_run(fused, {'input': x.numpy()})['out']
+    diff = float(np.abs(out - ref).max())
+    print(f'W8A8 ORT INT8 (uint8 weights) vs fake-quant: max |diff| = {diff:.3g}')
+    assert diff < 0.05 * float(np.abs(ref).max())
+    model4, x4 = make_quantized(dict(w_bits=4, a_bits=8), net=ResidualNet)
+    export_onnx(model4, x4, tmp_path / 'w4.onnx', output_names=['out'])
+    _, report4 = make_ort_int8(onnx.load(str(tmp_path / 'w4.onnx')), [{'input': x4.numpy()}],
+                               avoid_u8s8_saturation=True)
+    # only the 8-bit first layer stays uint8
+    assert len(report4.recentred) == 6 and report4.widened == ['stem.weight.int'], \
+        report4.summary()
