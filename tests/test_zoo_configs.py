@@ -258,6 +258,30 @@ def test_a_stopped_sweeps_partial_row_is_rendered_as_interrupted(tmp_path):
     assert tool.interrupted_row(tmp_path, 'atss') is None
 
 
+def test_the_committed_record_seeds_missing_rows_and_is_rewritten_from_all_results(tmp_path):
+    """docs/zoo_coverage.jsonl makes a sweep resumable on a fresh checkout: rows missing
+    from the results folder are seeded from it, stored rows win, and the record is
+    rewritten (sorted, tracebacks cut) from every stored row."""
+    import json
+    tool = _load_tool()
+    results, record = tmp_path / 'results', tmp_path / 'record.jsonl'
+    results.mkdir()
+    record.write_text(json.dumps(dict(folder='yolo', fp_ok=True, predicted=True)) + '\n'
+                      + json.dumps(dict(folder='atss', fp_ok=True, predicted=False)) + '\n')
+    (results / 'atss.json').write_text(json.dumps(dict(folder='atss', fp_ok=True,
+                                                       predicted=True, traceback='x' * 5000)))
+    assert tool.seed_results(record, results) == 1                 # only yolo was missing
+    assert json.loads((results / 'yolo.json').read_text())['predicted'] is True
+    assert json.loads((results / 'atss.json').read_text())['predicted'] is True
+    (results / '.atss.77.child.json').write_text('{}')              # a child's partial row
+    tool.write_record(results, record)
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [r['folder'] for r in rows] == ['atss', 'yolo']
+    assert rows[0]['predicted'] is True and len(rows[0]['traceback']) == 1500
+    assert not list(tmp_path.glob('.*.tmp'))                         # written atomically
+    assert tool.seed_results(tmp_path / 'missing.jsonl', results) == 0
+
+
 def test_input_too_small_matches_the_kernel_size_errors():
     tool = _load_tool()
     assert tool.input_too_small(RuntimeError('input image is smaller than kernel'))

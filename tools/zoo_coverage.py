@@ -585,6 +585,7 @@ def _run_child(config: Path, out_json: Path, log: Path, args: argparse.Namespace
     def limit_cpu() -> None:   # CPU seconds, not wall time: the machine is shared
         resource.setrlimit(resource.RLIMIT_CPU, (args.timeout, args.timeout + 10))
 
+    used_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, 'w') as log_f:
         proc = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT, cwd=REPO,
                                 start_new_session=True, preexec_fn=limit_cpu)
@@ -593,15 +594,17 @@ def _run_child(config: Path, out_json: Path, log: Path, args: argparse.Namespace
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)   # the child's own process group
             proc.wait()
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = round(used.ru_utime + used.ru_stime - used_before.ru_utime - used_before.ru_stime, 1)
     if proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL) or proc.returncode is None:
         row = json.loads(out_json.read_text()) if out_json.is_file() else {}
         what = (f'{args.timeout} s CPU' if proc.returncode == -signal.SIGXCPU
                 else f'{args.wall_timeout} s wall')
-        return timeout_row(row, what)
+        return dict(timeout_row(row, what), cpu_s=cpu_s)
     if out_json.is_file():
-        return json.loads(out_json.read_text())
+        return dict(json.loads(out_json.read_text()), cpu_s=cpu_s)
     tail = [ln for ln in log.read_text(errors='replace').splitlines() if ln.strip()][-1:]
-    return dict(stage='crash', error=f'process exited with {proc.returncode}: '
+    return dict(stage='crash', cpu_s=cpu_s, error=f'process exited with {proc.returncode}: '
                 + (tail[0][:200] if tail else ''))
 
 
