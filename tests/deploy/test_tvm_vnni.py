@@ -21,11 +21,10 @@ SHAPES = [
 ]
 
 
-def _compile(n, c, k, h, w, kernel, stride, dilation, pads, groups):
-    import tvm
+def _conv_module(n, c, k, h, w, kernel, stride, dilation, pads, groups):
+    """A Relax module ``main(x, w)``: one convolution through ``emit_conv_vnni``."""
     from tvm import relax
 
-    from mmdet_regptq.deploy.tvm_schedule import cpu_pipeline
     from mmdet_regptq.deploy.tvm_vnni import emit_conv_vnni
 
     bb = relax.BlockBuilder()
@@ -36,9 +35,35 @@ def _compile(n, c, k, h, w, kernel, stride, dilation, pads, groups):
             y = bb.emit(emit_conv_vnni(bb, x, wv, stride, list(pads), dilation, groups))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    target = host_target()
-    executable = tvm.compile(bb.get(), target=target, relax_pipeline=cpu_pipeline(target))
-    return relax.VirtualMachine(executable, tvm.cpu())
+    return bb.get()
+
+
+def _build(module, target):
+    import tvm
+
+    from mmdet_regptq.deploy.tvm_schedule import cpu_pipeline
+
+    return tvm.compile(module, target=target, relax_pipeline=cpu_pipeline(target))
+
+
+def _compile(*shape):
+    import tvm
+    from tvm import relax
+
+    return relax.VirtualMachine(_build(_conv_module(*shape), host_target()), tvm.cpu())
+
+
+def test_vnni_kernel_lowers_to_vpdpbusd_for_a_vnni_target():
+    """Runs on any machine: cross-compiled for a VNNI CPU (``cascadelake``), the kernel's
+    inner loop is ``vpdpbusd`` on zmm registers. (Its values need such a CPU to run on:
+    the bit-exact tests below.)"""
+    import tvm
+
+    target = tvm.target.Target({'kind': 'llvm', 'mcpu': 'cascadelake'})
+    assert has_vnni(target)
+    executable = _build(_conv_module(*SHAPES[0]), target)
+    asm = ''.join(m.inspect_source('asm') for m in executable.mod.imports)
+    assert asm.count('vpdpbusd') >= 16 and 'zmm' in asm
 
 
 @pytest.mark.skipif(not has_vnni(host_target()), reason='this CPU has no AVX-512 VNNI')
