@@ -786,6 +786,7 @@ def sweep(args: argparse.Namespace) -> None:
         reps = [r for r in reps if r[0] in wanted]
     skipped = [(f, why) for f, cfg, why in reps if cfg is None]
     rows = []
+    started = time.time()
     for folder, cfg, _ in (reversed(reps) if args.reverse else reps):
         if cfg is None:
             continue
@@ -795,8 +796,9 @@ def sweep(args: argparse.Namespace) -> None:
             row = interrupted
         elif args.render_only and not res_path.is_file():
             continue
-        elif res_path.is_file() and not args.rerun:
-            row = json.loads(res_path.read_text())
+        elif res_path.is_file() and (not args.rerun or res_path.stat().st_mtime > started):
+            row = json.loads(res_path.read_text())     # --rerun: not what another sweep
+                                                       # process finished since we started
         else:
             claim = _claim(out / 'results' / f'.{folder}.running')
             if claim is None:  # another sweep process is on this folder
@@ -846,7 +848,8 @@ def main(argv: list[str] | None = None) -> None:
                         help='committed rows: seeds folders without a stored result and is '
                              'rewritten after each finished row ("" turns it off)')
     parser.add_argument('--only', default='', help='comma-separated folders')
-    parser.add_argument('--rerun', action='store_true', help='ignore stored results')
+    parser.add_argument('--rerun', action='store_true',
+                        help='ignore results stored before this sweep started')
     parser.add_argument('--reverse', action='store_true',
                         help='last folder first (a second sweep process on the same --out '
                              'meets the first one in the middle; stored results are reused)')

@@ -60,8 +60,8 @@ def build_global_loss(adapter: DetectorAdapter, fgic: Any, batch: dict,
     try:
         with torch.no_grad():
             adapter.decode_stages(adapter.forward(adapter.model, batch))
-    except (AssertionError, AttributeError, KeyError, NotImplementedError, TypeError,
-            ValueError) as err:   # AssertionError: mmdet's box coders assert shapes
+    except (AssertionError, AttributeError, IndexError, KeyError, NotImplementedError,
+            TypeError, ValueError) as err:   # AssertionError: mmdet's box coders assert shapes
         head = getattr(adapter.model, 'bbox_head', None)
         first_line = (str(err).splitlines() or [''])[0][:160]
         logger.warning(

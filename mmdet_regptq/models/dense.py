@@ -111,6 +111,26 @@ def decode_yolox(head: nn.Module, outs: Sequence, img_shapes: list[tuple[int, in
             for i, shape in enumerate(img_shapes)]
 
 
+@DENSE_DECODERS.register_module(name='YOLOV3Head')
+def decode_yolov3(head: nn.Module, outs: Sequence, img_shapes: list[tuple[int, int]]
+                  ) -> list[DetPredictions]:
+    """YOLOv3: one map per level, ``[B, A * (5 + C), H, W]`` (xy offsets, wh, objectness,
+    classes); boxes by the head's ``YOLOBBoxCoder`` with the level's stride after the
+    sigmoid of the xy offsets, scores ``sigmoid(cls) * sigmoid(obj)`` (the score factor
+    its ``predict_by_feat`` gives NMS)."""
+    maps = list(outs[0])
+    priors = torch.cat(_grid_priors(head, maps))
+    preds = flatten_levels(maps, head.num_attrib)                        # [B, N, 5 + C]
+    strides = torch.cat([preds.new_full((m.shape[-2] * m.shape[-1] * anchors,), float(s))
+                         for m, s, anchors in zip(maps, head.featmap_strides,
+                                                  head.prior_generator.num_base_priors)])
+    deltas = torch.cat([preds[..., :2].sigmoid(), preds[..., 2:4]], dim=-1)
+    boxes = head.bbox_coder.decode(priors, deltas, strides.unsqueeze(-1))
+    scores = preds[..., 5:].sigmoid() * preds[..., 4:5].sigmoid()
+    return [DetPredictions(scores[i], clip_boxes(boxes[i], shape), shape, True)
+            for i, shape in enumerate(img_shapes)]
+
+
 def find_dense_decoder(head: nn.Module) -> DenseDecoder:
     """The decoder registered for the nearest class in the head's hierarchy."""
     for cls in type(head).__mro__:
@@ -134,6 +154,8 @@ class DenseHeadAdapter(DetectorAdapter):
 
     def logits(self, raw: RawOutputs) -> Tensor:
         head = self.model.bbox_head
+        if hasattr(head, 'num_attrib'):    # YOLOv3: classes after box and objectness
+            return flatten_levels(list(raw.outputs[0]), head.num_attrib)[..., 5:].flatten(0, 1)
         return flatten_levels(list(raw.outputs[0]), head.cls_out_channels).flatten(0, 1)
 
     def decode_stages(self, raw: RawOutputs) -> dict[str, list[DetPredictions]]:

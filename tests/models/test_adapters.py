@@ -41,6 +41,7 @@ ZOO_MODELS = {
         'BaseDenseHead'),
     'rtmdet/rtmdet_tiny_8xb32-300e_coco.py': ({}, DenseHeadAdapter, 'BaseDenseHead'),
     'yolox/yolox_tiny_8xb8-300e_coco.py': ({}, DenseHeadAdapter, 'YOLOXHead'),
+    'yolo/yolov3_mobilenetv2_8xb24-320-300e_coco.py': ({}, DenseHeadAdapter, 'YOLOV3Head'),
     'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py': (_RCNN, TwoStageAdapter, None),
     'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py': (
         {**_RCNN, 'roi_head.mask_roi_extractor.out_channels': 32,
@@ -274,6 +275,31 @@ def test_yolov3_prediction_convs_are_final_layers():
              if isinstance(m, torch.nn.Conv2d)]
     finals = _matching(final_layer_patterns(), names)
     assert finals == [f'bbox_head.convs_pred.{i}' for i in range(3)]
+
+
+def test_yolov3_decodes_as_its_predict_by_feat():
+    """Every detection of mmdet's own ``YOLOV3Head.predict_by_feat`` (after its
+    objectness filter and NMS) is one of the decoded boxes, with its class score times
+    objectness. (Our decoders clip boxes to the image, mmdet's YOLOv3 does not.)"""
+    model = build_zoo_model('yolo/yolov3_mobilenetv2_8xb24-320-300e_coco.py', {})
+    adapter = find_adapter(model)
+    batch = adapter.prepare_batch(make_data())
+    with torch.no_grad():
+        raw = adapter.forward(model, batch)
+        decoded = adapter.decode(raw)
+        metas = [d.metainfo for d in batch['data_samples']]
+        results = model.bbox_head.predict_by_feat(*[[m.clone() for m in maps] for maps in
+                                                    raw.outputs], batch_img_metas=metas)
+    for pred, result, (h, w) in zip(decoded, results, SIZES):
+        assert len(result.bboxes) > 0
+        clipped = result.bboxes.clone()
+        clipped[:, 0::2] = clipped[:, 0::2].clamp(0, w)
+        clipped[:, 1::2] = clipped[:, 1::2].clamp(0, h)
+        same_box = torch.cdist(clipped, pred.boxes,
+                               compute_mode='donot_use_mm_for_euclid_dist') < 1e-3
+        score = pred.scores[:, result.labels].T                 # [detections, priors]
+        same_score = (result.scores[:, None] - score).abs() < 1e-5
+        assert bool((same_box & same_score).any(dim=1).all())
 
 
 def build_query_model(rel_path, stages=2, proposals=10):
