@@ -648,7 +648,7 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: argparse.Name
     fp_ok = [r for r in rows if r.get('fp_ok')]
     full = [r for r in fp_ok if r.get('predicted')]
     calibrated = [r for r in fp_ok if r.get('calibrated')]
-    methods = sorted({r.get('method', '?') for r in rows if r.get('method')})
+    methods = sorted({r.get('method', '?') for r in fp_ok if r.get('method')})
     pending = [f for f, cfg, _ in representatives() if cfg is not None] if args.render_only \
         else []
     missing = sorted(set(pending) - {r['folder'] for r in rows})
@@ -663,7 +663,7 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: argparse.Name
         f'- FP builds and predicts: {len(fp_ok)} / {len(rows)}',
         f'- of those, quantized + calibrated: {len(calibrated)} / {len(fp_ok)}; '
         f'quantized + calibrated + predicts: **{len(full)} / {len(fp_ok)}'
-        + (f' ({100 * len(full) / len(fp_ok):.0f}%)**' if fp_ok else '**'),
+        + (f' ({100 * len(full) / len(fp_ok):.1f}%)**' if fp_ok else '**'),
         f'- calibration method: {", ".join(methods)} ({args.iters} iterations per unit, '
         '2 synthetic images, W4A4 default policy)',
         '- two-stage rows whose note says "RPN proposals N -> M" ran with the proposal cap; '

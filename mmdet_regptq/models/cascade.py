@@ -9,10 +9,11 @@ then comes from the same proposal, and FGIC compares the final scores and boxes,
 the pair mmdet's NMS would see. The refined RoIs are the model's own (they depend on the
 earlier stages' outputs), so they travel in ``RawOutputs.rois``.
 
-Only the heads whose ``_bbox_forward`` takes ``(stage, x, rois[, semantic_feat])`` are
-decoded: ``CascadeRoIHead`` and HTC's ``HybridTaskCascadeRoIHead`` (its semantic feature
-is computed as its ``predict`` does). Other subclasses (SCNet's, with a global context
-feature) keep ``roi_head.forward``, and Reg-PTQ falls back to the MSE of those outputs.
+The heads decoded here are those whose ``_bbox_forward`` takes ``(stage, x, rois[,
+semantic_feat][, glbctx_feat])``: ``CascadeRoIHead``, HTC's ``HybridTaskCascadeRoIHead``
+and ``SCNetRoIHead``; their semantic / global context features are computed as their
+``predict`` does. Other subclasses keep ``roi_head.forward``, and Reg-PTQ falls back to
+the MSE of those outputs.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from mmdet_regptq.models.two_stage import TwoStageAdapter
 __all__ = ['CascadeAdapter']
 
 #: RoI heads whose stages ``CascadeAdapter`` runs and decodes itself.
-REFINED_HEADS = ('CascadeRoIHead', 'HybridTaskCascadeRoIHead')
+REFINED_HEADS = ('CascadeRoIHead', 'HybridTaskCascadeRoIHead', 'SCNetRoIHead')
 
 
 @DETECTOR_ADAPTERS.register_module(name='CascadeRCNN')
@@ -58,8 +59,10 @@ class CascadeAdapter(TwoStageAdapter):
         units; their outputs are not returned (the decoding reads boxes only)."""
         if not self.refines:
             return super().forward(model, batch)
-        raw, feats, extra = self._box_stages(model, batch)
         roi_head = model.roi_head
+        if type(roi_head).__name__ == 'SCNetRoIHead' and roi_head.with_mask:
+            return self._scnet_forward(model, batch)
+        raw, feats, extra = self._box_stages(model, batch)
         if getattr(roi_head, 'with_mask', False):
             if type(roi_head).__name__ == 'HybridTaskCascadeRoIHead':
                 roi_head._mask_forward(stage=-1, x=feats, rois=raw.rois,
@@ -68,6 +71,25 @@ class CascadeAdapter(TwoStageAdapter):
             else:
                 for stage in range(roi_head.num_stages):
                     roi_head._mask_forward(stage, feats, raw.rois)
+        return raw
+
+    def _scnet_forward(self, model: nn.Module, batch: dict) -> RawOutputs:
+        """SCNet: the box stages, then its mask branch as its tensor-mode ``forward`` runs
+        it on the last stage's RoIs. That ``forward`` runs the last box head a second time
+        on the same RoIs for the relayed feature; here the first run's feature is kept
+        (equal values), so every box layer is called as often as in :meth:`box_forward`."""
+        roi_head = model.roi_head
+        shared: list = []
+        handle = roi_head.bbox_head[-1].register_forward_hook(
+            lambda _m, _a, out: shared.append(out[2]))
+        try:
+            raw, feats, extra = self._box_stages(model, batch)
+        finally:
+            handle.remove()
+        relayed = shared[-1]
+        if roi_head.with_feat_relay:
+            relayed = roi_head.feat_relay_head(relayed)
+        roi_head._mask_forward(feats, raw.rois, relayed_feat=relayed, **extra)
         return raw
 
     def box_forward(self, model: nn.Module, batch: dict) -> RawOutputs:
@@ -83,6 +105,8 @@ class CascadeAdapter(TwoStageAdapter):
         extra = {}
         if getattr(roi_head, 'with_semantic', False):
             extra['semantic_feat'] = roi_head.semantic_head(feats)[1]
+        if getattr(roi_head, 'with_glbctx', False):
+            extra['glbctx_feat'] = roi_head.glbctx_head(feats)[1]
         proposals = batch['proposals']
         metas = [s.metainfo for s in batch['data_samples']]
         rois, cls_scores, bbox_preds = roi_head._refine_roi(

@@ -372,7 +372,8 @@ def test_query_two_stage_decodes_as_predict_bbox(rel_path):
 
 
 def build_cascade_model(rel_path):
-    """Cascade R-CNN / HTC on ResNet-18 with 32-channel features and 64-wide box heads."""
+    """Cascade R-CNN / HTC / SCNet on ResNet-18 with 32-channel features and 64-wide box
+    heads."""
     init_default_scope('mmdet')
     cfg = Config.fromfile(os.path.join(ZOO, rel_path))
     cfg.merge_from_dict({f'model.{k}': v for k, v in _R18.items()})
@@ -388,8 +389,15 @@ def build_cascade_model(rel_path):
     for head in [mask_heads] if isinstance(mask_heads, dict) else mask_heads:
         head.in_channels = head.conv_out_channels = 32
         head.num_convs = 1
+    # SCNet's heads with ``conv_to_res`` build num_convs // 2 residual blocks (one kept
+    # even for 0, then never called): 2 convs is their smallest working size
+    convs = 2 if roi.get('semantic_head', {}).get('conv_to_res') else 1
     if 'semantic_head' in roi:
-        roi.semantic_head.update(in_channels=32, conv_out_channels=32, num_convs=1)
+        roi.semantic_head.update(in_channels=32, conv_out_channels=32, num_convs=convs)
+    if 'glbctx_head' in roi:                                         # SCNet
+        roi.glbctx_head.update(in_channels=32, conv_out_channels=32, num_convs=convs)
+    if 'feat_relay_head' in roi:
+        roi.feat_relay_head.update(in_channels=64, out_conv_channels=32)
     model_cfg.test_cfg.rpn.max_per_img = 20
     model_cfg.test_cfg.rcnn.score_thr = 0.0     # random init: keep low-score detections
     _no_init_cfg(model_cfg)
@@ -398,9 +406,11 @@ def build_cascade_model(rel_path):
 
 
 @pytest.mark.parametrize('rel_path', ['cascade_rcnn/cascade-rcnn_r50_fpn_1x_coco.py',
-                                      'htc/htc_r50_fpn_1x_coco.py'])
+                                      'htc/htc_r50_fpn_1x_coco.py',
+                                      'scnet/scnet_r50_fpn_1x_coco.py'])
 def test_cascade_decodes_as_predict_bbox(rel_path):
-    """Cascade R-CNN / HTC (semantic branch): every prediction of mmdet's own predict_bbox
+    """Cascade R-CNN / HTC (semantic branch) / SCNet (semantic and global context
+    features): every prediction of mmdet's own predict_bbox
     on the fixed FP proposals is one of the adapter's (RoI, class) scores with its box, and
     the global loss reaches every stage's regression layer (later stages pool the RoIs the
     earlier ones refined)."""
@@ -418,6 +428,8 @@ def test_cascade_decodes_as_predict_bbox(rel_path):
         extra = {}
         if getattr(model.roi_head, 'with_semantic', False):
             extra['semantic_feat'] = model.roi_head.semantic_head(feats)[1]
+        if getattr(model.roi_head, 'with_glbctx', False):
+            extra['glbctx_feat'] = model.roi_head.glbctx_head(feats)[1]
         from mmengine.structures import InstanceData
         expected = model.roi_head.predict_bbox(
             feats, [s.metainfo for s in batch['data_samples']],
@@ -448,22 +460,29 @@ def test_cascade_decodes_as_predict_bbox(rel_path):
 
 
 @pytest.mark.parametrize('rel_path', ['cascade_rcnn/cascade-mask-rcnn_r50_fpn_1x_coco.py',
-                                      'htc/htc_r50_fpn_1x_coco.py'])
+                                      'htc/htc_r50_fpn_1x_coco.py',
+                                      'scnet/scnet_r50_fpn_1x_coco.py'])
 def test_cascade_forward_runs_every_mask_head_and_box_forward_none(rel_path):
-    """The mask heads of Cascade Mask R-CNN / HTC run in ``forward`` (so their layers are
-    calibration units) and not in ``box_forward`` (Reg-PTQ's tails); both decode alike."""
+    """The mask heads of Cascade Mask R-CNN / HTC / SCNet run in ``forward`` (so their
+    layers are calibration units) and not in ``box_forward`` (Reg-PTQ's tails); both decode
+    alike, and every box layer is called as often in one as in the other."""
     model = build_cascade_model(rel_path)
     adapter = find_adapter(model)
     batch = adapter.prepare_batch(make_data())
     heads = model.roi_head.mask_head
+    heads = heads if isinstance(heads, torch.nn.ModuleList) else [heads]
+    box_calls = []
+    model.roi_head.bbox_head[-1].register_forward_hook(lambda *a: box_calls.append(1))
     calls = {i: 0 for i in range(len(heads))}
     for i, head in enumerate(heads):
         head.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
     with torch.no_grad():
         full = adapter.forward(model, batch)
         assert all(n == 1 for n in calls.values()), calls
+        assert len(box_calls) == 1
         boxes = adapter.box_forward(model, batch)
     assert all(n == 1 for n in calls.values()), calls
+    assert len(box_calls) == 2
     for a, b in zip(adapter.decode(full), adapter.decode(boxes)):
         assert torch.equal(a.scores, b.scores) and torch.equal(a.boxes, b.boxes)
     # every quantized layer, the mask heads' included, is a calibration unit
