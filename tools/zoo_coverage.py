@@ -648,7 +648,7 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: argparse.Name
     fp_ok = [r for r in rows if r.get('fp_ok')]
     full = [r for r in fp_ok if r.get('predicted')]
     calibrated = [r for r in fp_ok if r.get('calibrated')]
-    methods = sorted({r.get('method', '?') for r in fp_ok if r.get('method')})
+    methods = sorted({r.get('method', '?') for r in calibrated if r.get('method')})
     pending = [f for f, cfg, _ in representatives() if cfg is not None] if args.render_only \
         else []
     missing = sorted(set(pending) - {r['folder'] for r in rows})
