@@ -84,6 +84,8 @@ class OrtInt8Report:
         merged: QuantizeLinear nodes removed as duplicates of another on the same tensor.
         integer_adds: Add nodes now between DequantizeLinear inputs and one QuantizeLinear
             (ORT runs them as ``QLinearAdd``).
+        widened: weights that would fit int8 but stay uint8 with a zero point, because
+            ORT's u8 x s8 kernel would saturate on them (``avoid_u8s8_saturation``).
     """
 
     fused: list[str] = field(default_factory=list)
@@ -139,14 +141,16 @@ def recentre_weights(model: onnx.ModelProto, report: OrtInt8Report | None = None
             centred = codes - zp.reshape(shape)
         else:
             centred = codes - zp
+        fits_int8 = centred.min() >= -128 and centred.max() <= 127
         low = -128 if int8_limit >= 127 else -int8_limit
-        if centred.min() >= low and centred.max() <= int8_limit:
+        if fits_int8 and centred.min() >= low and centred.max() <= int8_limit:
             new_codes, new_zp = centred.astype(np.int8), np.zeros(zp.shape, np.int8)
             report.recentred.append(node.input[0])
         elif codes.min() >= 0 and codes.max() <= 255 and zp.min() >= 0 and zp.max() <= 255:
             new_codes, new_zp = codes.astype(np.uint8), zp.astype(np.uint8)
-            report.widened.append(node.input[0])
-        elif centred.min() >= -128 and centred.max() <= 127:
+            if fits_int8:                   # kept uint8 because of ``int8_limit``
+                report.widened.append(node.input[0])
+        elif fits_int8:
             new_codes = (centred + 128).astype(np.uint8)
             new_zp = np.full(zp.shape, 128, np.uint8)
             report.widened.append(node.input[0])
