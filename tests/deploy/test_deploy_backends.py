@@ -241,15 +241,21 @@ def test_u8s8_saturates_reads_the_cpus_vnni_flag(tmp_path, monkeypatch):
 
 
 def test_ort_int8_keeps_wide_weights_uint8_where_u8s8_would_saturate(single_thread, tmp_path):
-    """W8A8: with ``avoid_u8s8_saturation`` the 8-bit weights (|q - z| up to 127) stay
-    uint8 (ORT's exact u8 x u8 kernel) and the fused graph matches the fake-quant model on
-    any x86 CPU; 4-bit weights (|q - z| <= 15) still become int8 with zero point 0."""
-    model, x = make_quantized(dict(w_bits=8, a_bits=8), net=ResidualNet)
+    """W8A8 with symmetric weights (``|q - z|`` up to 127, int8-able): with
+    ``avoid_u8s8_saturation`` they stay uint8 (ORT's exact u8 x u8 kernel) and the fused
+    graph matches the fake-quant model on any x86 CPU; without it they become int8. 4-bit
+    weights (``|q - z| <= 15``) become int8 with zero point 0 either way."""
+    symmetric = dict(type='Uniform', per_channel=True, symmetric=True, scale_method='minmax')
+    model, x = make_quantized(dict(w_bits=8, a_bits=8, weight=symmetric), net=ResidualNet)
     with torch.no_grad():
         ref = model(x).numpy()
     export_onnx(model, x, tmp_path / 'w8.onnx', output_names=['out'])
-    fused, report = make_ort_int8(onnx.load(str(tmp_path / 'w8.onnx')), [{'input': x.numpy()}], avoid_u8s8_saturation=True)
-    assert report.widened and not report.recentred, report.summary()
+    proto = onnx.load(str(tmp_path / 'w8.onnx'))
+    feeds = [{'input': x.numpy()}]
+    _, plain = make_ort_int8(proto, feeds, avoid_u8s8_saturation=False)
+    assert plain.recentred and not plain.widened, plain.summary()
+    fused, report = make_ort_int8(proto, feeds, avoid_u8s8_saturation=True)
+    assert sorted(report.widened) == sorted(plain.recentred), report.summary()
     inits = {i.name: i for i in fused.graph.initializer}
     for name in report.widened:
         assert inits[name].data_type == onnx.TensorProto.UINT8
@@ -257,10 +263,10 @@ def test_ort_int8_keeps_wide_weights_uint8_where_u8s8_would_saturate(single_thre
     diff = float(np.abs(out - ref).max())
     print(f'W8A8 ORT INT8 (uint8 weights) vs fake-quant: max |diff| = {diff:.3g}')
     assert diff < 0.05 * float(np.abs(ref).max())
-    model4, x4 = make_quantized(dict(w_bits=4, a_bits=8), net=ResidualNet)
+    model4, x4 = make_quantized(dict(w_bits=4, a_bits=8, first_layer_bits=None,
+                                     weight=symmetric), net=ResidualNet)
     export_onnx(model4, x4, tmp_path / 'w4.onnx', output_names=['out'])
     _, report4 = make_ort_int8(onnx.load(str(tmp_path / 'w4.onnx')), [{'input': x4.numpy()}],
                                avoid_u8s8_saturation=True)
-    # only the 8-bit first layer stays uint8
-    assert len(report4.recentred) == 6 and report4.widened == ['stem.weight.int'], \
+    assert len(report4.recentred) == len(plain.recentred) and not report4.widened, \
         report4.summary()
