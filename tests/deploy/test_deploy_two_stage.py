@@ -52,6 +52,30 @@ def test_roi_graph_runs_any_number_of_rois_in_padded_chunks():
     assert deltas.shape == (7, 4)
 
 
+def test_host_pools_with_torchvision_roi_align_and_gets_mmcvs_values(single_thread):
+    """The host's RoIAlign switch (faster kernel) changes no RoI feature."""
+    import mmdet_regptq  # noqa: F401
+    from mmdet_regptq.deploy import build_detector
+    from mmdet_regptq.deploy.two_stage import RpnStage, TwoStageHost
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 160, 192)
+    meta = dict(img_shape=(160, 192), ori_shape=(160, 192), pad_shape=(160, 192),
+                scale_factor=(1.0, 1.0), batch_input_shape=(160, 192))
+    mmcv_host = TwoStageHost(build_detector(str(FRCNN), str(CHECKPOINT)), 100,
+                             torchvision_roi_align=False)
+    fast_host = TwoStageHost(build_detector(str(FRCNN), str(CHECKPOINT)), 100)
+    layers = list(fast_host.detector.roi_head.bbox_roi_extractor.roi_layers)
+    assert layers and all(layer.use_torchvision for layer in layers)
+    assert not any(layer.use_torchvision
+                   for layer in mmcv_host.detector.roi_head.bbox_roi_extractor.roi_layers)
+    stage1 = RpnStage(mmcv_host.detector).eval()
+    expected = mmcv_host.sample_roi_features(stage1, x, [meta])
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(fast_host.sample_roi_features(stage1, x, [meta]), expected,
+                               rtol=0, atol=1e-6)
+
+
 def test_num_rois_comes_from_the_rpn_test_cfg_or_the_deploy_config():
     from mmengine.config import Config
 
