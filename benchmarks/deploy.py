@@ -22,7 +22,8 @@ Storage (bytes of the weights as stored; BatchNorm folded into the convs first):
 
 Latency: batch 1, ``size x size`` input, median of ``--runs`` timed runs after 3 warm-up
 runs, the backends interleaved round by round (the CPU is shared: interleaving spreads the
-load over all rows). Rows: FP32 ONNX Runtime, INT8 ONNX Runtime (W8A8: per-channel
+load over all rows; ORT's worker threads do not spin between runs, which with several
+sessions in one process made every ORT row slower at 2 threads). Rows: FP32 ONNX Runtime, INT8 ONNX Runtime (W8A8: per-channel
 symmetric int8 weights, uint8 activations, the ``ort_int8`` rewrite), FP32 TVM
 (``tvm_relax``), INT4 TVM (``tvm_int4``: W4A4, integer convs, packed weights). TVM runs
 our fixed schedules (``tvm_schedule``) and, on an AVX-512 VNNI CPU, the int8 convolution
@@ -165,6 +166,10 @@ def _ort_graph(path: Path) -> Graph:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # idle ORT workers spin after a run; with several sessions interleaved (and a two-stage
+    # detector's PyTorch host steps) they take the cores from each other: FCOS FP32 at 2
+    # threads measured 110 ms spinning, 71 ms not
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
     sess = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
     return lambda feeds: sess.run(None, feeds)
 

@@ -94,7 +94,8 @@ def test_num_rois_comes_from_the_rpn_test_cfg_or_the_deploy_config():
 
 
 def _deployed_and_reference(model, deploy_cfg, model_cfg, backend_files):
-    """Detections of the backend model and of the fake-quant model's ``predict``."""
+    """Detections of the backend model and of the fake-quant model's ``predict``, and the
+    backend model."""
     from mmdeploy.apis import build_task_processor
 
     processor = build_task_processor(model_cfg, deploy_cfg, 'cpu')
@@ -106,7 +107,12 @@ def _deployed_and_reference(model, deploy_cfg, model_cfg, backend_files):
     batch = model.data_preprocessor(data, False)
     with torch.no_grad():
         reference = model.predict(batch['inputs'], batch['data_samples'])
-    return _detections(deployed), _detections(reference)
+    return _detections(deployed), _detections(reference), backend_model
+
+
+def _spinning(wrapper) -> str:
+    options = wrapper.sess.get_session_options()
+    return options.get_session_config_entry('session.intra_op.allow_spinning')
 
 
 def test_onnxruntime_int8_deployment_finds_the_fake_quant_detections(quantized_frcnn,
@@ -131,8 +137,10 @@ def test_onnxruntime_int8_deployment_finds_the_fake_quant_detections(quantized_f
     assert any('RoI graph outputs vs PyTorch' in note for note in result.notes)
     assert np.isfinite(result.max_abs_diff)
 
-    (boxes, _, labels), (ref_boxes, ref_scores, ref_labels) = _deployed_and_reference(
-        quantized_frcnn, deploy_cfg, model_cfg, result.backend_files)
+    (boxes, _, labels), (ref_boxes, ref_scores, ref_labels), backend_model = \
+        _deployed_and_reference(quantized_frcnn, deploy_cfg, model_cfg, result.backend_files)
+    # two sessions + host steps: ORT's idle workers must not spin (they took the cores)
+    assert [_spinning(w) for w in (backend_model.wrapper, backend_model.roi_wrapper)] == ['0', '0']
     confident = ref_scores > 0.5
     assert int(confident.sum()) > 0
     iou = bbox_overlaps(ref_boxes[confident], boxes)                 # [confident, deployed]
@@ -163,8 +171,8 @@ def test_tvm_int4_deployment_predicts_what_the_fake_quant_model_predicts(
     stored = np.load(tmp_path / 'reference_outputs_roi.npz')
     assert stored['roi_feats'].shape[0] == 100       # test_cfg.rpn.max_per_img
 
-    (boxes, scores, labels), (ref_boxes, ref_scores, ref_labels) = _deployed_and_reference(
-        quantized_frcnn, deploy_cfg, model_cfg, result.backend_files)
+    (boxes, scores, labels), (ref_boxes, ref_scores, ref_labels), _ = \
+        _deployed_and_reference(quantized_frcnn, deploy_cfg, model_cfg, result.backend_files)
     assert len(ref_boxes) > 0
     assert torch.equal(labels, ref_labels)
     torch.testing.assert_close(boxes, ref_boxes, atol=1e-2, rtol=0)
