@@ -164,12 +164,12 @@ Graph = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 def _ort_graph(path: Path) -> Graph:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    # idle ORT workers spin after a run; with several sessions interleaved (and a two-stage
-    # detector's PyTorch host steps) they take the cores from each other: FCOS FP32 at 2
+    from mmdet_regptq.deploy.mmdeploy_plugin import ort_session_options
+
+    # idle ORT workers do not spin: with several sessions interleaved (and a two-stage
+    # detector's PyTorch host steps) they took the cores from each other: FCOS FP32 at 2
     # threads measured 110 ms spinning, 71 ms not
-    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    options = ort_session_options(torch.get_num_threads())
     sess = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
     return lambda feeds: sess.run(None, feeds)
 

@@ -161,14 +161,27 @@ for _name in ('tvm_int4', 'tvm_relax'):
         BACKEND_WRAPPER.register_module(_name, module=TVMRelaxWrapper)
 
 
+def ort_session_options(threads: int = 0) -> Any:
+    """ONNX Runtime session options whose idle worker threads do not spin between runs
+    (:func:`stop_ort_spinning` says why); ``threads`` = intra-op threads, 0 = ORT's default.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    return options
+
+
 def stop_ort_spinning(wrapper: Any, onnx_file: str) -> bool:
     """Rebuild an mmdeploy ``ORTWrapper``'s session with ORT's idle worker threads not
     spinning; returns whether it was one.
 
     Why: a two-stage deployment runs two sessions with PyTorch host steps between them;
     spinning workers of one take the cores from the others. Measured on the bundled Faster
-    R-CNN at 2 threads, 512²: 131 / 119 ms (FP32 / INT8 ORT) spinning, 61-66 / 48-53 ms not
-    (``benchmarks/deploy.py --threads 2``). Values do not change.
+    R-CNN at 2 threads, 512²: 131-134 / 119-122 ms (FP32 / INT8 ORT) spinning, 61-79 /
+    48-60 ms not (``benchmarks/deploy.py --threads 2``). Values do not change. mmdeploy's
+    ``ORTWrapper`` takes no session options, so the session it built is built once more.
     """
     from mmdeploy.backend.onnxruntime.wrapper import ORTWrapper
 
@@ -176,9 +189,7 @@ def stop_ort_spinning(wrapper: Any, onnx_file: str) -> bool:
         return False
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
-    wrapper.sess = ort.InferenceSession(onnx_file, options,
+    wrapper.sess = ort.InferenceSession(onnx_file, ort_session_options(),
                                         providers=wrapper.sess.get_providers())
     wrapper.io_binding = wrapper.sess.io_binding()
     return True

@@ -155,7 +155,8 @@ class TwoStageHost:
         num_rois: the static RoI count of graph 2.
         torchvision_roi_align: pool with torchvision's RoIAlign kernel (mmcv's own
             ``use_torchvision`` switch) where the layer averages: the same values as mmcv's
-            CPU kernel, 2-2.5x faster on one thread (the host's slowest step).
+            CPU kernel, 2-2.5x faster on one thread (the host's slowest step). The
+            switch is made on ``detector``'s own layers.
     """
 
     def __init__(self, detector: nn.Module, num_rois: int, *,
