@@ -1,7 +1,7 @@
 """Pure-PyTorch quantization layer: quantizers, wrappers, conversion, observers, packing.
 
 Imports only torch, numpy and mmengine's registry (never mmdet / mmcv). Importing this
-package registers the quantizers ('Uniform', 'AdaRound', 'LLAQ') in ``QUANTIZERS``.
+package registers the quantizers ('Uniform', 'AdaRound', 'LLAQ', 'LLAQRound') in ``QUANTIZERS``.
 """
 from .convert import (SAFE_SUBCLASSES, WRAPPERS, LayerInfo, QuantReport, find_quantizable,
                       iter_quant_modules, quantize_model, restore_float, set_drop_prob,
@@ -12,7 +12,8 @@ from .modules import (QuantConv2d, QuantizerFactory, QuantLinear, QuantModule,
 from .observers import ActivationObserver, init_activation_quantizers
 from .packing import pack_int, packed_numel, unpack_int, values_per_word
 from .policy import A_BITS_RANGE, W_BITS_RANGE, QuantPolicy
-from .quantizers import (RANGE_METHODS, SEARCH_K, AdaRoundQuantizer, LLAQCodes, LLAQuantizer,
+from .quantizers import (RANGE_METHODS, SEARCH_K, AdaRoundQuantizer, LLAQCodes, LLAQRoundQuantizer,
+                         LLAQuantizer,
                          QuantGrid, Quantizer, UniformQuantizer, fake_quant, fake_quant_export,
                          grad_scale, llaq_dequant, qparams_from_range, quantize_int,
                          register_range_method, round_ste)
@@ -21,7 +22,7 @@ from .utils import eval_mode, module_locations, replace_module
 __all__ = [
     # quantizers
     'Quantizer', 'UniformQuantizer', 'AdaRoundQuantizer', 'LLAQuantizer', 'LLAQCodes',
-    'SEARCH_K', 'llaq_dequant',
+    'LLAQRoundQuantizer', 'SEARCH_K', 'llaq_dequant',
     # scale / range estimation
     'QuantGrid', 'RANGE_METHODS', 'register_range_method', 'qparams_from_range',
     'ActivationObserver', 'init_activation_quantizers',

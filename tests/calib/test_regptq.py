@@ -212,6 +212,29 @@ def test_power_of_two_llaq_keeps_k_at_one_and_has_a_shift_form(power_of_two):
         assert q.shift_form(weight) is None
 
 
+def test_learned_llaq_rounding_trains_and_hardens_the_choice_of_level():
+    """llaq_rounding='learned': the LLAQ layers get LLAQRound, whose per-weight rounding
+    is trained with the unit (some weights leave the nearest level) and hardened."""
+    from mmdet_regptq.quant import LLAQRoundQuantizer
+    float_model, batches = make_float(), make_batches(2)
+    model = make_quant(float_model)
+    method = RegPTQ(iters=40, progress=False, log_interval=0, llaq='head',
+                    head_layers=[r'head\..*'], llaq_rounding='learned')
+    method.calibrate(model, batches, forward_fn, global_loss=output_mse)
+    layers = dict(iter_quant_modules(model))
+    for name in ('head.conv', 'head.cls'):
+        q = layers[name].weight_quantizer
+        assert isinstance(q, LLAQRoundQuantizer) and q.hardened and not q.soft_targets
+        weight = layers[name].float_weight('weight')
+        nearest = LLAQRoundQuantizer(q.bits, k_candidates=q.k_candidates)
+        nearest.load_state_dict(q.state_dict())
+        nearest.init_from(weight)             # the nearest level under the init grid
+        assert not torch.equal(nearest.base_level + (nearest.alpha >= 0).float(),
+                               q.base_level + (q.alpha >= 0).float())
+    with pytest.raises(ValueError, match="llaq_rounding='nearest' is unknown; allowed"):
+        RegPTQ(llaq_rounding='nearest')
+
+
 def test_global_interval_runs_the_tail_on_every_nth_iteration(monkeypatch):
     """global_interval=n: the tail (and L_G) on iterations 0, n, 2n, ... only; the other
     iterations still train on the local term."""
@@ -337,13 +360,14 @@ def test_regptq_calibrates_a_random_init_retinanet(synthetic_data, caplog):
         assert torch.isfinite(pred.scores).all() and torch.isfinite(pred.boxes).all()
 
 
-def test_resume_after_a_unit_gives_the_same_model():
+@pytest.mark.parametrize('llaq_rounding', ['psi', 'learned'])
+def test_resume_after_a_unit_gives_the_same_model(llaq_rounding):
     """A RegPTQ calibration stopped after unit 3 and resumed (LLAQ re-installed by
     restore_finished, the saved state loaded) ends with the uninterrupted run's tensors."""
     import copy
     float_model, batches = make_float(), make_batches(2)
     options = dict(iters=3, progress=False, log_interval=0, llaq='head',
-                   head_layers=[r'head\..*'])
+                   head_layers=[r'head\..*'], llaq_rounding=llaq_rounding)
     model, saved = make_quant(float_model), {}
 
     def on_unit_end(index, unit, stats):

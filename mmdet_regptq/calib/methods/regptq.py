@@ -20,10 +20,12 @@ from ..units import ReconUnit
 from .base import UnitCallback
 from .qdrop import QDrop
 
-__all__ = ['RegPTQ', 'LLAQ_TARGETS']
+__all__ = ['RegPTQ', 'LLAQ_TARGETS', 'LLAQ_ROUNDING']
 
 #: ``llaq`` option → attribute of :class:`RegPTQ` holding the target layer regexes.
 LLAQ_TARGETS = {'reg': 'reg_layers', 'head': 'head_layers'}
+#: ``llaq_rounding`` option → registered quantizer type of the LLAQ layers.
+LLAQ_ROUNDING = {'psi': 'LLAQ', 'learned': 'LLAQRound'}
 
 
 @PTQ_METHODS.register_module()
@@ -70,6 +72,10 @@ class RegPTQ(QDrop):
             then every level is a power of two and ``tvm_int4`` runs the layer as one int8
             convolution of shifts (docs/deploy.md); a learned ``k`` deploys as a float
             convolution (values exact).
+        llaq_rounding: ``'psi'`` (the paper: each weight rounds to the nearest level of
+            ``psi``, straight-through) or ``'learned'`` (our extension, ``'LLAQRound'``:
+            AdaRound's per-weight choice between the two neighbouring log levels, trained
+            with the uniform layers' rounding and regulariser, hardened at the unit's end).
         lr_llaq: Adam lr of LLAQ's ``k`` / ``a`` (our choice 1e-3, cosine-annealed).
         head_layers: regexes of the head's layers (``None``: filled by the engine).
         reg_layers: regexes of the regression branch (``None``: filled by the engine).
@@ -86,7 +92,7 @@ class RegPTQ(QDrop):
                  theta_i: float = 0.1, normalize_boxes: bool = True,
                  entropy_offset: bool = True, global_weight: float = 1.0,
                  global_interval: int = 1, llaq_cfg: dict | None = None,
-                 lr_llaq: float = 1e-3,
+                 llaq_rounding: str = 'psi', lr_llaq: float = 1e-3,
                  head_layers: Sequence[str] | None = None,
                  reg_layers: Sequence[str] | None = None,
                  init_scale_method: str | None = 'lp', init_p: float = 2.4,
@@ -109,6 +115,10 @@ class RegPTQ(QDrop):
         for key in ('type', 'bits'):
             if key in self.llaq_cfg:
                 raise ValueError(f"llaq_cfg: {key!r} is set by the method; remove it")
+        if llaq_rounding not in LLAQ_ROUNDING:
+            raise ValueError(f'llaq_rounding={llaq_rounding!r} is unknown; allowed: '
+                             f'{sorted(LLAQ_ROUNDING)}')
+        self.llaq_rounding = llaq_rounding
         self.global_weight = global_weight
         if isinstance(global_interval, bool) or not isinstance(global_interval, int) \
                 or global_interval < 1:
@@ -164,8 +174,8 @@ class RegPTQ(QDrop):
     def _llaq_factory(self, old: nn.Module, weight: Tensor) -> nn.Module:
         if isinstance(old, LLAQuantizer):
             return old
-        q = build_from(QUANTIZERS, dict(self.llaq_cfg, type='LLAQ', bits=old.bits, name=old.name),
-                       'llaq_cfg')
+        q = build_from(QUANTIZERS, dict(self.llaq_cfg, type=LLAQ_ROUNDING[self.llaq_rounding],
+                                        bits=old.bits, name=old.name), 'llaq_cfg')
         q.to(weight.device)
         q.init_from(weight)
         return q
