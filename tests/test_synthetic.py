@@ -185,3 +185,22 @@ def test_coco_subset_with_offset_is_disjoint_from_the_first_images(synthetic_dat
     total = len(json.loads(src.read_text())['images'])
     with pytest.raises(ValueError, match='num_images'):
         write_coco_subset(src, total, dst=tmp_path / 'c.json', offset=1)
+
+
+def test_coco_subset_survives_concurrent_writers(synthetic_data, tmp_path):
+    """Two benchmark jobs started together write the same subset file: each writer uses
+    its own temporary file (a shared '<dst>.tmp' made the later rename fail)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmdet_regptq.datasets.subset import write_coco_subset
+    src = synthetic_data / 'annotations' / 'instances_val.json'
+    dst = tmp_path / 'same.json'
+
+    def write(_):
+        dst.unlink(missing_ok=True)       # every writer really writes
+        return write_coco_subset(src, 50, dst=dst)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert set(pool.map(write, range(40))) == {dst}
+    assert len(json.loads(dst.read_text())['images']) == 50
+    assert not list(tmp_path.glob('*.tmp'))

@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from ..io import atomic_write_text
+
 
 def write_coco_subset(src: str | os.PathLike, num_images: int,
                       dst: str | os.PathLike | None = None, offset: int = 0) -> Path:
@@ -34,7 +36,4 @@ def write_coco_subset(src: str | os.PathLike, num_images: int,
     keep = {im['id'] for im in images}
     subset = {**data, 'images': images,
               'annotations': [a for a in data['annotations'] if a['image_id'] in keep]}
-    tmp = dst.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(subset, sort_keys=True, separators=(',', ':')))
-    os.replace(tmp, dst)
-    return dst
+    return atomic_write_text(json.dumps(subset, sort_keys=True, separators=(',', ':')), dst)

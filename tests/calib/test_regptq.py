@@ -235,6 +235,22 @@ def test_learned_llaq_rounding_trains_and_hardens_the_choice_of_level():
         RegPTQ(llaq_rounding='nearest')
 
 
+@pytest.mark.parametrize('w_bits,expected', [(2, 'LLAQRound'), (3, 'LLAQ'), (4, 'LLAQ')])
+def test_auto_llaq_rounding_is_learned_at_two_bits_only(w_bits, expected):
+    """The default llaq_rounding='auto' picks the quantizer type by the layer's weight bits
+    (AUTO_LEARNED_MAX_BITS = 2); 'psi' and 'learned' ignore the bits."""
+    from mmdet_regptq.calib.methods.regptq import AUTO_LEARNED_MAX_BITS
+    assert RegPTQ().llaq_rounding == 'auto' and AUTO_LEARNED_MAX_BITS == 2
+    model = make_quant(make_float(), w_bits=w_bits)
+    method = RegPTQ(llaq='head', head_layers=[r'head\.conv'])
+    assert method.install_llaq(model) == ['head.conv']
+    q = dict(iter_quant_modules(model))['head.conv'].weight_quantizer
+    assert type(q).__name__ == ('LLAQRoundQuantizer' if expected == 'LLAQRound'
+                                else 'LLAQuantizer') and q.bits == w_bits
+    assert RegPTQ(llaq_rounding='psi').llaq_type(w_bits) == 'LLAQ'
+    assert RegPTQ(llaq_rounding='learned').llaq_type(w_bits) == 'LLAQRound'
+
+
 def test_global_interval_runs_the_tail_on_every_nth_iteration(monkeypatch):
     """global_interval=n: the tail (and L_G) on iterations 0, n, 2n, ... only; the other
     iterations still train on the local term."""

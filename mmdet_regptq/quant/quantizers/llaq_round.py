@@ -17,8 +17,8 @@ learned ``k`` / ``a``. Hard rounding (``soft_targets=False``, the default outsid
 reconstruction loop) is the level ``l + 1[alpha >= 0]``: nearest in value at init, and the
 same integer codes, integer form and shift form as LLAQ (``to_int`` / ``from_int`` exact).
 
-An extension of the paper (which rounds ``psi`` straight-through): the project's choice,
-off by default (``RegPTQ(llaq_rounding='learned')``).
+An extension of the paper (which rounds ``psi`` straight-through): ``RegPTQ`` uses it on
+2-bit LLAQ layers by default (``llaq_rounding='auto'``; ``'learned'``: every LLAQ layer).
 """
 from __future__ import annotations
 
