@@ -14,6 +14,8 @@ Rows (``--methods`` replaces them):
 - ``RegPTQ-noLLAQ``: uniform grids + AdaRound on the regression branch too.
 - ``RegPTQ-noFGIC``: no global loss and plain output MSE (LLAQ only).
 - ``RegPTQ-noFilter``: FGIC without the confidence / IoU filters.
+- ``RegPTQ-psi`` / ``RegPTQ-learned``: LLAQ rounding by ``psi`` (the paper) / learned at
+  every bit width; the default ``'auto'`` learns it on 2-bit layers only.
 - ``RegPTQ-k1``: LLAQ initialised at the paper's ``k = 1`` instead of the ``k`` search.
 - ``RegPTQ-g8``: ``L_G`` on every 8th iteration only (``global_interval=8``): the time knob.
 """
@@ -32,6 +34,8 @@ VARIANTS = [
     'RegPTQ-noLLAQ=RegPTQ{"llaq": false}',
     'RegPTQ-noFGIC=RegPTQ{"global_loss": false, "fisher": false}',
     'RegPTQ-noFilter=RegPTQ{"conf_filter": false, "iou_filter": false}',
+    'RegPTQ-psi=RegPTQ{"llaq_rounding": "psi"}',
+    'RegPTQ-learned=RegPTQ{"llaq_rounding": "learned"}',
     'RegPTQ-k1=RegPTQ{"llaq_cfg": {"k_candidates": [1.0]}}',
     'RegPTQ-g8=RegPTQ{"global_interval": 8}',
 ]

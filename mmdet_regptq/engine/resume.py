@@ -32,11 +32,11 @@ from torch import Tensor, nn
 
 from mmdet_regptq.engine.checkpoint import check_finite
 from mmdet_regptq.io import atomic_save
+from mmdet_regptq.quant.quantizers import HARD_ALPHA
 
 PARTIAL_NAME = 'quantized.partial.pth'
 FINAL_NAME = 'quantized.pth'
 PARTIAL_VERSION = 1
-_HARD_ALPHA = 10.0
 
 
 class CalibrationInterrupted(SystemExit):
@@ -182,7 +182,7 @@ def _compress(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Te
     floats, signs = {}, {}
     for key, value in state.items():
         if key.endswith('.alpha') and value.is_floating_point() and \
-                bool((value.abs() == _HARD_ALPHA).all()):
+                bool((value.abs() == HARD_ALPHA).all()):
             signs[key] = value > 0
         else:
             floats[key] = value
@@ -192,7 +192,7 @@ def _compress(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Te
 def _expand(state: dict) -> dict[str, Tensor]:
     out = dict(state['state_dict'])
     for key, sign in state.get('alpha_signs', {}).items():
-        out[key] = torch.where(sign, _HARD_ALPHA, -_HARD_ALPHA)
+        out[key] = torch.where(sign, HARD_ALPHA, -HARD_ALPHA)
     return out
 
 

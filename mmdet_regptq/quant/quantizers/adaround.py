@@ -7,15 +7,13 @@ from torch import Tensor, nn
 from ...registry import QUANTIZERS
 from .base import Quantizer
 from .functional import fake_quant_export, normalize_axis
+from .rounding import LearnedRounding
 from .uniform import UniformQuantizer
 
 __all__ = ['AdaRoundQuantizer']
 
-_HARD_ALPHA = 10.0  # |alpha| after harden(): the rectified sigmoid is exactly 0 or 1 there
-
-
 @QUANTIZERS.register_module(name='AdaRound')
-class AdaRoundQuantizer(Quantizer):
+class AdaRoundQuantizer(LearnedRounding, Quantizer):
     """``w -> s * (clamp(floor(w / s) + h(alpha) + z, qmin, qmax) - z)``.
 
     ``h(alpha) = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)`` (rectified sigmoid)
@@ -67,14 +65,8 @@ class AdaRoundQuantizer(Quantizer):
                              f'{tuple(self.alpha.shape)}')
         scaled = x.detach() / self.scale
         frac = scaled - torch.floor(scaled)
-        alpha = -torch.log((self.zeta - self.gamma) / (frac - self.gamma) - 1)
-        self.alpha.data = alpha.to(self.alpha.dtype)
+        self.alpha.data = self.alpha_for_fraction(frac).to(self.alpha.dtype)
         self._mark_initialized()
-
-    def rectified_sigmoid(self) -> Tensor:
-        """``h(alpha)`` in ``[0, 1]``, ``alpha``'s shape."""
-        return torch.clamp(torch.sigmoid(self.alpha) * (self.zeta - self.gamma) + self.gamma,
-                           0, 1)
 
     def rounding(self) -> Tensor:
         """Current rounding offset: soft ``h(alpha)`` or hard ``1[alpha >= 0]``."""
@@ -90,19 +82,6 @@ class AdaRoundQuantizer(Quantizer):
         q = torch.clamp(torch.floor(x / self.scale) + self.rounding() + self.zero_point,
                         qmin, qmax)
         return (q - self.zero_point) * self.scale
-
-    def regularizer(self, beta: float) -> Tensor:
-        """``sum(1 - |2 h(alpha) - 1|^beta)``: pushes ``h`` towards 0 or 1 (scalar)."""
-        return (1 - (2 * self.rectified_sigmoid() - 1).abs().pow(beta)).sum()
-
-    @torch.no_grad()
-    def harden(self) -> None:
-        """Switch to hard rounding for good: ``alpha`` is set to ±10 and frozen."""
-        self.alpha.data = torch.where(self.alpha >= 0, _HARD_ALPHA, -_HARD_ALPHA).to(
-            self.alpha.dtype)
-        self.alpha.requires_grad_(False)
-        self.soft_targets = False
-        self.hardened = True
 
     def quant_params(self) -> dict[str, Tensor]:
         """``{'scale', 'zero_point'}`` of the frozen grid (broadcast shapes)."""

@@ -27,14 +27,12 @@ from torch import Tensor, nn
 
 from ...registry import QUANTIZERS
 from .llaq import LLAQuantizer
+from .rounding import HARD_ALPHA, LearnedRounding
 
 __all__ = ['LLAQRoundQuantizer']
 
-_HARD_ALPHA = 10.0
-
-
 @QUANTIZERS.register_module(name='LLAQRound')
-class LLAQRoundQuantizer(LLAQuantizer):
+class LLAQRoundQuantizer(LearnedRounding, LLAQuantizer):
     """LLAQ grid + learned per-weight rounding (module docstring).
 
     The rounding state (``sign``, ``base_level``, ``alpha``: the weight's shape) belongs to
@@ -85,8 +83,8 @@ class LLAQRoundQuantizer(LLAQuantizer):
                            torch.zeros_like(mag)).clamp(0, 1)
         # frac 0 maps to alpha = -inf: AdaRound's init keeps it finite on the same clamp
         frac = frac.clamp(1e-4, 1 - 1e-4)
-        alpha = -torch.log((self.zeta - self.gamma) / (frac - self.gamma) - 1)
-        alpha = torch.where(base >= top, torch.full_like(alpha, -_HARD_ALPHA), alpha)
+        alpha = self.alpha_for_fraction(frac)
+        alpha = torch.where(base >= top, torch.full_like(alpha, -HARD_ALPHA), alpha)
         self.sign = sign.to(torch.int8)
         self.base_level = base.to(torch.int8)
         self.alpha = nn.Parameter(alpha.to(x.dtype), requires_grad=True)
@@ -98,24 +96,6 @@ class LLAQRoundQuantizer(LLAQuantizer):
         return torch.where(level > 0, s * torch.exp2((level - top) * r), torch.zeros_like(s))
 
     # ------------------------------------------------------------------ rounding
-    def rectified_sigmoid(self) -> Tensor:
-        """``h(alpha)`` in ``[0, 1]``, the weight's shape."""
-        return torch.clamp(torch.sigmoid(self.alpha) * (self.zeta - self.gamma) + self.gamma,
-                           0, 1)
-
-    def regularizer(self, beta: float) -> Tensor:
-        """``sum(1 - |2 h(alpha) - 1|^beta)`` (AdaRound's), pushes ``h`` to 0 or 1."""
-        return (1 - (2 * self.rectified_sigmoid() - 1).abs().pow(beta)).sum()
-
-    @torch.no_grad()
-    def harden(self) -> None:
-        """Fix the rounding: ``alpha`` = ±10 and frozen, hard levels from now on."""
-        self.alpha.data = torch.where(self.alpha >= 0, _HARD_ALPHA, -_HARD_ALPHA).to(
-            self.alpha.dtype)
-        self.alpha.requires_grad_(False)
-        self.soft_targets = False
-        self.hardened = True
-
     def _check_shape(self, x: Tensor) -> None:
         if x.shape != self.alpha.shape:
             raise ValueError(f'{self.describe()}: input shape {tuple(x.shape)} != the shape '
