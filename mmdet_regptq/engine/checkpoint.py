@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from mmdet_regptq.io import atomic_save
 from mmdet_regptq.quant import (AdaRoundQuantizer, QuantModule, UniformQuantizer, pack_int,
                                 unpack_int)
-from mmdet_regptq.quant.quantizers import HARD_ALPHA
 
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
@@ -337,10 +336,8 @@ def _unpack_into(wrapper: QuantModule, slot: str, attr: str, entry: dict, path: 
         q.scale = scale.clone()
         q.zero_point = zero_point.clone()
         rounding = codes - zero_point - torch.floor(weight / q.scale)
-        q.alpha.data = torch.where(rounding > 0.5, HARD_ALPHA, -HARD_ALPHA).to(q.alpha.dtype)
-        q.alpha.requires_grad_(False)
-        q.soft_targets = False
-        q.hardened = True
+        q.alpha.data = torch.where(rounding > 0.5, 1.0, -1.0).to(q.alpha.dtype)
+        q.harden()   # alpha -> +-HARD_ALPHA by its sign, frozen, hard rounding
         q._mark_initialized()
     elif isinstance(q, UniformQuantizer):
         q.scale.data = scale.clone()

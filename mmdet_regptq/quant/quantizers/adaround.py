@@ -12,6 +12,7 @@ from .uniform import UniformQuantizer
 
 __all__ = ['AdaRoundQuantizer']
 
+
 @QUANTIZERS.register_module(name='AdaRound')
 class AdaRoundQuantizer(LearnedRounding, Quantizer):
     """``w -> s * (clamp(floor(w / s) + h(alpha) + z, qmin, qmax) - z)``.

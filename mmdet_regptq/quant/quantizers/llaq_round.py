@@ -31,6 +31,7 @@ from .rounding import HARD_ALPHA, LearnedRounding
 
 __all__ = ['LLAQRoundQuantizer']
 
+
 @QUANTIZERS.register_module(name='LLAQRound')
 class LLAQRoundQuantizer(LearnedRounding, LLAQuantizer):
     """LLAQ grid + learned per-weight rounding (module docstring).

@@ -32,7 +32,7 @@ class LearnedRounding:
         return -torch.log((self.zeta - self.gamma) / (frac - self.gamma) - 1)
 
     def rectified_sigmoid(self) -> Tensor:
-        """``h(alpha) = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)``, ``alpha``'s shape."""
+        """``h = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1)``, ``alpha``'s shape."""
         return torch.clamp(torch.sigmoid(self.alpha) * (self.zeta - self.gamma) + self.gamma,
                            0, 1)
 
