@@ -10,14 +10,17 @@ whose options this script takes (``--detectors``, ``--bits``, ``--iters``, ...):
 Rows (``--methods`` replaces them):
 
 - ``QDrop``: the baseline Reg-PTQ builds on (uniform grids + AdaRound, drop 0.5).
-- ``RegPTQ``: the defaults (LLAQ on the regression branch, Fisher-weighted ``L_H`` + FGIC).
+- ``RegPTQ``: the defaults (LLAQ on the regression branch, Fisher-weighted ``L_H`` + FGIC,
+  ``L_G`` on every 32nd iteration).
 - ``RegPTQ-noLLAQ``: uniform grids + AdaRound on the regression branch too.
 - ``RegPTQ-noFGIC``: no global loss and plain output MSE (LLAQ only).
 - ``RegPTQ-noFilter``: FGIC without the confidence / IoU filters.
 - ``RegPTQ-psi`` / ``RegPTQ-learned``: LLAQ rounding by ``psi`` (the paper) / learned at
   every bit width; the default ``'auto'`` learns it on 2-bit layers only.
 - ``RegPTQ-k1``: LLAQ initialised at the paper's ``k = 1`` instead of the ``k`` search.
-- ``RegPTQ-g8``: ``L_G`` on every 8th iteration only (``global_interval=8``): the time knob.
+- ``RegPTQ-g1``: ``L_G`` on every iteration, as in the paper (``global_interval=1``): about
+  3x the default's time.
+- ``RegPTQ-s4``: one Fisher-gradient pass per 4 units (``fisher_share=4``): the time knob.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ VARIANTS = [
     'RegPTQ-psi=RegPTQ{"llaq_rounding": "psi"}',
     'RegPTQ-learned=RegPTQ{"llaq_rounding": "learned"}',
     'RegPTQ-k1=RegPTQ{"llaq_cfg": {"k_candidates": [1.0]}}',
-    'RegPTQ-g8=RegPTQ{"global_interval": 8}',
+    'RegPTQ-g1=RegPTQ{"global_interval": 1}',
+    'RegPTQ-s4=RegPTQ{"fisher_share": 4}',
 ]
 
 

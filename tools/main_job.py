@@ -3,9 +3,9 @@
 Generates the synthetic benchmark if needed, then evaluates the bundled RetinaNet in FP
 and after calibration with QDrop and with Reg-PTQ (same calibration images, same
 iterations), each through mmdet's Runner + RegPTQHook + CocoMetric, on the first 100 val
-images, and prints the AP table. Measured: 6.5 minutes wall on 2 CPU cores with one other
-job on the second core (FP 14 s, QDrop 84 s, Reg-PTQ 288 s: Reg-PTQ's global loss runs the
-rest of the network every iteration).
+images, and prints the AP table. Measured: 3.5 minutes wall on 2 idle CPU cores (FP 16 s,
+QDrop 51 s, Reg-PTQ 92 s of calibration: its Fisher weights and global loss run the rest
+of the network after each unit).
 
     python tools/main_job.py [--iters 100] [--num-images 32] [--bits w4a4]
 """

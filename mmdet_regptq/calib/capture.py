@@ -11,6 +11,10 @@ For unit ``k`` and every calibration batch:
 3. with ``grad_loss``: the quantized pass runs to the end with unit ``k`` quantized, its
    outputs replaced by detached leaves, and ``dL/dO`` of
    ``grad_loss(fp_outputs, q_outputs)`` is stored for each call (BRECQ's Fisher loss).
+   The same backward also passes the outputs of the units after ``k`` (still FP): with
+   ``share_with`` their gradients are kept too, so a later unit can take its Fisher
+   weights from this pass (``given_grads``) instead of one tail forward + backward per
+   batch of its own.
 
 With a :class:`~.tail.TailRunner` prepared for unit ``k`` (the methods with a global loss
 have one) the passes reuse its stores: the FP final outputs are its targets (computed once
@@ -21,8 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -115,7 +120,9 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
                  forward_fn: ForwardFn, cache: ActivationCache, *, fp_inputs: bool = False,
                  grad_loss: GradLoss | None = None,
                  fp_context: Callable[[], ContextManager] | None = None,
-                 tail: TailRunner | None = None) -> ActivationCache:
+                 tail: TailRunner | None = None, share_with: Sequence[ReconUnit] = (),
+                 shared_grads: dict[str, ActivationCache] | None = None,
+                 given_grads: ActivationCache | None = None) -> ActivationCache:
     """Fill ``cache`` with one entry per call of ``unit`` per calibration batch.
 
     The caller sets the quantization state first: units before ``unit`` on, ``unit`` and
@@ -139,6 +146,13 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
         tail: a :class:`~.tail.TailRunner` already prepared for ``unit`` over the same
             ``batches`` (same order): the quantized pass runs from its stored prefix and
             the FP final outputs come from its targets (see the module docstring).
+        share_with: units after ``unit`` whose output gradients the ``grad_loss`` pass
+            also keeps (they run in full precision there).
+        shared_grads: one empty cache per ``share_with`` unit name; receives an entry
+            per batch and call (key ``(batch, call)``, ``extras['grad']``).
+        given_grads: such a cache of ``unit``, filled by an earlier unit's pass: its
+            gradients are stored as ``'grad'`` without a gradient pass (``grad_loss``
+            must then be None).
 
     Returns:
         ``cache``.
@@ -149,6 +163,13 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
     """
     device = cache.device
     fp_context = fp_context or contextlib.nullcontext
+    if given_grads is not None and grad_loss is not None:
+        raise ValueError(f'capture_unit({unit.name!r}): given_grads and grad_loss exclude '
+                         'each other')
+    if share_with and (grad_loss is None or shared_grads is None
+                       or any(u.name not in shared_grads for u in share_with)):
+        raise ValueError(f'capture_unit({unit.name!r}): share_with needs grad_loss and a '
+                         'shared_grads cache per unit')
     if tail is not None and tail.unit is not unit:
         raise ValueError(f'capture_unit({unit.name!r}): the tail runner is prepared for '
                          f'{getattr(tail.unit, "name", None)!r}; call tail.prepare(unit) first')
@@ -164,10 +185,18 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
                                                inputs=True, stop=True) as q:
                 run_forward(model, lambda _m, _b: run(), batch)
             grads = None
+            if given_grads is not None:
+                grads = [given_grads[given_grads.index((b, i))].extras['grad']
+                         for i in range(len(fp.outputs))]
         else:
             if tail is not None:
                 fp_final = tail.target(b)
-            q, grads = _output_grads(model, unit, run, grad_loss, fp_final, device)
+            q, grads, later = _output_grads(model, unit, run, grad_loss, fp_final, device,
+                                            share_with)
+            for name, calls in later.items():
+                for i, call_grads in enumerate(calls):
+                    shared_grads[name].append(CacheEntry(extras=dict(grad=call_grads)),
+                                              key=(b, i), copy=False)
         if len(q.args) != len(fp.outputs):
             raise RuntimeError(
                 f'capture_unit({unit.name!r}): batch {b} called the unit {len(fp.outputs)} '
@@ -184,28 +213,93 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
 
 
 def _output_grads(model: nn.Module, unit: ReconUnit, run: Callable[[], Any],
-                  grad_loss: GradLoss, fp_final: Any, device: torch.device
-                  ) -> tuple[_CallLog, list[list[Tensor]]]:
+                  grad_loss: GradLoss, fp_final: Any, device: torch.device,
+                  share_with: Sequence[ReconUnit] = ()
+                  ) -> tuple[_CallLog, list[list[Tensor]], dict[str, list[list[Tensor]]]]:
     """Quantized forward (``run()``: full, or a tail run) with ``unit`` quantized;
-    gradients of ``grad_loss`` w.r.t. the unit's outputs.
+    gradients of ``grad_loss`` w.r.t. the unit's outputs (and those of ``share_with``).
 
     Returns:
-        ``(log, grads)``: the call log (the unit's inputs) and, per call, the gradients of
-        the output's float tensors (on ``device``).
+        ``(log, grads, later)``: the call log (the unit's inputs); per call, the gradients
+        of the output's float tensors (on ``device``); the same per ``share_with`` unit name.
     """
     unit.set_quant(True)
     try:
         with torch.enable_grad(), requires_grad(model.parameters(), False), \
                 record_calls(unit.module, unit.num_calls, device, inputs=True,
-                             leaf_outputs=True) as log:
+                             leaf_outputs=True) as log, \
+                _gradient_taps(share_with, device) as taps:
             loss = grad_loss(fp_final, run())
             leaves = [t for call in log.leaves for t in call]
+            extra = [(tap, key, leaf) for tap in taps.values()
+                     for key, leaf in tap.leaves.items()]
+            inputs = leaves + [leaf for _, _, leaf in extra]
             # a loss that does not see this unit (a mask head under a box loss) has no
             # graph: zero gradients, which FisherMSE reads as "no weighting"
-            grads = iter(torch.autograd.grad(loss, leaves, allow_unused=True)
-                         if loss.requires_grad else [None] * len(leaves))
+            found = (torch.autograd.grad(loss, inputs, allow_unused=True)
+                     if loss.requires_grad else [None] * len(inputs))
+            grads = iter(found[:len(leaves)])
+            for (tap, key, _), grad in zip(extra, found[len(leaves):]):
+                if grad is not None:
+                    tap.grads[key[0]][key[1]] = grad
     finally:
         unit.set_quant(False)
     per_call = [[(g if g is not None else torch.zeros_like(t)).detach().to(device)
                  for t, g in zip(call, grads)] for call in log.leaves]
-    return log, per_call
+    return log, per_call, {name: tap.collect() for name, tap in taps.items()}
+
+
+class _GradientTap:
+    """Gradients reaching one module's outputs in a backward, per call.
+
+    An output downstream of the differentiated unit gets a tensor hook; one that is not
+    (an FPN lateral conv reading an earlier backbone stage, which the tail run takes from
+    the stored prefix) is replaced by a leaf, which the caller adds to the inputs of
+    ``torch.autograd.grad`` (:attr:`leaves`).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.outputs: list[list[Tensor]] = []
+        self.grads: list[dict[int, Tensor]] = []
+        self.leaves: dict[tuple[int, int], Tensor] = {}   # (call, tensor) -> leaf
+
+    def post_hook(self, mod: nn.Module, args: Any, output: Any) -> Any:
+        call = len(self.outputs)
+        found: dict[int, Tensor] = {}
+        index = itertools.count()
+
+        def tap(t: Tensor) -> Tensor:
+            if not t.is_floating_point():
+                return t
+            i = next(index)
+            if t.requires_grad:
+                t.register_hook(functools.partial(_store, found, i))
+            else:
+                t = self.leaves[(call, i)] = t.detach().requires_grad_(True)
+            # pass on a copy: an in-place op after the module would move the hooked tensor
+            return t.clone()
+
+        passed = tree_map(tap, output)
+        self.outputs.append(float_tensors(output))
+        self.grads.append(found)
+        return passed
+
+    def collect(self) -> list[list[Tensor]]:
+        return [[found[i].detach().to(self.device) if i in found else
+                 torch.zeros_like(t, device=self.device) for i, t in enumerate(tensors)]
+                for tensors, found in zip(self.outputs, self.grads)]
+
+
+def _store(found: dict[int, Tensor], index: int, grad: Tensor) -> None:
+    found[index] = grad
+
+
+@contextlib.contextmanager
+def _gradient_taps(units: Sequence[ReconUnit], device: torch.device
+                   ) -> Iterator[dict[str, _GradientTap]]:
+    taps = {unit.name: _GradientTap(device) for unit in units}
+    with removing([]) as handles:
+        for unit in units:
+            handles.append(unit.module.register_forward_hook(taps[unit.name].post_hook))
+        yield taps

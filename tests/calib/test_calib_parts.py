@@ -10,6 +10,7 @@ from mmdet_regptq.calib import (ActivationCache, CacheEntry, FisherMSE, LinearTe
                                 OutputMSE, PredictionKL, ReconContext, RoundingRegularizer,
                                 TailRunner, capture_unit, find_units, maximal_prefix,
                                 trace_calls)
+from mmdet_regptq.calib._utils import quant_disabled
 from mmdet_regptq.quant import init_activation_quantizers, set_quant_state
 
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -120,6 +121,69 @@ def test_capture_from_a_tail_runner_equals_full_passes(quant_model, unit_name):
         for x, y in zip([*a.args, a.output, *a.extras['fp_args'], *a.extras['grad']],
                         [*b.args, b.output, *b.extras['fp_args'], *b.extras['grad']]):
             torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def test_capture_shares_fisher_gradients_with_later_units(quant_model):
+    """share_with keeps the gradients reaching later units' outputs in unit k's pass: the
+    same as a plain backward with units <= k quantized and the later ones FP; a later unit
+    captured with them as given_grads stores them without a gradient pass."""
+    model, batches = quant_model
+    units = find_units(model, forward_fn, batches[0])
+    k = [u.name for u in units].index('backbone.layer2')
+    # neck.lat2 (downstream), neck.lat1 (reads layer1: prefix in the tail run), head.conv
+    # (2 calls)
+    later = [units[k + 1], units[k + 2], units[k + 3]]
+    loss = lambda fp, q: sum((a - b).pow(2).sum() for a, b in zip(fp, q))  # noqa: E731
+    set_quant_state(model, False, False)
+    for u in units[:k]:
+        u.set_quant(True)
+    shared = {u.name: ActivationCache() for u in later}
+    try:
+        tail = TailRunner(model, forward_fn, batches)
+        tail.prepare(units[k])
+        capture_unit(model, units[k], batches, forward_fn, ActivationCache(),
+                     grad_loss=loss, tail=tail, share_with=later, shared_grads=shared)
+        units[k].set_quant(True)
+        expected = {u.name: [] for u in later}
+        for batch in batches:
+            with torch.no_grad(), quant_disabled(model):
+                fp_final = forward_fn(model, batch)
+            outs = {u.name: [] for u in later}
+            hooks = [u.module.register_forward_hook(
+                lambda m, a, o, name=u.name: outs[name].append(o.requires_grad_()) or
+                o.clone()) for u in later]
+            try:
+                x = batch.clone()
+                final = forward_fn(model, x)
+                grads = torch.autograd.grad(loss(fp_final, final),
+                                            [o for u in later for o in outs[u.name]],
+                                            allow_unused=True)
+            finally:
+                for h in hooks:
+                    h.remove()
+            it = iter(grads)
+            for u in later:
+                expected[u.name].append([[next(it)] for _ in outs[u.name]])
+        units[k + 1].set_quant(False)
+        tail.prepare(later[0])
+        given = capture_unit(model, later[0], batches, forward_fn, ActivationCache(),
+                             tail=tail, given_grads=shared[later[0].name])
+        with pytest.raises(ValueError, match='exclude'):
+            capture_unit(model, later[0], batches, forward_fn, ActivationCache(),
+                         tail=tail, grad_loss=loss, given_grads=shared[later[0].name])
+    finally:
+        set_quant_state(model, True, True)
+    for u in later:
+        cache = shared[u.name]
+        assert len(cache) == len(batches) * u.num_calls
+        for b, want_b in enumerate(expected[u.name]):
+            for i, want in enumerate(want_b):
+                got = cache[cache.index((b, i))].extras['grad']
+                assert len(got) == 1 and got[0].abs().sum() > 0
+                torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-7)
+    lat2 = shared[later[0].name]
+    for b in range(len(batches)):
+        assert given[b].extras['grad'][0] is lat2[lat2.index((b, 0))].extras['grad'][0]
 
 
 def test_capture_of_a_unit_the_loss_does_not_see_gives_zero_grads(quant_model):

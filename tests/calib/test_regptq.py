@@ -251,34 +251,42 @@ def test_auto_llaq_rounding_is_learned_at_two_bits_only(w_bits, expected):
     assert RegPTQ(llaq_rounding='learned').llaq_type(w_bits) == 'LLAQRound'
 
 
+def _spy(monkeypatch, owner, name, record):
+    """Replace ``owner.name`` by a wrapper that calls ``record(*args)``, then the original."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        record(*args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def _per_setting(option, values, records, **options):
+    """RegPTQ (no LLAQ, output MSE as the global loss) on the toy model with 2 batches,
+    once per value of ``option``: clears ``records``, yields ``(value, stats)``."""
+    float_model, batches = make_float(), make_batches(2)
+    for value in values:
+        for record in records:
+            record.clear()
+        method = RegPTQ(progress=False, log_interval=0, llaq=False, **{option: value},
+                        **options)
+        stats = method.calibrate(make_quant(float_model), batches, forward_fn,
+                                 global_loss=output_mse)
+        assert all(math.isfinite(s.loss_after) for s in stats)
+        yield value, stats
+
+
 def test_global_interval_runs_the_tail_on_every_nth_iteration(monkeypatch):
     """global_interval=n: the tail (and L_G) on iterations 0, n, 2n, ... only; the other
     iterations still train on the local term."""
     from mmdet_regptq.calib import tail as tail_module
     runs, terms_seen = [], []
-    original_run = tail_module.TailRunner.run
-    original_call = GlobalLoss.__call__
-
-    def counting_run(self, *args, **kwargs):
-        runs.append(1)
-        return original_run(self, *args, **kwargs)
-
-    def counting_call(self, ctx):
-        terms_seen.append(ctx.iteration)
-        return original_call(self, ctx)
-
-    monkeypatch.setattr(tail_module.TailRunner, 'run', counting_run)
-    monkeypatch.setattr(GlobalLoss, '__call__', counting_call)
-    float_model, batches = make_float(), make_batches(2)
+    _spy(monkeypatch, tail_module.TailRunner, 'run', lambda *a: runs.append(1))
+    _spy(monkeypatch, GlobalLoss, '__call__', lambda self, ctx: terms_seen.append(ctx.iteration))
     per_interval = {}
-    for interval in (1, 3):
-        runs.clear()
-        terms_seen.clear()
-        method = RegPTQ(iters=7, progress=False, log_interval=0, llaq=False,
-                        global_interval=interval)
-        stats = method.calibrate(make_quant(float_model), batches, forward_fn,
-                                 global_loss=output_mse)
-        assert all(math.isfinite(s.loss_after) for s in stats)
+    for interval, stats in _per_setting('global_interval', (1, 3), [runs, terms_seen],
+                                        iters=7):
         per_interval[interval] = (len(runs), sorted(set(terms_seen)))
     units = len(stats)
     # + the capture's Fisher-gradient pass: one tail run per batch (2 batches); the
@@ -288,6 +296,32 @@ def test_global_interval_runs_the_tail_on_every_nth_iteration(monkeypatch):
     assert per_interval[3][1] == [0, 3, 6]
     with pytest.raises(ValueError, match='global_interval'):
         RegPTQ(global_interval=0)
+
+
+def test_fisher_share_takes_later_units_gradients_from_one_pass(monkeypatch):
+    """fisher_share=n: one Fisher-gradient pass (a tail forward + backward per batch) for
+    every n units; the units in between get their weights from it and still train with
+    FisherMSE on non-zero gradients."""
+    from mmdet_regptq.calib import capture as capture_module
+    from mmdet_regptq.calib.losses import FisherMSE
+    passes, fisher_units = [], []
+
+    def check_fisher(self, ctx):
+        assert ctx.fisher is not None and any(g.abs().sum() > 0 for g in ctx.fisher)
+        fisher_units.append(ctx.unit.name)
+
+    _spy(monkeypatch, capture_module, '_output_grads', lambda *a: passes.append(a[1].name))
+    _spy(monkeypatch, FisherMSE, '__call__', check_fisher)
+    per_share = {}
+    for share, stats in _per_setting('fisher_share', (1, 3), [passes, fisher_units],
+                                     iters=2):
+        assert sorted(set(fisher_units)) == sorted(s.unit for s in stats)
+        per_share[share] = list(passes)
+    names = [s.unit for s in stats]
+    assert per_share[1] == [n for n in names for _ in range(2)]        # 2 batches
+    assert per_share[3] == [n for n in names[::3] for _ in range(2)]
+    with pytest.raises(ValueError, match='fisher_share'):
+        RegPTQ(fisher_share=0)
 
 
 def test_units_tail_fn_never_calls_reconstruct_local_only(monkeypatch, caplog):

@@ -97,6 +97,8 @@ class PTQMethod:
         self.iters = iters
         #: run the tail (global-loss terms) on every n-th iteration (methods that use one)
         self.tail_interval = 1
+        #: Fisher gradients of this many consecutive units from one pass (methods with them)
+        self.fisher_share = 1
         self.warmup = warmup
         self.round_weight = round_weight
         self.beta = (float(beta[0]), float(beta[1]))
@@ -246,6 +248,7 @@ class PTQMethod:
         grad_loss = (global_loss or output_mse) if self.needs_fisher() else None
         bar = ProgressBar(len(units) - start_unit) if self.progress else None
         all_stats = []
+        shared: dict[str, ActivationCache] = {}   # Fisher gradients from an earlier pass
         try:
             for k in range(start_unit, len(units)):
                 unit = units[k]
@@ -258,9 +261,21 @@ class PTQMethod:
                     unit_tail, unit_grad_loss = None, None
                 if unit_tail is not None:   # the prefix does not depend on unit k's state
                     unit_tail.prepare(unit)
+                given = shared.pop(unit.name, None) if unit_grad_loss is not None else None
+                share_with = []
+                if unit_grad_loss is not None and given is None:
+                    share_with = [u for u in units[k + 1:k + self.fisher_share]
+                                  if tail is None or tail.reaches_loss(u)]
+                    shared.update({u.name: ActivationCache(
+                        max_bytes=self.cache_max_bytes // len(share_with),
+                        spill_dir=self.spill_dir) for u in share_with})
                 capture_unit(model, unit, batches, forward_fn, cache,
-                             fp_inputs=self.fp_input_prob > 0, grad_loss=unit_grad_loss,
-                             fp_context=self.fp_context, tail=unit_tail)
+                             fp_inputs=self.fp_input_prob > 0,
+                             grad_loss=unit_grad_loss if given is None else None,
+                             fp_context=self.fp_context, tail=unit_tail,
+                             share_with=share_with, shared_grads=shared, given_grads=given)
+                if given is not None:
+                    given.clear()
                 groups = self.prepare_unit(unit)
                 unit.set_quant(True)
                 stats = reconstruct(
@@ -283,6 +298,8 @@ class PTQMethod:
         finally:
             if tail is not None:
                 tail.release()
+            for grads in shared.values():
+                grads.clear()
         return all_stats
 
 
