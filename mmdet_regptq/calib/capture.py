@@ -231,22 +231,20 @@ def _output_grads(model: nn.Module, unit: ReconUnit, run: Callable[[], Any],
                 _gradient_taps(share_with, device) as taps:
             loss = grad_loss(fp_final, run())
             leaves = [t for call in log.leaves for t in call]
-            extra = [(tap, key, leaf) for tap in taps.values()
-                     for key, leaf in tap.leaves.items()]
-            inputs = leaves + [leaf for _, _, leaf in extra]
+            inputs = leaves + [leaf for tap in taps.values() for leaf in tap.leaves.values()]
             # a loss that does not see this unit (a mask head under a box loss) has no
             # graph: zero gradients, which FisherMSE reads as "no weighting"
             found = (torch.autograd.grad(loss, inputs, allow_unused=True)
                      if loss.requires_grad else [None] * len(inputs))
-            grads = iter(found[:len(leaves)])
-            for (tap, key, _), grad in zip(extra, found[len(leaves):]):
-                if grad is not None:
-                    tap.grads[key[0]][key[1]] = grad
     finally:
         unit.set_quant(False)
+    grads = iter(found[:len(leaves)])
     per_call = [[(g if g is not None else torch.zeros_like(t)).detach().to(device)
                  for t, g in zip(call, grads)] for call in log.leaves]
-    return log, per_call, {name: tap.collect() for name, tap in taps.items()}
+    leaf_grads = iter(found[len(leaves):])
+    later = {name: tap.collect([next(leaf_grads) for _ in tap.leaves])
+             for name, tap in taps.items()}
+    return log, per_call, later
 
 
 class _GradientTap:
@@ -285,7 +283,12 @@ class _GradientTap:
         self.grads.append(found)
         return passed
 
-    def collect(self) -> list[list[Tensor]]:
+    def collect(self, leaf_grads: Sequence[Tensor | None]) -> list[list[Tensor]]:
+        """Per call, the gradients of the output's float tensors (zeros where none
+        arrived); ``leaf_grads``: ``autograd.grad``'s results for :attr:`leaves`, in order."""
+        for (call, i), grad in zip(self.leaves, leaf_grads):
+            if grad is not None:
+                self.grads[call][i] = grad
         return [[found[i].detach().to(self.device) if i in found else
                  torch.zeros_like(t, device=self.device) for i, t in enumerate(tensors)]
                 for tensors, found in zip(self.outputs, self.grads)]
