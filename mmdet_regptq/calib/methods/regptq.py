@@ -75,7 +75,8 @@ class RegPTQ(QDrop):
             tail forward + backward per batch (at the first of them; the later ones are
             still FP in it): 1 is the paper's per-unit ``dL_G / dO^k``. 4 took 1.45-1.5x
             QDrop's time on held-out val images 100-299 (1: 1.7-2.1x) at -0.3 AP on
-            average (-1.4 to +0.9) over three detectors x W2A4 / W3A3 / W4A4.
+            average (-1.4 to +0.9) over three detectors x W2A4 / W3A3 / W4A4; 1.39-1.65x
+            on the reported first 100 val images (README, session 16).
         llaq_cfg: options of the ``'LLAQ'`` quantizer (``k_candidates``, ...); bits come
             from each layer's weight quantizer. Default ``k_candidates=SEARCH_K``: the
             paper's ``k=1`` init loses to the uniform grid at 4 bits on Laplace weights
