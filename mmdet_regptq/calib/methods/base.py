@@ -34,6 +34,12 @@ def _check(name: str, value: float, lo: float, hi: float) -> None:
         raise ValueError(f'{name}={value!r} is out of range; allowed {lo}..{hi}')
 
 
+def check_int(name: str, value: Any, low: int) -> None:
+    """A count option: an int (not a bool) of at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f'{name}={value!r} must be an int >= {low}')
+
+
 def act_scale_params(unit: ReconUnit) -> list[nn.Parameter]:
     """LSQ step sizes (``scale`` parameters) of the unit's input quantizers."""
     params = []
@@ -82,8 +88,7 @@ class PTQMethod:
                  gamma: float = -0.1, cache_max_bytes: int = 2 * GiB,
                  spill_dir: str | None = None, log_interval: int = 500,
                  progress: bool = True) -> None:
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-            raise ValueError(f'iters={iters!r} must be an int >= 0')
+        check_int('iters', iters, 0)
         _check('warmup', warmup, 0.0, 0.999)
         _check('drop_prob', drop_prob, 0.0, 1.0)
         fp_input_prob = drop_prob if fp_input_prob is None else fp_input_prob

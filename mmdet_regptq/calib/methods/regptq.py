@@ -17,7 +17,7 @@ from ..losses import FisherMSE, OutputMSE, ReconLoss
 from ..reconstruct import OptimGroup, ReconStats
 from ..trace import ForwardFn
 from ..units import ReconUnit
-from .base import UnitCallback
+from .base import UnitCallback, check_int
 from .qdrop import QDrop
 
 __all__ = ['RegPTQ', 'LLAQ_TARGETS', 'LLAQ_ROUNDING', 'AUTO_LEARNED_MAX_BITS']
@@ -137,13 +137,9 @@ class RegPTQ(QDrop):
                              f'{sorted(LLAQ_ROUNDING)}')
         self.llaq_rounding = llaq_rounding
         self.global_weight = global_weight
-        if isinstance(global_interval, bool) or not isinstance(global_interval, int) \
-                or global_interval < 1:
-            raise ValueError(f'global_interval={global_interval!r} must be an int >= 1')
+        check_int('global_interval', global_interval, 1)
         self.tail_interval = global_interval
-        if isinstance(fisher_share, bool) or not isinstance(fisher_share, int) \
-                or fisher_share < 1:
-            raise ValueError(f'fisher_share={fisher_share!r} must be an int >= 1')
+        check_int('fisher_share', fisher_share, 1)
         self.fisher_share = fisher_share
         self.lr_llaq = lr_llaq
         self.head_layers = _patterns('head_layers', head_layers)
