@@ -21,6 +21,8 @@ Rows (``--methods`` replaces them):
 - ``RegPTQ-g1``: ``L_G`` on every iteration, as in the paper (``global_interval=1``): about
   3x the default's time.
 - ``RegPTQ-s4``: one Fisher-gradient pass per 4 units (``fisher_share=4``): the time knob.
+- ``RegPTQ-call``: the iterations without ``L_G`` draw one cached call, as QDrop does
+  (``local_draw='call'``), instead of all of a batch's calls (a shared head's FPN levels).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ VARIANTS = [
     'RegPTQ-k1=RegPTQ{"llaq_cfg": {"k_candidates": [1.0]}}',
     'RegPTQ-g1=RegPTQ{"global_interval": 1}',
     'RegPTQ-s4=RegPTQ{"fisher_share": 4}',
+    'RegPTQ-call=RegPTQ{"local_draw": "call"}',
 ]
 
 

@@ -24,6 +24,10 @@ from .tail import TailRunner
 from .units import ReconUnit
 
 
+#: ``reconstruct(local_draw=...)``: what an iteration without the tail draws.
+LOCAL_DRAWS = ('batch', 'call')
+
+
 @dataclass
 class OptimGroup:
     """Parameters trained by one Adam optimiser.
@@ -113,8 +117,13 @@ class _Loop:
             for (batch, _call), index in sorted(cache.keys().items()):
                 self.by_batch.setdefault(batch, []).append(index)
 
-    def num_draws(self) -> int:
-        return len(self.by_batch) if self.tail is not None else len(self.cache)
+    def num_draws(self, with_tail: bool = True, local_draw: str = 'batch') -> int:
+        """Entries to draw from: calibration batches in tail mode (all of a batch's calls
+        run, so the tail sees a whole prediction), single cached calls otherwise."""
+        return len(self.by_batch) if self._by_batch(with_tail, local_draw) else len(self.cache)
+
+    def _by_batch(self, with_tail: bool, local_draw: str) -> bool:
+        return self.tail is not None and (with_tail or local_draw == 'batch')
 
     def _inputs(self, entry: CacheEntry, mix: bool) -> tuple[tuple, dict]:
         args = detach_to(entry.args, self.device)
@@ -127,13 +136,15 @@ class _Loop:
         return args, detach_to(entry.kwargs, self.device)
 
     def context(self, draw: int, iteration: int, mix: bool,
-                with_tail: bool = True) -> ReconContext:
+                with_tail: bool = True, local_draw: str = 'batch') -> ReconContext:
         """Forward of draw ``draw`` (an entry, or a batch in tail mode) → loss context.
 
-        In tail mode with ``with_tail=False`` the batch's entries run through the unit only
-        (no final outputs: the terms that need them are left out of that iteration)."""
-        entries = ([self.cache[draw]] if self.tail is None
-                   else [self.cache[i] for i in self.by_batch[draw]])
+        In tail mode with ``with_tail=False`` the draw runs through the unit only (no final
+        outputs: the terms that need them are left out of that iteration): all of the
+        batch's entries with ``local_draw='batch'``, the one cached call ``draw`` with
+        ``'call'``."""
+        entries = ([self.cache[i] for i in self.by_batch[draw]]
+                   if self._by_batch(with_tail, local_draw) else [self.cache[draw]])
         if self.tail is not None and with_tail:
             result = self.tail.run(draw, substitute=lambda c: self._inputs(entries[c], mix))
             outputs, final_pred = result.unit_outputs, result.outputs
@@ -222,7 +233,8 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
                 losses: Sequence[ReconLoss], param_groups: Sequence[OptimGroup],
                 tail: TailRunner | None = None, drop_prob: float = 0.0,
                 fp_input_prob: float = 0.0, seed: int = 0, log_interval: int = 500,
-                logger: logging.Logger | None = None, tail_interval: int = 1) -> ReconStats:
+                logger: logging.Logger | None = None, tail_interval: int = 1,
+                local_draw: str = 'batch') -> ReconStats:
     """Reconstruct ``unit`` (whose quantization the caller has switched on).
 
     Per iteration: draw a cached entry (seeded generator) — or, when a loss needs final
@@ -246,6 +258,10 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
         tail_interval: with a tail, run it (and the terms that need final outputs) on every
             ``tail_interval``-th iteration only, the others on the unit alone: the tail's
             forward + backward is most of a global-loss iteration's cost.
+        local_draw: with a tail, what the iterations without it draw: ``'batch'`` (all of
+            a calibration batch's calls of the unit, as the tail iterations do) or
+            ``'call'`` (one cached call, as without a tail: a head shared by 5 FPN levels
+            then runs one level per iteration instead of five).
 
     Returns:
         :class:`ReconStats`.
@@ -263,6 +279,9 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
             or tail_interval < 1:
         raise ValueError(f'reconstruct({unit.name!r}): tail_interval={tail_interval!r} must be '
                          'an int >= 1')
+    if local_draw not in LOCAL_DRAWS:
+        raise ValueError(f'reconstruct({unit.name!r}): local_draw={local_draw!r} is unknown; '
+                         f'allowed: {list(LOCAL_DRAWS)}')
     if any(t.needs_final_outputs for t in losses) and tail is None:
         raise ValueError(f'reconstruct({unit.name!r}): a loss needs final outputs; pass a '
                          'TailRunner prepared for this unit')
@@ -287,9 +306,11 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
         torch.manual_seed(seed)
         optimizers = _optimizers(param_groups, iters)
         for it in range(iters):
-            draw = int(torch.randint(loop.num_draws(), (1,), generator=gen))
-            terms = loop.score(loop.context(draw, it, mix=True,
-                                            with_tail=it % tail_interval == 0))
+            with_tail = it % tail_interval == 0
+            draw = int(torch.randint(loop.num_draws(with_tail, local_draw), (1,),
+                                     generator=gen))
+            terms = loop.score(loop.context(draw, it, mix=True, with_tail=with_tail,
+                                            local_draw=local_draw))
             total = sum(terms.values())
             if not torch.isfinite(total):
                 values = ', '.join(f'{k}={v.item():.4g}' for k, v in terms.items())

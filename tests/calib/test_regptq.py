@@ -298,6 +298,27 @@ def test_global_interval_runs_the_tail_on_every_nth_iteration(monkeypatch):
         RegPTQ(global_interval=0)
 
 
+def test_local_draw_call_runs_one_call_on_iterations_without_the_tail(monkeypatch):
+    """local_draw='call': the shared head conv (2 calls per batch) reconstructs from one
+    cached call on the iterations without L_G, from both calls on the L_G iterations;
+    'batch' runs both calls on every iteration."""
+    from mmdet_regptq.calib.losses import FisherMSE
+    seen = []   # (iteration, has final outputs, number of calls) of the head conv
+    _spy(monkeypatch, FisherMSE, '__call__', lambda self, ctx: seen.append(
+        (ctx.iteration, ctx.final_pred is not None, len(ctx.target)))
+        if ctx.unit.name == 'head.conv' else None)
+    per_draw = {}
+    for draw, _ in _per_setting('local_draw', ('batch', 'call'), [seen], iters=6,
+                                global_interval=3):
+        per_draw[draw] = [s for s in seen if s[0] < 6 and (s[0] > 0 or s[1])]
+    # iterations 0 and 3 run the tail (both calls); the evaluations (iteration 0, no
+    # final outputs) are left out above
+    assert per_draw['batch'] == [(i, i % 3 == 0, 2) for i in range(6)]
+    assert per_draw['call'] == [(i, i % 3 == 0, 2 if i % 3 == 0 else 1) for i in range(6)]
+    with pytest.raises(ValueError, match="local_draw='level'.*'batch', 'call'"):
+        RegPTQ(local_draw='level')
+
+
 def test_fisher_share_takes_later_units_gradients_from_one_pass(monkeypatch):
     """fisher_share=n: one Fisher-gradient pass (a tail forward + backward per batch) for
     every n units; the units in between get their weights from it and still train with

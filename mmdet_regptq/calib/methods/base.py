@@ -104,6 +104,8 @@ class PTQMethod:
         self.tail_interval = 1
         #: Fisher gradients of this many consecutive units from one pass (methods with them)
         self.fisher_share = 1
+        #: what the iterations without the tail draw (``reconstruct(local_draw=...)``)
+        self.local_draw = 'batch'
         self.warmup = warmup
         self.round_weight = round_weight
         self.beta = (float(beta[0]), float(beta[1]))
@@ -287,7 +289,7 @@ class PTQMethod:
                     unit, cache, iters=self.iters, param_groups=groups, tail=unit_tail,
                     losses=losses, drop_prob=self.drop_prob, fp_input_prob=self.fp_input_prob,
                     seed=seed + k, log_interval=self.log_interval, logger=logger,
-                    tail_interval=self.tail_interval)
+                    tail_interval=self.tail_interval, local_draw=self.local_draw)
                 cache.clear()
                 all_stats.append(stats)
                 tail_note = ('' if tail is None else ', local only' if unit_tail is None

@@ -14,7 +14,7 @@ from ...registry import PTQ_METHODS, QUANTIZERS, build_from
 from ..capture import GradLoss
 from ..fgic import FGICConfig, GlobalLoss
 from ..losses import FisherMSE, OutputMSE, ReconLoss
-from ..reconstruct import OptimGroup, ReconStats
+from ..reconstruct import LOCAL_DRAWS, OptimGroup, ReconStats
 from ..trace import ForwardFn
 from ..units import ReconUnit
 from .base import UnitCallback, check_int
@@ -28,8 +28,9 @@ LLAQ_TARGETS = {'reg': 'reg_layers', 'head': 'head_layers'}
 #: one of the two by the layer's weight bits, :data:`AUTO_LEARNED_MAX_BITS`).
 LLAQ_ROUNDING = {'psi': 'LLAQ', 'learned': 'LLAQRound', 'auto': None}
 #: ``llaq_rounding='auto'``: learned rounding at these weight bits and below, ``psi`` above.
-#: Chosen on held-out val images 100-299 (README): at 2 bits learned rounding gained
-#: 2.7-3.2 AP on all three bundled detectors; at 3 and 4 bits it was 0.1-0.5 AP below.
+#: Chosen on held-out val images 100-299 (docs/accuracy_history.md): at 2 bits learned
+#: rounding gained 2.7-3.2 AP on all three bundled detectors; at 3 and 4 bits it was 0.1-0.5
+#: AP below.
 AUTO_LEARNED_MAX_BITS = 2
 
 
@@ -76,7 +77,11 @@ class RegPTQ(QDrop):
             still FP in it): 1 is the paper's per-unit ``dL_G / dO^k``. 4 took 1.45-1.5x
             QDrop's time on held-out val images 100-299 (1: 1.7-2.1x) at -0.3 AP on
             average (-1.4 to +0.9) over three detectors x W2A4 / W3A3 / W4A4; 1.39-1.65x
-            on the reported first 100 val images (README, session 16).
+            on the reported first 100 val images (docs/accuracy_history.md, session 16).
+        local_draw: what the iterations without ``L_G`` reconstruct from: ``'batch'``
+            (all of a calibration batch's calls of the unit, as the ``L_G`` iterations) or
+            ``'call'`` (one cached call, as QDrop draws: a head shared by the FPN levels
+            runs one level per iteration instead of all of them).
         llaq_cfg: options of the ``'LLAQ'`` quantizer (``k_candidates``, ...); bits come
             from each layer's weight quantizer. Default ``k_candidates=SEARCH_K``: the
             paper's ``k=1`` init loses to the uniform grid at 4 bits on Laplace weights
@@ -108,6 +113,7 @@ class RegPTQ(QDrop):
                  theta_i: float = 0.1, normalize_boxes: bool = True,
                  entropy_offset: bool = True, global_weight: float = 1.0,
                  global_interval: int = 32, fisher_share: int = 1,
+                 local_draw: str = 'batch',
                  llaq_cfg: dict | None = None,
                  llaq_rounding: str = 'auto', lr_llaq: float = 1e-3,
                  head_layers: Sequence[str] | None = None,
@@ -141,6 +147,10 @@ class RegPTQ(QDrop):
         self.tail_interval = global_interval
         check_int('fisher_share', fisher_share, 1)
         self.fisher_share = fisher_share
+        if local_draw not in LOCAL_DRAWS:
+            raise ValueError(f'local_draw={local_draw!r} is unknown; allowed: '
+                             f'{list(LOCAL_DRAWS)}')
+        self.local_draw = local_draw
         self.lr_llaq = lr_llaq
         self.head_layers = _patterns('head_layers', head_layers)
         self.reg_layers = _patterns('reg_layers', reg_layers)
