@@ -28,6 +28,14 @@ from .units import ReconUnit
 LOCAL_DRAWS = ('batch', 'call')
 
 
+def check_local_draw(local_draw: str, where: str = '') -> None:
+    """One check for :data:`LOCAL_DRAWS`: RegPTQ runs it when configured (fail before any
+    calibration), :func:`reconstruct` for its direct callers."""
+    if local_draw not in LOCAL_DRAWS:
+        raise ValueError(f'{where}local_draw={local_draw!r} is unknown; allowed: '
+                         f'{list(LOCAL_DRAWS)}')
+
+
 @dataclass
 class OptimGroup:
     """Parameters trained by one Adam optimiser.
@@ -279,9 +287,7 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
             or tail_interval < 1:
         raise ValueError(f'reconstruct({unit.name!r}): tail_interval={tail_interval!r} must be '
                          'an int >= 1')
-    if local_draw not in LOCAL_DRAWS:
-        raise ValueError(f'reconstruct({unit.name!r}): local_draw={local_draw!r} is unknown; '
-                         f'allowed: {list(LOCAL_DRAWS)}')
+    check_local_draw(local_draw, f'reconstruct({unit.name!r}): ')
     if any(t.needs_final_outputs for t in losses) and tail is None:
         raise ValueError(f'reconstruct({unit.name!r}): a loss needs final outputs; pass a '
                          'TailRunner prepared for this unit')

@@ -14,7 +14,7 @@ from ...registry import PTQ_METHODS, QUANTIZERS, build_from
 from ..capture import GradLoss
 from ..fgic import FGICConfig, GlobalLoss
 from ..losses import FisherMSE, OutputMSE, ReconLoss
-from ..reconstruct import LOCAL_DRAWS, OptimGroup, ReconStats
+from ..reconstruct import OptimGroup, ReconStats, check_local_draw
 from ..trace import ForwardFn
 from ..units import ReconUnit
 from .base import UnitCallback, check_int
@@ -149,9 +149,7 @@ class RegPTQ(QDrop):
         self.tail_interval = global_interval
         check_int('fisher_share', fisher_share, 1)
         self.fisher_share = fisher_share
-        if local_draw not in LOCAL_DRAWS:
-            raise ValueError(f'local_draw={local_draw!r} is unknown; allowed: '
-                             f'{list(LOCAL_DRAWS)}')
+        check_local_draw(local_draw)
         self.local_draw = local_draw
         self.lr_llaq = lr_llaq
         self.head_layers = _patterns('head_layers', head_layers)
