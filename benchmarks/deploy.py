@@ -164,7 +164,7 @@ Graph = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 def _ort_graph(path: Path) -> Graph:
     import onnxruntime as ort
 
-    from mmdet_regptq.deploy.mmdeploy_plugin import ort_session_options
+    from mmdet_regptq.deploy.onnx.session import ort_session_options
 
     # idle ORT workers do not spin: with several sessions interleaved (and a two-stage
     # detector's PyTorch host steps) they took the cores from each other: FCOS FP32 at 2
@@ -175,7 +175,7 @@ def _ort_graph(path: Path) -> Graph:
 
 
 def _tvm_graph(directory: Path) -> Graph:
-    from mmdet_regptq.deploy.tvm_build import TvmRunner
+    from mmdet_regptq.deploy.tvm.runner import TvmRunner
 
     runner = TvmRunner(directory)
     return lambda feeds: list(runner(feeds).values())
@@ -189,9 +189,9 @@ def two_stage_variants(name: str, cfg: Any, checkpoint: str | None, size: int, w
 
     from mmdet_regptq.deploy import build_detector, export_onnx, make_ort_int8, \
         quantize_for_deploy
-    from mmdet_regptq.deploy.tvm_build import build_artifact
-    from mmdet_regptq.deploy.two_stage import (ROI_INPUT, RoIStage, RpnStage, TwoStageHost,
-                                               num_rois_of)
+    from mmdet_regptq.deploy.tvm.build import build_artifact
+    from mmdet_regptq.deploy.detectors.two_stage import (ROI_INPUT, RoIStage, RpnStage,
+                                                         TwoStageHost, num_rois_of)
 
     x = torch.randn(1, 3, size, size)
     meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
@@ -261,7 +261,8 @@ def export_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work
 
     from mmdet_regptq.deploy import (RawDetector, build_detector, export_onnx, make_ort_int8,
                                      quantize_for_deploy, raw_output_names)
-    from mmdet_regptq.deploy.tvm_build import TvmRunner, build_artifact
+    from mmdet_regptq.deploy.tvm.build import build_artifact
+    from mmdet_regptq.deploy.tvm.runner import TvmRunner
 
     x = torch.randn(1, 3, size, size)
     runs: dict[str, Callable[[np.ndarray], Any]] = {}
@@ -321,7 +322,7 @@ def time_interleaved(runs: dict[str, Callable], feed: np.ndarray, n: dict[str, i
 
 def latency_rows(name: str, cfg: Any, checkpoint: str | None, args: argparse.Namespace,
                  work: Path) -> list[dict]:
-    from mmdet_regptq.deploy.two_stage import is_two_stage
+    from mmdet_regptq.deploy.detectors.two_stage import is_two_stage
 
     variants = two_stage_variants if is_two_stage(cfg.model) else export_variants
     runs = variants(name, cfg, checkpoint, args.size, work, tvm=not args.skip_tvm)
@@ -352,8 +353,8 @@ def ort_profile_rows(name: str, cfg: Any, args: argparse.Namespace, work: Path,
                      top: int = 8) -> list[dict]:
     """ORT's per-kernel profile of each ORT graph of ``name``: prints the op types and the
     slowest nodes; returns one row per op type (all nodes go to a CSV in the work dir)."""
-    from mmdet_regptq.deploy.ort_profile import profile_ort
-    from mmdet_regptq.deploy.two_stage import is_two_stage
+    from mmdet_regptq.deploy.onnx.ort_profile import profile_ort
+    from mmdet_regptq.deploy.detectors.two_stage import is_two_stage
 
     rows = []
     for label, path in ort_graph_files(name, work, is_two_stage(cfg.model)).items():

@@ -76,7 +76,7 @@ def fake_quant(detector: str, bits: str, args: argparse.Namespace, work: Path
 
 def deployed(detector: str, backend: str, checkpoint: Path, args: argparse.Namespace,
              work: Path) -> float:
-    from mmdet_regptq.deploy.pipeline import deploy, evaluate
+    from mmdet_regptq.deploy.mmdeploy.pipeline import deploy, evaluate
 
     cfg = model_config(detector, args.val_images, work)
     work.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.labels or args.artifacts
     if len(labels) != len(args.artifacts):
         parser.error(f'--labels: {len(labels)} given for {len(args.artifacts)} artifacts')
-    from mmdet_regptq.deploy.tvm_build import TvmRunner
+    from mmdet_regptq.deploy.tvm.runner import TvmRunner
 
     runners = {label: TvmRunner(path) for label, path in zip(labels, args.artifacts)}
     shapes = {label: tuple(next(iter(r.meta['inputs'].values()))) for label, r in runners.items()}

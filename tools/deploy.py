@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmdeploy.utils import load_config
 
     import mmdet_regptq  # noqa: F401  (compat fixes, registries)
-    from mmdet_regptq.deploy.pipeline import deploy, evaluate
+    from mmdet_regptq.deploy.mmdeploy.pipeline import deploy, evaluate
 
     deploy_cfg, model_cfg = load_config(args.deploy_cfg, args.model_cfg)
     result = deploy(deploy_cfg, model_cfg, args.checkpoint, args.img, work_dir=args.work_dir,

@@ -9,8 +9,8 @@ import torch
 
 from mmdet_regptq.deploy import (check_tensorrt_qdq, export_onnx, make_ort_int8,
                                  to_integer_graph)
-from mmdet_regptq.deploy.tvm_build import unpack_weight
-from mmdet_regptq.deploy.verify import max_abs_diff, ort_run
+from mmdet_regptq.deploy.tvm.packed import unpack_weight
+from mmdet_regptq.deploy.onnx.verify import max_abs_diff, ort_run
 from mmdet_regptq.quant import pack_int
 
 from deploy_toy import ResidualNet, make_quantized
@@ -61,7 +61,7 @@ def test_ort_int8_runs_residual_and_fpn_adds_in_integers(single_thread, tmp_path
 def test_ort_profile_sums_kernel_times_per_op_type_and_node(single_thread, tmp_path):
     """benchmarks/deploy.py --ort-profile: the fused INT8 graph's kernel time is mostly in
     QLinearConv; per-op and per-node sums agree with the total; the warm-up is dropped."""
-    from mmdet_regptq.deploy.ort_profile import profile_ort, random_feeds, summarize
+    from mmdet_regptq.deploy.onnx.ort_profile import profile_ort, random_feeds, summarize
 
     model, x = make_quantized(dict(w_bits=8, a_bits=8), net=ResidualNet)
     path = tmp_path / 'residual.onnx'
@@ -143,8 +143,8 @@ def test_mmdeploy_registration():
     from mmdeploy.codebase.mmdet.deploy import object_detection_model as odm
     from mmdeploy.utils import Backend
 
-    from mmdet_regptq.deploy import mmdeploy_plugin
-    from mmdet_regptq.deploy.mmdeploy_plugin import regptq_options
+    from mmdet_regptq.deploy import mmdeploy as mmdeploy_plugin
+    from mmdet_regptq.deploy.mmdeploy.options import regptq_options
 
     manager = BACKEND_MANAGERS.find('tvm_int4')
     assert manager is mmdeploy_plugin.TVMInt4Manager
@@ -193,7 +193,7 @@ def test_equal_quantizers_of_one_tensor_are_merged_for_qlinearconv(tmp_path):
     QuantizeLinear nodes lets ORT fuse the conv into QLinearConv; values are unchanged."""
     import onnxruntime as ort
 
-    from mmdet_regptq.deploy.ort_int8 import merge_duplicate_quantizers
+    from mmdet_regptq.deploy.onnx.ort_int8 import merge_duplicate_quantizers
 
     def fused_ops(model: onnx.ModelProto) -> list[str]:
         options = ort.SessionOptions()
@@ -227,7 +227,7 @@ def test_equal_quantizers_of_one_tensor_are_merged_for_qlinearconv(tmp_path):
 def test_u8s8_saturates_reads_the_cpus_vnni_flag(tmp_path, monkeypatch):
     import platform
 
-    from mmdet_regptq.deploy.ort_int8 import u8s8_saturates
+    from mmdet_regptq.deploy.onnx.ort_int8 import u8s8_saturates
 
     monkeypatch.setattr(platform, 'machine', lambda: 'x86_64')
     for flags, saturates in (('fpu avx avx2', True), ('avx2 avx512f avx512_vnni', False),

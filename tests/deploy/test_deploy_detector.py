@@ -27,7 +27,7 @@ def tiny_retinanet(single_thread):
 
 def test_raw_detector_export_matches(tiny_retinanet, tmp_path):
     from mmdet_regptq.deploy import RawDetector, export_onnx, raw_output_names, unflatten_raw
-    from mmdet_regptq.deploy.verify import max_abs_diff, ort_run
+    from mmdet_regptq.deploy.onnx.verify import max_abs_diff, ort_run
 
     x = torch.randn(1, 3, 64, 64)
     names = raw_output_names(tiny_retinanet, x)
@@ -48,7 +48,7 @@ def test_raw_detector_export_matches(tiny_retinanet, tmp_path):
 def test_mmdeploy_pipeline_onnxruntime_int8(tiny_retinanet, tmp_path):
     from mmdeploy.utils import load_config
 
-    from mmdet_regptq.deploy.pipeline import deploy
+    from mmdet_regptq.deploy.mmdeploy.pipeline import deploy
 
     deploy_cfg, model_cfg = load_config(
         str(ROOT / 'deploy_configs/detection_onnxruntime-int8_static-512x512.py'), str(RETINANET))

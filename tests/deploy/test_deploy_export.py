@@ -7,7 +7,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from mmdet_regptq.deploy import export_mode, export_onnx
-from mmdet_regptq.deploy.verify import (max_abs_diff, onnx_code_names, ort_run,
+from mmdet_regptq.deploy.onnx.verify import (max_abs_diff, onnx_code_names, ort_run,
                                         teacher_forced_codes)
 
 from deploy_toy import make_quantized

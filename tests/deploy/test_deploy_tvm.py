@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import torch
 
-from mmdet_regptq.deploy.verify import max_abs_diff, ort_run
+from mmdet_regptq.deploy.onnx.verify import max_abs_diff, ort_run
 
 
 def test_tvm_int4_compiles_and_matches(w4a4, tmp_path):
@@ -29,8 +29,8 @@ def test_tvm_int4_compiles_and_matches(w4a4, tmp_path):
     assert set(meta['accumulate'].values()) == {'float32'} and meta['scheduled']
     # on an AVX-512 VNNI CPU every conv runs the vpdpbusd kernel (the uint8 first layer
     # with its zero points through the split-weight form); weight layouts are lifted
-    from mmdet_regptq.deploy.tvm_build import host_target
-    from mmdet_regptq.deploy.tvm_vnni import has_vnni
+    from mmdet_regptq.deploy.tvm.build import host_target
+    from mmdet_regptq.deploy.tvm.vnni import has_vnni
     # (the three convs, one of them grouped, at batch 2, and the Linear as a 1x1 conv)
     kinds = list(meta['kernels'].values())
     assert kinds.count('vnni_int8') == (4 if has_vnni(host_target()) else 0)
@@ -50,16 +50,17 @@ def test_tvm_int4_compiles_and_matches(w4a4, tmp_path):
     assert diff < 1e-4
 
 
-def test_llaq_layer_deploys_as_int8_shifts(tmp_path, single_thread, capsys):
+def test_llaq_layer_deploys_as_int8_shifts(tmp_path, single_thread, capsys, load_script):
     """A power-of-two LLAQ layer: exported as two int8 DQ sides + the centre (exact in
     ORT), compiled as ONE integer conv with 2*C_out+1 outputs, stored as packed 4-bit
     shift codes."""
     from deploy_toy import make_quantized
 
     from mmdet_regptq.deploy import export_onnx
-    from mmdet_regptq.deploy.tvm_build import TvmRunner, build_artifact, host_target
-    from mmdet_regptq.deploy.tvm_vnni import has_vnni
-    from mmdet_regptq.deploy.verify import onnx_code_names, teacher_forced_codes
+    from mmdet_regptq.deploy.tvm.build import build_artifact, host_target
+    from mmdet_regptq.deploy.tvm.runner import TvmRunner
+    from mmdet_regptq.deploy.tvm.vnni import has_vnni
+    from mmdet_regptq.deploy.onnx.verify import onnx_code_names, teacher_forced_codes
     from mmdet_regptq.quant import LLAQuantizer
 
     model, x = make_quantized(dict(w_bits=4, a_bits=4))
@@ -88,9 +89,7 @@ def test_llaq_layer_deploys_as_int8_shifts(tmp_path, single_thread, capsys):
     assert max_abs_diff(ref, [out['feat'], out['logits']]) < 1e-4
 
     # the side-by-side latency script reads the same artifact and names its shift layers
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'benchmarks'))
-    import tvm_artifacts
+    tvm_artifacts = load_script('benchmarks/tvm_artifacts.py')
     capsys.readouterr()
     tvm_artifacts.main([str(tmp_path / 'art'), str(tmp_path / 'art'), '--runs', '2',
                         '--labels', 'a', 'b'])
@@ -107,8 +106,8 @@ def test_matmul_schedule_keeps_the_values_and_tiles_the_loops(single_thread):
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from mmdet_regptq.deploy.tvm_build import compile_onnx, host_target
-    from mmdet_regptq.deploy.tvm_schedule import schedule_cpu
+    from mmdet_regptq.deploy.tvm.build import compile_onnx, host_target
+    from mmdet_regptq.deploy.tvm.schedule import schedule_cpu
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((48, 200)).astype(np.float32)          # [N, K], transB

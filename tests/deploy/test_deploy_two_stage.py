@@ -37,7 +37,7 @@ def _detections(samples, min_score=0.3):
 
 
 def test_roi_graph_runs_any_number_of_rois_in_padded_chunks():
-    from mmdet_regptq.deploy.two_stage import run_in_chunks
+    from mmdet_regptq.deploy.detectors.two_stage import run_in_chunks
 
     calls = []
 
@@ -56,7 +56,7 @@ def test_host_pools_with_torchvision_roi_align_and_gets_mmcvs_values(single_thre
     """The host's RoIAlign switch (faster kernel) changes no RoI feature."""
     import mmdet_regptq  # noqa: F401
     from mmdet_regptq.deploy import build_detector
-    from mmdet_regptq.deploy.two_stage import RpnStage, TwoStageHost
+    from mmdet_regptq.deploy.detectors.two_stage import RpnStage, TwoStageHost
 
     torch.manual_seed(0)
     x = torch.randn(1, 3, 160, 192)
@@ -79,8 +79,8 @@ def test_host_pools_with_torchvision_roi_align_and_gets_mmcvs_values(single_thre
 def test_num_rois_comes_from_the_rpn_test_cfg_or_the_deploy_config():
     from mmengine.config import Config
 
-    from mmdet_regptq.deploy.mmdeploy_plugin import regptq_options
-    from mmdet_regptq.deploy.two_stage import num_rois_of
+    from mmdet_regptq.deploy.mmdeploy.options import regptq_options
+    from mmdet_regptq.deploy.detectors.two_stage import num_rois_of
 
     cfg = Config.fromfile(str(FRCNN))
     assert num_rois_of(cfg) == cfg.model.test_cfg.rpn.max_per_img == 100
@@ -122,7 +122,7 @@ def test_onnxruntime_int8_deployment_finds_the_fake_quant_detections(quantized_f
     from mmdeploy.utils import load_config
     from mmdet.structures.bbox import bbox_overlaps
 
-    from mmdet_regptq.deploy.pipeline import deploy
+    from mmdet_regptq.deploy.mmdeploy.pipeline import deploy
 
     deploy_cfg, model_cfg = load_config(
         str(ROOT / 'deploy_configs/detection_onnxruntime-int8_static-192x192.py'), str(FRCNN))
@@ -155,7 +155,7 @@ def test_tvm_int4_deployment_predicts_what_the_fake_quant_model_predicts(
     mmdet's ``predict`` of the fake-quant PyTorch model."""
     from mmdeploy.utils import load_config
 
-    from mmdet_regptq.deploy.pipeline import deploy
+    from mmdet_regptq.deploy.mmdeploy.pipeline import deploy
 
     deploy_cfg, model_cfg = load_config(
         str(ROOT / 'deploy_configs/detection_tvm-int4_static-192x192.py'), str(FRCNN))
@@ -185,7 +185,7 @@ def test_tensorrt_config_exports_and_validates_both_graphs_on_a_cpu(single_threa
     from mmdeploy.utils import load_config
 
     from mmdet_regptq.deploy import build_detector, quantize_for_deploy
-    from mmdet_regptq.deploy.pipeline import deploy
+    from mmdet_regptq.deploy.mmdeploy.pipeline import deploy
 
     symmetric = dict(type='Uniform', per_channel=False, symmetric=True, scale_method='minmax')
     quant = dict(w_bits=8, a_bits=8, first_layer_bits=8, act=symmetric,
@@ -210,7 +210,7 @@ def test_mask_and_cascade_heads_are_refused_with_the_reason():
     from torch import nn
 
     from mmdet_regptq.deploy import build_detector
-    from mmdet_regptq.deploy.two_stage import RoIStage, TwoStageHost, check_deployable
+    from mmdet_regptq.deploy.detectors.two_stage import RoIStage, TwoStageHost, check_deployable
 
     model = build_detector(str(FRCNN))
     check_deployable(model)                                        # Faster R-CNN deploys

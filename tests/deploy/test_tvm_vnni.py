@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmdet_regptq.deploy.tvm_build import host_target
-from mmdet_regptq.deploy.tvm_vnni import has_vnni
+from mmdet_regptq.deploy.tvm.build import host_target
+from mmdet_regptq.deploy.tvm.vnni import has_vnni
 
 SHAPES = [
     # N, C, K, H, W, kernel, stride, dilation, pads (top, left, bottom, right), groups
@@ -25,7 +25,7 @@ def _conv_module(n, c, k, h, w, kernel, stride, dilation, pads, groups):
     """A Relax module ``main(x, w)``: one convolution through ``emit_conv_vnni``."""
     from tvm import relax
 
-    from mmdet_regptq.deploy.tvm_vnni import emit_conv_vnni
+    from mmdet_regptq.deploy.tvm.vnni import emit_conv_vnni
 
     bb = relax.BlockBuilder()
     x = relax.Var('x', relax.TensorType((n, c, h, w), 'int8'))
@@ -41,7 +41,7 @@ def _conv_module(n, c, k, h, w, kernel, stride, dilation, pads, groups):
 def _build(module, target):
     import tvm
 
-    from mmdet_regptq.deploy.tvm_schedule import cpu_pipeline
+    from mmdet_regptq.deploy.tvm.schedule import cpu_pipeline
 
     return tvm.compile(module, target=target, relax_pipeline=cpu_pipeline(target))
 
@@ -101,8 +101,8 @@ def test_vnni_wide_conv_of_uint8_codes_is_bit_exact(groups):
     import tvm
     from tvm import relax
 
-    from mmdet_regptq.deploy.tvm_schedule import cpu_pipeline
-    from mmdet_regptq.deploy.tvm_vnni import emit_conv_vnni_wide
+    from mmdet_regptq.deploy.tvm.schedule import cpu_pipeline
+    from mmdet_regptq.deploy.tvm.vnni import emit_conv_vnni_wide
 
     n, c, k, h, kernel, stride, pads, z_x = 1, 4, 12, 15, 7, 2, 3, 37
     rng = np.random.default_rng(1)
@@ -137,7 +137,7 @@ def test_matmul_integer_runs_on_the_vnni_kernel_bit_exact(m, k, n):
     from onnx import TensorProto, helper, numpy_helper
     from tvm import relax
 
-    from mmdet_regptq.deploy.tvm_build import compile_onnx
+    from mmdet_regptq.deploy.tvm.build import compile_onnx
 
     rng = np.random.default_rng(1)
     a = rng.integers(-128, 128, (m, k)).astype(np.int8)

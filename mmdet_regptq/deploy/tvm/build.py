@@ -14,12 +14,12 @@ The INT4 model is the integer graph of :func:`to_integer_graph`: ``ConvInteger``
 our activation QuantizeLinear/Clip as Relax ``quantize`` + integer ``clip``. On a CPU with
 AVX-512 VNNI, int8 x int8 ``ConvInteger`` (LLAQ layers too: their power-of-two weights,
 stored as packed shift codes and expanded with shifts at load) runs the ``vpdpbusd``
-kernel of ``tvm_vnni`` (exact int32); otherwise, and for layers with zero points (the
+kernel of ``tvm/vnni.py`` (exact int32); otherwise, and for layers with zero points (the
 8-bit first layer), a Relax ``nn.conv2d`` with ``out_dtype='int32'``, or float32 lanes
 where every partial sum is an integer below 2^24 (exact). ``meta.json``'s ``kernels``
 says which, per layer. Weight layout changes (the VNNI blocking) are lifted out of
 ``main`` by Relax ``LiftTransformParams`` into ``main_transform_params``, which
-:class:`TvmRunner` runs once when it loads the artifact. Everything else (residual
+``tvm.runner.TvmRunner`` runs once when it loads the artifact. Everything else (residual
 adds, ReLU, pooling, resize, the FP final layers) is float, with its constants compiled in.
 TVM's ONNX frontend has no ``ConvInteger`` converter; :func:`extra_onnx_converters` adds
 one for the duration of a conversion.
@@ -36,18 +36,17 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from mmdet_regptq.deploy.integer_graph import IntegerReport, PackedWeight, to_integer_graph
-from mmdet_regptq.deploy.tvm_schedule import cpu_pipeline
-from mmdet_regptq.deploy.tvm_vnni import (emit_conv_vnni, emit_conv_vnni_wide,
-                                          emit_matmul_vnni, has_vnni, vnni_applicable)
-from mmdet_regptq.quant.packing import pack_int, unpack_int
+from mmdet_regptq.deploy.tvm.integer_graph import IntegerReport, PackedWeight, to_integer_graph
+from mmdet_regptq.deploy.tvm.runner import ARTIFACT_FILES
+from mmdet_regptq.deploy.tvm.schedule import cpu_pipeline
+from mmdet_regptq.deploy.tvm.vnni import (emit_conv_vnni, emit_conv_vnni_wide, emit_matmul_vnni,
+                                          has_vnni, vnni_applicable)
+from mmdet_regptq.quant.packing import pack_int
 
 __all__ = ['host_target', 'extra_onnx_converters', 'compile_onnx', 'build_artifact',
-           'TvmRunner', 'ARTIFACT_FILES']
+           'ARTIFACT_FILES']
 
 logger = logging.getLogger(__name__)
-
-ARTIFACT_FILES = ('model.so', 'weights.npz', 'meta.json')
 
 
 def host_target(mcpu: str | None = None) -> Any:
@@ -110,7 +109,7 @@ def _conv_integer_converter(float_exact: frozenset = frozenset(), vnni: bool = F
         partial sum is an integer below 2^24 — float32 lanes holding the same integers
         exactly (AVX-512 FMA instead of the slow 32-bit integer multiply), cast to int32.
         With ``vnni``, int8 x int8 layers without zero points use the AVX-512 VNNI
-        kernel of ``tvm_vnni`` instead, and so do uint8 activations with a constant zero
+        kernel of ``tvm/vnni.py`` instead, and so do uint8 activations with a constant zero
         point (the 8-bit first layer; the centred weight split into two int8 halves);
         exact int32; their weight names go to ``used_vnni``.
         """
@@ -187,7 +186,7 @@ def extra_onnx_converters(float_exact: Sequence[str] = (), vnni: bool = False,
 
     Args:
         float_exact: weight input names whose layers accumulate exactly in float32 lanes.
-        vnni: convert int8 x int8 layers to the AVX-512 VNNI kernel (``tvm_vnni``).
+        vnni: convert int8 x int8 layers to the AVX-512 VNNI kernel (``tvm/vnni.py``).
         used_vnni: receives the weight names of the layers that got the VNNI kernel.
     """
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -256,7 +255,7 @@ def compile_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
         model: the model; every graph input must be in ``input_shapes``.
         input_shapes: name → shape of every graph input.
         target: a TVM target (default :func:`host_target`).
-        schedule: apply our fixed CPU schedules (``tvm_schedule``); False = TVM's default
+        schedule: apply our fixed CPU schedules (``tvm/schedule.py``); False = TVM's default
             (unscheduled) lowering.
         float_exact: see :func:`extra_onnx_converters`.
         vnni: use the AVX-512 VNNI kernel for int8 x int8 convolutions (default: when the
@@ -367,60 +366,3 @@ def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: boo
 def _torch(array: np.ndarray) -> Any:
     import torch
     return torch.from_numpy(np.ascontiguousarray(array.astype(np.int64)))
-
-
-def unpack_weight(words: np.ndarray, zero_point: np.ndarray, meta: Mapping[str, Any]
-                  ) -> np.ndarray:
-    """Rebuild a weight input of the compiled function from its packed storage."""
-    codes = unpack_int(_torch(words).to(dtype=__import__('torch').int32), meta['bits'],
-                       meta['shape'], signed=meta['signed']).numpy()
-    pw = PackedWeight(codes=codes.astype(np.int64), zero_point=zero_point.astype(np.int64),
-                      qmin=meta['qmin'], qmax=meta['qmax'], transpose=meta['transpose'],
-                      centred=meta['centred'], kind=meta.get('kind', 'affine'))
-    return pw.graph_value()
-
-
-class TvmRunner:
-    """Load an artifact directory and run it on the CPU.
-
-    Args:
-        artifact: the directory, or any of its three files.
-    """
-
-    def __init__(self, artifact: str | Path) -> None:
-        import tvm
-        from tvm import relax
-
-        path = Path(artifact)
-        directory = path if path.is_dir() else path.parent
-        self.meta = json.loads((directory / 'meta.json').read_text())
-        self.device = tvm.cpu()
-        lib = tvm.runtime.load_module(str(directory / 'model.so'))
-        self.vm = relax.VirtualMachine(lib, self.device)
-        stored = np.load(directory / 'weights.npz')
-        self.weights = []
-        for i, wmeta in enumerate(self.meta['weights']):
-            value = unpack_weight(stored[f'w{i}.words'], stored[f'w{i}.zero_point'], wmeta)
-            self.weights.append(tvm.runtime.tensor(value, self.device))
-        if self.meta.get('transform_params'):
-            # weight layout changes (e.g. the VNNI blocking), once, at load
-            self.weights = list(self.vm['main_transform_params'](self.weights))
-        self.input_names = list(self.meta['inputs'])
-        self.output_names = list(self.meta['outputs'])
-
-    def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        import tvm
-
-        args = []
-        for name in self.input_names:
-            value = inputs[name]
-            value = value.detach().cpu().numpy() if hasattr(value, 'detach') else value
-            args.append(tvm.runtime.tensor(np.ascontiguousarray(value, np.float32),
-                                           self.device))
-        out = self.vm['main'](*args, *self.weights)
-        outs = [out] if not _is_tuple(out) else list(out)
-        return {name: o.numpy() for name, o in zip(self.output_names, outs)}
-
-
-def _is_tuple(value: Any) -> bool:
-    return not hasattr(value, 'numpy')

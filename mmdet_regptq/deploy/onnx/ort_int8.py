@@ -44,7 +44,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from mmdet_regptq.deploy.onnx_graph import GraphIndex, attrs
+from mmdet_regptq.deploy.onnx.graph import GraphIndex, attrs
 from mmdet_regptq.quant import QuantGrid, qparams_from_range
 
 __all__ = ['OrtInt8Report', 'make_ort_int8', 'recentre_weights', 'conv_output_ranges',
@@ -313,93 +313,120 @@ def integer_adds(model: onnx.ModelProto) -> list[str]:
          with that tensor's parameters (exact: nearest resizing copies values).
     Returns the adds whose inputs are all dequantized and whose output feeds one Q.
     """
-    graph = model.graph
-    index = GraphIndex(model)
-    added: dict[str, list[onnx.NodeProto]] = {}      # tensor -> new nodes reading it
-    new_dq: dict[str, str] = {}
-    counter = itertools.count()
-
-    def dequantized(q: onnx.NodeProto) -> str:
-        """An existing or new DequantizeLinear of ``q``'s output (same parameters)."""
-        for user in index.users(q.output[0]):
-            if user.op_type == 'DequantizeLinear' and list(user.input[1:]) == list(q.input[1:]):
-                return user.output[0]
-        if q.output[0] not in new_dq:
-            out = new_dq[q.output[0]] = f'{q.output[0]}.dq{next(counter)}'
-            added.setdefault(q.output[0], []).append(helper.make_node(
-                'DequantizeLinear', [q.output[0], *q.input[1:]], [out],
-                name=f'{out}/DequantizeLinear'))
-        return new_dq[q.output[0]]
-
-    def is_float(name: str) -> bool:
-        return index.const(name) is None and \
-            index.producer_of(name, 'DequantizeLinear') is None
-
-    adds = [n for n in graph.node if n.op_type == 'Add' and len(n.input) == 2
-            and all(index.const(i) is None for i in n.input)]
-    for add in adds:                                                          # pass 1
-        for i, name in enumerate(add.input):
-            quantizers = [u for u in index.users(name) if _full_8bit_quantizer(index, u)]
-            if is_float(name) and quantizers:
-                add.input[i] = dequantized(quantizers[0])
-    index = GraphIndex(model)
-    dropped: set[int] = set()
-    for add in adds:                                                          # pass 2
-        out = add.output[0]
-        users = index.users(out)
-        if out in index.graph_outputs or not users:
-            continue
-        if len(users) == 1 and users[0].op_type == 'Relu' and \
-                users[0].output[0] not in index.graph_outputs:
-            relu_users = index.users(users[0].output[0])
-            if relu_users and all(u.op_type == 'QuantizeLinear' and _clamps_negatives(index, u)
-                                  for u in relu_users):
-                for q in relu_users:
-                    q.input[0] = out
-                dropped.add(id(users[0]))
-            continue
-        quantizers = [u for u in users if _full_8bit_quantizer(index, u)]
-        if quantizers:
-            for user in users:
-                if user.op_type == 'QuantizeLinear':
-                    continue
-                for j, name in enumerate(user.input):
-                    if name == out:
-                        user.input[j] = dequantized(quantizers[0])
-    index = GraphIndex(model)
-    for add in adds:                                                          # pass 3
-        for i, name in enumerate(add.input):
-            resize = index.producer_of(name, 'Resize')
-            if not is_float(name) or resize is None or \
-                    attrs(resize).get('mode', b'nearest') not in (b'nearest', 'nearest'):
-                continue
-            source = index.producer_of(resize.input[0], 'DequantizeLinear')
-            if source is None or len(source.input) < 3:
-                continue
-            prefix = f'{name}.requant{next(counter)}'
-            added.setdefault(name, []).extend([
-                helper.make_node('QuantizeLinear', [name, *source.input[1:]], [f'{prefix}.int'],
-                                 name=f'{prefix}/QuantizeLinear'),
-                helper.make_node('DequantizeLinear', [f'{prefix}.int', *source.input[1:]],
-                                 [prefix], name=f'{prefix}/DequantizeLinear')])
-            add.input[i] = prefix
-    nodes = []
-    for node in graph.node:  # one rebuild at the end: extend() copies, edits need the originals
-        if id(node) in dropped:
-            continue
-        nodes.append(node)
-        for out in node.output:
-            nodes.extend(added.get(out, []))
-    del graph.node[:]
-    graph.node.extend(_topological(model, nodes))
+    rewriter = _AddRewriter(model)
+    rewriter.share_quantized_inputs()
+    rewriter.quantize_outputs()
+    rewriter.requantize_resized_inputs()
+    rewriter.rebuild()
     index = GraphIndex(model)
     done = []
-    for add in adds:
+    for add in rewriter.adds:
         users = index.users(add.output[0])
         if all(index.producer_of(i, 'DequantizeLinear') is not None for i in add.input) and \
                 len(users) == 1 and users[0].op_type == 'QuantizeLinear':
             done.append(add.name or add.output[0])
     return done
+
+
+class _AddRewriter:
+    """The passes of :func:`integer_adds`; new nodes are collected and inserted once."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.index = GraphIndex(model)
+        self.added: dict[str, list[onnx.NodeProto]] = {}     # tensor -> new nodes reading it
+        self.new_dq: dict[str, str] = {}
+        self.dropped: set[int] = set()
+        self.counter = itertools.count()
+        self.adds = [n for n in model.graph.node if n.op_type == 'Add' and len(n.input) == 2
+                     and all(self.index.const(i) is None for i in n.input)]
+
+    def dequantized(self, q: onnx.NodeProto) -> str:
+        """An existing or new DequantizeLinear of ``q``'s output (same parameters)."""
+        for user in self.index.users(q.output[0]):
+            if user.op_type == 'DequantizeLinear' and list(user.input[1:]) == list(q.input[1:]):
+                return user.output[0]
+        if q.output[0] not in self.new_dq:
+            out = self.new_dq[q.output[0]] = f'{q.output[0]}.dq{next(self.counter)}'
+            self.added.setdefault(q.output[0], []).append(helper.make_node(
+                'DequantizeLinear', [q.output[0], *q.input[1:]], [out],
+                name=f'{out}/DequantizeLinear'))
+        return self.new_dq[q.output[0]]
+
+    def is_float(self, name: str) -> bool:
+        return self.index.const(name) is None and \
+            self.index.producer_of(name, 'DequantizeLinear') is None
+
+    def share_quantized_inputs(self) -> None:
+        """Pass 1."""
+        for add in self.adds:
+            for i, name in enumerate(add.input):
+                quantizers = [u for u in self.index.users(name)
+                              if _full_8bit_quantizer(self.index, u)]
+                if self.is_float(name) and quantizers:
+                    add.input[i] = self.dequantized(quantizers[0])
+        self.index = GraphIndex(self.model)
+
+    def quantize_outputs(self) -> None:
+        """Pass 2."""
+        index = self.index
+        for add in self.adds:
+            out = add.output[0]
+            users = index.users(out)
+            if out in index.graph_outputs or not users:
+                continue
+            if len(users) == 1 and users[0].op_type == 'Relu' and \
+                    users[0].output[0] not in index.graph_outputs:
+                relu_users = index.users(users[0].output[0])
+                if relu_users and all(u.op_type == 'QuantizeLinear' and
+                                      _clamps_negatives(index, u) for u in relu_users):
+                    for q in relu_users:
+                        q.input[0] = out
+                    self.dropped.add(id(users[0]))
+                continue
+            quantizers = [u for u in users if _full_8bit_quantizer(index, u)]
+            if not quantizers:
+                continue
+            for user in users:
+                if user.op_type == 'QuantizeLinear':
+                    continue
+                for j, name in enumerate(user.input):
+                    if name == out:
+                        user.input[j] = self.dequantized(quantizers[0])
+        self.index = GraphIndex(self.model)
+
+    def requantize_resized_inputs(self) -> None:
+        """Pass 3."""
+        index = self.index
+        for add in self.adds:
+            for i, name in enumerate(add.input):
+                resize = index.producer_of(name, 'Resize')
+                if not self.is_float(name) or resize is None or \
+                        attrs(resize).get('mode', b'nearest') not in (b'nearest', 'nearest'):
+                    continue
+                source = index.producer_of(resize.input[0], 'DequantizeLinear')
+                if source is None or len(source.input) < 3:
+                    continue
+                prefix = f'{name}.requant{next(self.counter)}'
+                self.added.setdefault(name, []).extend([
+                    helper.make_node('QuantizeLinear', [name, *source.input[1:]],
+                                     [f'{prefix}.int'], name=f'{prefix}/QuantizeLinear'),
+                    helper.make_node('DequantizeLinear', [f'{prefix}.int', *source.input[1:]],
+                                     [prefix], name=f'{prefix}/DequantizeLinear')])
+                add.input[i] = prefix
+
+    def rebuild(self) -> None:
+        """One rebuild at the end: ``extend()`` copies, the edits need the originals."""
+        graph = self.model.graph
+        nodes = []
+        for node in graph.node:
+            if id(node) in self.dropped:
+                continue
+            nodes.append(node)
+            for out in node.output:
+                nodes.extend(self.added.get(out, []))
+        del graph.node[:]
+        graph.node.extend(_topological(self.model, nodes))
 
 
 def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np.ndarray]],

@@ -131,7 +131,7 @@ def schedule_cpu(mod: Any) -> Any:
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
         if func.attrs is not None and 'regptq_scheduled' in func.attrs:
-            continue                 # written with its own schedule (tvm_vnni)
+            continue                 # written with its own schedule (tvm/vnni.py)
         sch = s_tir.Schedule(func)
         try:
             root = sch.get_sblock('root')

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from mmdet_regptq.deploy.detector import _flatten, unflatten_raw
+from mmdet_regptq.deploy.detectors.raw import flatten_outputs, unflatten_raw
 
 __all__ = ['RpnStage', 'RoIStage', 'is_two_stage', 'roi_graph_file', 'num_rois_of',
            'TwoStageHost', 'ROI_INPUT', 'check_deployable', 'use_torchvision_roi_align']
@@ -81,11 +81,11 @@ class RpnStage(nn.Module):
         return list(feats), list(scores), list(deltas)
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        return tuple(_flatten(self.structured(x))[0])
+        return tuple(flatten_outputs(self.structured(x))[0])
 
     @torch.no_grad()
     def output_names(self, x: Tensor) -> list[str]:
-        return _flatten(self.structured(x))[1]
+        return flatten_outputs(self.structured(x))[1]
 
 
 class RoIStage(nn.Module):

@@ -37,7 +37,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mmdet_regptq.deploy.onnx_graph import GraphIndex, attrs
+from mmdet_regptq.deploy.onnx.graph import GraphIndex, attrs
+from mmdet_regptq.deploy.tvm.packed import PackedWeight, shift_weight_value
 
 __all__ = ['IntegerReport', 'PackedWeight', 'to_integer_graph']
 
@@ -46,53 +47,6 @@ logger = logging.getLogger(__name__)
 _CARRIER_RANGE = {np.dtype('uint8'): (0, 255), np.dtype('int8'): (-128, 127)}
 #: Integers up to 2^24 are exact in float32 (and so are their sums while they stay below).
 FP32_EXACT = 1 << 24
-
-
-@dataclass
-class PackedWeight:
-    """What a backend needs to store an integer weight bit-packed.
-
-    Attributes:
-        codes: the original codes ``[C_out, ...]`` (int64, in ``qmin..qmax``).
-        zero_point: per-channel zero points ``[C_out]`` (int64).
-        qmin: lowest code of the grid.
-        qmax: highest code of the grid.
-        transpose: the graph's initializer is transposed (Gemm → MatMulInteger ``[K, N]``).
-        centred: the graph's initializer is ``codes - zero_point`` (int8, no zero point
-            input); otherwise the codes themselves with a ``w_zero_point`` input.
-        kind: ``'affine'`` (the above) or ``'shift'``: an LLAQ layer whose codes ``c`` are
-            signed shift amounts (``c > 0``: ``+(1 << (c - 1))``, ``c < 0``:
-            ``-(1 << (-c - 1))``, 0: the centre) and whose initializer is
-            ``[pos; neg; ones]`` (:func:`shift_weight_value`).
-    """
-
-    codes: np.ndarray
-    zero_point: np.ndarray
-    qmin: int
-    qmax: int
-    transpose: bool = False
-    centred: bool = True
-    kind: str = 'affine'
-
-    def graph_value(self, codes: np.ndarray | None = None) -> np.ndarray:
-        """The graph initializer rebuilt from (unpacked) ``codes``."""
-        codes = self.codes if codes is None else codes.astype(np.int64)
-        if self.kind == 'shift':
-            return shift_weight_value(codes)
-        if self.centred:
-            value = (codes - self.zero_point.reshape([-1] + [1] * (codes.ndim - 1))
-                     ).astype(np.int8)
-        else:
-            value = codes.astype(np.uint8 if self.qmin >= 0 else np.int8)
-        return np.ascontiguousarray(value.T if self.transpose else value)
-
-    @property
-    def bits(self) -> int:
-        return int(np.ceil(np.log2(self.qmax - self.qmin + 1)))
-
-    @property
-    def signed(self) -> bool:
-        return self.qmin < 0
 
 
 def shift_codes(pos: np.ndarray, neg: np.ndarray) -> np.ndarray | None:
@@ -106,17 +60,6 @@ def shift_codes(pos: np.ndarray, neg: np.ndarray) -> np.ndarray | None:
         return None
     expo = np.where(mag > 0, np.log2(np.maximum(mag, 1)).round().astype(np.int64) + 1, 0)
     return np.where(neg < 0, -expo, expo)
-
-
-def shift_weight_value(codes: np.ndarray) -> np.ndarray:
-    """``[pos; neg; ones]`` int8 ``[2 C_out + 1, ...]`` from signed shift codes: the LLAQ
-    layer's one integer convolution (positive side, negative side, and the window sum that
-    carries the centre ``mu``). The powers of two are made by shifts."""
-    one = np.ones_like(codes)
-    pos = np.where(codes > 0, one << np.maximum(codes - 1, 0), 0)
-    neg = np.where(codes < 0, -(one << np.maximum(-codes - 1, 0)), 0)
-    ones = np.ones((1,) + codes.shape[1:], np.int64)
-    return np.ascontiguousarray(np.concatenate([pos, neg, ones]).astype(np.int8))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """An int8 x int8 -> int32 convolution for TVM on x86 CPUs with AVX-512 VNNI.
 
 TVM's generic lowering of an integer ``conv2d`` (and our fixed schedule in
-``tvm_schedule``) reaches ~15-20 GMAC/s here; one ``vpdpbusd`` instruction does 64 8-bit
+``tvm/schedule.py``) reaches ~15-20 GMAC/s here; one ``vpdpbusd`` instruction does 64 8-bit
 multiply-adds, and the kernel below reaches ~200 GMAC/s on a 64-channel 3x3 conv at
 128x128 (``benchmarks/deploy.py`` measures whole models). TVM's own route to VNNI,
 ``Schedule.tensorize`` with ``dot_16x4_vnni``, crashes in TVM 0.27 (serialising the
@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from mmdet_regptq.deploy.tvm_schedule import largest_divisor
+from mmdet_regptq.deploy.tvm.schedule import largest_divisor
 
 __all__ = ['has_vnni', 'conv_vnni_kernel', 'emit_conv_vnni', 'emit_conv_vnni_wide',
            'emit_matmul_vnni', 'vnni_applicable']

@@ -8,7 +8,7 @@ repeats its few lines with our step in between:
     build_task_processor → build_pytorch_model → [quantize + load quantized.pth] →
     create_input → mmdeploy.apis.onnx.export (under export_mode) → lower Q/DQ
 
-(two graphs for a two-stage detector: ``two_stage.py``)
+(two graphs for a two-stage detector: ``detectors/two_stage.py``)
 
 and everything after the ONNX file is mmdeploy's: ``mmdeploy.apis.utils.to_backend`` (our
 ``tvm_int4`` / ``tvm_relax`` managers, or onnxruntime), ``build_backend_model`` (our
@@ -26,15 +26,17 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from mmdet_regptq.deploy.detector import RawDetector, quantize_for_deploy, raw_output_names
-from mmdet_regptq.deploy.export import (TORCHSCRIPT_MAX_OPSET, ExportReport, export_mode,
-                                        finalize_onnx, legacy_onnx_export)
-from mmdet_regptq.deploy.mmdeploy_plugin import regptq_options
-from mmdet_regptq.deploy.ort_int8 import make_ort_int8
-from mmdet_regptq.deploy.tensorrt import check_tensorrt_qdq
-from mmdet_regptq.deploy.two_stage import (ROI_INPUT, RoIStage, RpnStage, TwoStageHost,
-                                           check_deployable, is_two_stage, num_rois_of,
-                                           roi_graph_file)
+from mmdet_regptq.deploy.detectors.build import quantize_for_deploy
+from mmdet_regptq.deploy.detectors.raw import RawDetector, raw_output_names
+from mmdet_regptq.deploy.detectors.two_stage import (ROI_INPUT, RoIStage, RpnStage,
+                                                     TwoStageHost, check_deployable,
+                                                     is_two_stage, num_rois_of, roi_graph_file)
+from mmdet_regptq.deploy.mmdeploy.options import regptq_options
+from mmdet_regptq.deploy.mmdeploy.tensorrt import check_tensorrt_qdq
+from mmdet_regptq.deploy.onnx.export import (TORCHSCRIPT_MAX_OPSET, export_mode, finalize_onnx,
+                                             legacy_onnx_export)
+from mmdet_regptq.deploy.onnx.lower import ExportReport
+from mmdet_regptq.deploy.onnx.ort_int8 import make_ort_int8
 
 __all__ = ['DeployResult', 'load_deploy_model', 'export_detector', 'deploy', 'evaluate',
            'is_quantized_checkpoint']
@@ -127,6 +129,71 @@ def _export_task_processor(model_cfg: Any, deploy_cfg: Any, device: str) -> Any:
                                                                    device)
 
 
+@dataclass
+class PreparedExport:
+    """What every export starts from: configs, options, the (quantized) model and the
+    preprocessed export image padded to the static shape."""
+
+    deploy_cfg: Any
+    model_cfg: Any
+    opts: dict
+    task_processor: Any
+    model: torch.nn.Module
+    inputs: torch.Tensor
+    metas: list
+    shape: Sequence[int] | None   # [W, H] (mmdeploy's order) or None
+    work_dir: Path
+
+
+def prepare_export(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any,
+                   work_dir: str | Path, device: str = 'cpu',
+                   model: torch.nn.Module | None = None) -> PreparedExport:
+    """Load the configs and the model (quantized from a ``quantized.pth``), and build the
+    export input with mmdeploy's ``create_input``."""
+    from mmdeploy.utils import get_input_shape, load_config
+
+    deploy_cfg, model_cfg = load_config(deploy_cfg, model_cfg)
+    opts = regptq_options(deploy_cfg)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    task_processor = _export_task_processor(model_cfg, deploy_cfg, device)
+    if model is None:
+        model = load_deploy_model(task_processor, checkpoint)
+    if opts['require_quantized'] and not getattr(model, '_regptq_quantized', False):
+        raise ValueError('this deploy config needs a quantized checkpoint (quantized.pth '
+                         'written by RegPTQHook / quantize_detector), got a float one')
+    shape = get_input_shape(deploy_cfg)
+    data, inputs = task_processor.create_input(img, shape,
+                                               data_preprocessor=model.data_preprocessor)
+    inputs = _pad_to(inputs if isinstance(inputs, torch.Tensor) else inputs[0], shape).cpu()
+    metas = [s.metainfo for s in data['data_samples']]
+    return PreparedExport(deploy_cfg, model_cfg, opts, task_processor, model, inputs, metas,
+                          shape, work_dir)
+
+
+def apply_onnx_format(prep: PreparedExport, graphs: Sequence[tuple[str, str, Any]],
+                      result: DeployResult) -> None:
+    """``regptq.onnx_format`` on every exported graph ``(path, input name, make_input)``:
+    ``'ort_int8'`` rewrites it for ONNX Runtime's integer kernels (output ranges measured on
+    test-set images), ``'tensorrt'`` checks TensorRT's explicit-quantization rules."""
+    opts = prep.opts
+    if opts['onnx_format'] == 'ort_int8':
+        images = _calib_feeds(prep.task_processor, prep.model, prep.shape,
+                              [(prep.inputs, prep.metas)], opts['calib_images'])
+        for path, name, make_input in graphs:
+            feeds = [{name: make_input(x, m).numpy()} for x, m in images]
+            fused, int8_report = make_ort_int8(onnx.load(path), feeds)
+            onnx.save(fused, path)
+            result.notes.append(f'ORT INT8 {Path(path).name}: {int8_report.summary()}')
+    elif opts['onnx_format'] == 'tensorrt':
+        for path, _, _ in graphs:
+            check = check_tensorrt_qdq(onnx.load(path))
+            result.notes.append(f'{Path(path).name}: {check.summary()}')
+            if not check.ok:
+                raise ValueError(f'{Path(path).name} breaks TensorRT explicit-quantization '
+                                 'rules:\n  ' + '\n  '.join(check.errors[:20]))
+
+
 def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any,
                     work_dir: str | Path, device: str = 'cpu',
                     model: torch.nn.Module | None = None) -> DeployResult:
@@ -145,24 +212,12 @@ def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img
         :class:`DeployResult` with the ONNX file (lowered and checked).
     """
     from mmdeploy.apis.onnx import export
-    from mmdeploy.utils import get_backend, get_input_shape, get_onnx_config, load_config
+    from mmdeploy.utils import get_backend, get_onnx_config
 
-    deploy_cfg, model_cfg = load_config(deploy_cfg, model_cfg)
-    opts = regptq_options(deploy_cfg)
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    task_processor = _export_task_processor(model_cfg, deploy_cfg, device)
-    if model is None:
-        model = load_deploy_model(task_processor, checkpoint)
-    quantized = getattr(model, '_regptq_quantized', False)
-    if opts['require_quantized'] and not quantized:
-        raise ValueError('this deploy config needs a quantized checkpoint (quantized.pth '
-                         'written by RegPTQHook / quantize_detector), got a float one')
-    shape = get_input_shape(deploy_cfg)
-    data, inputs = task_processor.create_input(img, shape,
-                                               data_preprocessor=model.data_preprocessor)
-    inputs = _pad_to(inputs if isinstance(inputs, torch.Tensor) else inputs[0], shape).cpu()
-    metas = [s.metainfo for s in data['data_samples']]
+    prep = prepare_export(deploy_cfg, model_cfg, checkpoint, img, work_dir, device, model)
+    deploy_cfg, model_cfg, model = prep.deploy_cfg, prep.model_cfg, prep.model
+    opts, task_processor, work_dir = prep.opts, prep.task_processor, prep.work_dir
+    inputs, metas, shape = prep.inputs, prep.metas, prep.shape
     onnx_cfg = get_onnx_config(deploy_cfg)
     two_stage = is_two_stage(model)
     if two_stage:
@@ -213,21 +268,7 @@ def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img
                  **dict(zip(RoIStage.output_names, roi_reference)))
         graphs.append((result.onnx_files[1], ROI_INPUT,
                        lambda x, m: host.sample_roi_features(stage1, x, m)))
-    if opts['onnx_format'] == 'ort_int8':
-        images = _calib_feeds(task_processor, model, shape, [(inputs, metas)],
-                              opts['calib_images'])
-        for path, name, make_input in graphs:
-            feeds = [{name: make_input(x, m).numpy()} for x, m in images]
-            fused, int8_report = make_ort_int8(onnx.load(path), feeds)
-            onnx.save(fused, path)
-            result.notes.append(f'ORT INT8 {Path(path).name}: {int8_report.summary()}')
-    elif opts['onnx_format'] == 'tensorrt':
-        for path, _, _ in graphs:
-            check = check_tensorrt_qdq(onnx.load(path))
-            result.notes.append(f'{Path(path).name}: {check.summary()}')
-            if not check.ok:
-                raise ValueError(f'{Path(path).name} breaks TensorRT explicit-quantization '
-                                 'rules:\n  ' + '\n  '.join(check.errors[:20]))
+    apply_onnx_format(prep, graphs, result)
     result.notes.append(f'export: {report.summary()}')
     np.savez(work_dir / 'reference_outputs.npz', input=inputs.numpy(),
              **dict(zip(names, reference)))
@@ -237,7 +278,8 @@ def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img
 def deploy(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any, *,
            work_dir: str | Path, device: str = 'cpu', test_img: Any = None,
            model: torch.nn.Module | None = None) -> DeployResult:
-    """``export_detector`` → ``to_backend`` → run the backend model on ``test_img``.
+    """``export_detector`` → ``to_backend`` → run the backend model on ``test_img``; an
+    end-to-end deploy config (``model_type='end2end'``) goes to ``deploy_end2end``.
 
     TensorRT is not installable here: for a ``tensorrt`` deploy config the validated ONNX
     file is the result and ``notes`` says so.
@@ -247,7 +289,12 @@ def deploy(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any, *,
     from mmdeploy.backend.base import get_backend_manager
     from mmdeploy.utils import get_backend, load_config
 
+    from mmdet_regptq.deploy.mmdeploy.end2end import deploy_end2end, is_end2end
+
     deploy_cfg, model_cfg = load_config(deploy_cfg, model_cfg)
+    if is_end2end(deploy_cfg):
+        return deploy_end2end(deploy_cfg, model_cfg, checkpoint, img, work_dir=work_dir,
+                              device=device, model=model)
     result = export_detector(deploy_cfg, model_cfg, checkpoint, img, work_dir, device,
                              model=model)
     backend = get_backend(deploy_cfg).value

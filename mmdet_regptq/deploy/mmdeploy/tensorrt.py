@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from mmdet_regptq.deploy.onnx_graph import GraphIndex, attrs
+from mmdet_regptq.deploy.onnx.graph import GraphIndex, attrs
 
 __all__ = ['TensorRTCheck', 'check_tensorrt_qdq']
 

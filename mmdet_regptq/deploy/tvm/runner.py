@@ -1,0 +1,61 @@
+"""Load a TVM artifact directory and run it on the CPU (NumPy + TVM only, no torch).
+
+The artifact (``model.so``, ``weights.npz``, ``meta.json``) is what
+:func:`mmdet_regptq.deploy.tvm.build.build_artifact` writes; the packed integer weights
+are unpacked once at load (:mod:`mmdet_regptq.deploy.tvm.packed`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from mmdet_regptq.deploy.tvm.packed import unpack_weight
+
+__all__ = ['TvmRunner', 'ARTIFACT_FILES']
+
+ARTIFACT_FILES = ('model.so', 'weights.npz', 'meta.json')
+
+
+class TvmRunner:
+    """Load an artifact directory and run it on the CPU.
+
+    Args:
+        artifact: the directory, or any of its three files.
+    """
+
+    def __init__(self, artifact: str | Path) -> None:
+        import tvm
+        from tvm import relax
+
+        path = Path(artifact)
+        directory = path if path.is_dir() else path.parent
+        self.meta = json.loads((directory / 'meta.json').read_text())
+        self.device = tvm.cpu()
+        lib = tvm.runtime.load_module(str(directory / 'model.so'))
+        self.vm = relax.VirtualMachine(lib, self.device)
+        stored = np.load(directory / 'weights.npz')
+        self.weights = []
+        for i, wmeta in enumerate(self.meta['weights']):
+            value = unpack_weight(stored[f'w{i}.words'], stored[f'w{i}.zero_point'], wmeta)
+            self.weights.append(tvm.runtime.tensor(value, self.device))
+        if self.meta.get('transform_params'):
+            # weight layout changes (e.g. the VNNI blocking), once, at load
+            self.weights = list(self.vm['main_transform_params'](self.weights))
+        self.input_names = list(self.meta['inputs'])
+        self.output_names = list(self.meta['outputs'])
+
+    def __call__(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        import tvm
+
+        args = []
+        for name in self.input_names:
+            value = inputs[name]
+            value = value.detach().cpu().numpy() if hasattr(value, 'detach') else value
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(value, np.float32),
+                                           self.device))
+        out = self.vm['main'](*args, *self.weights)
+        outs = [out] if hasattr(out, 'numpy') else list(out)
+        return {name: o.numpy() for name, o in zip(self.output_names, outs)}
