@@ -12,5 +12,6 @@ compat.apply()
 
 from mmdet_regptq import calib, quant  # noqa: E402  (register quantizers and methods)
 from mmdet_regptq.engine import RegPTQHook, quantize_detector  # noqa: E402
+from mmdet_regptq import yolov5  # noqa: E402,F401  (YOLOv5 in mmdet's registries)
 
 __all__ = ['__version__', 'RegPTQHook', 'quantize_detector', 'quant', 'calib']
