@@ -1,0 +1,9 @@
+# YOLOv5l v6.x on COCO 2017 val (data/coco), Ultralytics' validation settings.
+# Weights: python tools/convert_yolov5.py yolov5l.pt yolov5l_mmdet.pth
+_base_ = ['./_base_/yolov5_p5.py', './_base_/coco_letterbox.py']
+deepen_factor = 1.0
+widen_factor = 1.0
+model = dict(
+    backbone=dict(deepen_factor=deepen_factor, widen_factor=widen_factor),
+    neck=dict(deepen_factor=deepen_factor, widen_factor=widen_factor),
+    bbox_head=dict(widen_factor=widen_factor))
