@@ -49,7 +49,7 @@ class RegPTQHook(Hook):
     def __init__(self, quant: dict | None = None, method: Any = None, calib: dict | None = None,
                  quantized_checkpoint: str | None = None, save: bool = True,
                  on_val: bool = True) -> None:
-        self.quant = {'w_bits': 4, 'a_bits': 4, **(quant or {})}
+        self.quant = dict(quant or {})   # defaults: QuantPolicy (engine.build_policy)
         self.method = method if method is not None else dict(type='RegPTQ')
         self.calib = dict(calib or {})
         unknown = sorted(set(self.calib) - set(_CALIB_KEYS))

@@ -5,10 +5,11 @@ PTQ method over cached calibration batches) -> save (atomic ``quantized.pth``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -20,24 +21,19 @@ from mmdet_regptq.models.adapters import DetectorAdapter, find_adapter
 from mmdet_regptq.quant import QuantPolicy, quantize_model
 from mmdet_regptq.registry import PTQ_METHODS, build_from
 
-_POLICY_KEYS = ('w_bits', 'a_bits', 'first_layer_bits', 'first_layer', 'fp_layers',
-                'quantize_final', 'overrides', 'weight', 'act', 'fold_bn')
+def build_policy(quant: QuantPolicy | Mapping[str, Any] | None,
+                 adapter: DetectorAdapter | None = None) -> QuantPolicy:
+    """The hook's ``quant=dict(...)`` as a validated ``QuantPolicy`` (no model needed).
 
-
-def build_policy(quant: dict, adapter: DetectorAdapter) -> QuantPolicy:
-    """Translate the hook's ``quant=dict(...)`` into a ``QuantPolicy``.
-
-    The adapter's final prediction layers are kept FP unless ``quantize_final=True``;
-    user ``fp_layers`` are added to them.
+    Fields, defaults and checks are :meth:`QuantPolicy.from_cfg`'s. With an ``adapter``,
+    the detector's final prediction layers join ``final_layers`` (kept FP unless
+    ``quantize_final=True``).
     """
-    unknown = sorted(set(quant) - set(_POLICY_KEYS))
-    if unknown:
-        raise KeyError(f'quant: unknown field(s) {unknown}; allowed: {list(_POLICY_KEYS)}')
-    quant = dict(quant)
-    fp_layers = list(quant.pop('fp_layers', []))
-    if not quant.get('quantize_final', False):
-        fp_layers = adapter.fp_layer_patterns() + fp_layers
-    return QuantPolicy(fp_layers=fp_layers, **quant)
+    policy = QuantPolicy.from_cfg(quant)
+    if adapter is None:
+        return policy
+    return dataclasses.replace(
+        policy, final_layers=adapter.fp_layer_patterns() + policy.final_layers)
 
 
 def prepare_batches(adapter: DetectorAdapter, loader: Iterable[dict]) -> list[dict]:
@@ -102,6 +98,8 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
     model.eval()
     adapter = find_adapter(model)
     policy = build_policy(quant, adapter)
+    # the bits are recorded in the checkpoint meta and the resume fingerprint, given or not
+    quant = {'w_bits': policy.w_bits, 'a_bits': policy.a_bits, **quant}
     method_obj = build_from(PTQ_METHODS, method, 'method')
     if hasattr(method_obj, 'set_layer_defaults'):  # Reg-PTQ: head / regression-branch regexes
         method_obj.set_layer_defaults(head=adapter.head_layer_patterns(),

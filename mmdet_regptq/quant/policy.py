@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from ..errors import UnknownFieldError
 from ..registry import QUANTIZERS, build_from
 from . import quantizers as _quantizers  # noqa: F401  (registers 'Uniform', 'AdaRound')
 
@@ -129,14 +130,25 @@ class QuantPolicy:
 
     @classmethod
     def from_cfg(cls, cfg: QuantPolicy | Mapping[str, Any] | None) -> QuantPolicy:
-        """Build from a dict (unknown keys raise ``ValueError`` listing the allowed ones)."""
+        """Build from the hook's ``quant=dict(...)``; an object passes through.
+
+        The one place that knows the policy's fields and defaults: the engine and the hook
+        call it (``engine.build_policy``).
+
+        Raises:
+            UnknownFieldError: an unknown field (a ``KeyError`` and a ``ValueError``; the
+                message lists the allowed fields).
+            ValueError: a bad value (the message names the field and the allowed values).
+        """
         if isinstance(cfg, cls):
             return cfg
+        if cfg is not None and not isinstance(cfg, Mapping):
+            raise ValueError(f'quant={cfg!r} must be a dict of policy fields')
         cfg = dict(cfg or {})
         allowed = [f.name for f in fields(cls)]
         unknown = sorted(set(cfg) - set(allowed))
         if unknown:
-            raise ValueError(f'unknown quant policy fields {unknown}; allowed: {allowed}')
+            raise UnknownFieldError(f'quant: unknown field(s) {unknown}; allowed: {allowed}')
         return cls(**cfg)
 
     # ------------------------------------------------------------------ per-layer decisions
