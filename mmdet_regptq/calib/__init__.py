@@ -10,8 +10,9 @@ from .fgic import (DetPredictions, FGICConfig, FGICLoss, GlobalLoss, aligned_iou
                    fgic_mask, fgic_set_loss, soft_cross_entropy)
 from .losses import (FisherMSE, LinearTempDecay, OutputMSE, PredictionKL, ReconContext,
                      ReconLoss, RoundingRegularizer, reduce_errors)
-from .methods import (MSE, AdaQuant, AdaRound, BRECQ, MinMax, PDQuant, PTQMethod, QDrop,
-                      RegPTQ, UnitCallback, act_scale_params)
+from .methods import (MSE, AdaQuant, AdaRound, BRECQ, ExperimentalConfig, LLAQConfig, MinMax,
+                      PDQuant, PTQMethod, QDrop, RegPTQ, RegPTQConfig, ScheduleConfig,
+                      UnitCallback, act_scale_params, build_method)
 from .reconstruct import (OptimGroup, ReconStats, mix_inputs, reconstruct,
                           rounding_quantizers)
 from .tail import TailResult, TailRunner, maximal_prefix
@@ -34,6 +35,8 @@ __all__ = [
     # the loop
     'reconstruct', 'OptimGroup', 'ReconStats', 'rounding_quantizers', 'mix_inputs',
     # methods
-    'PTQMethod', 'UnitCallback', 'act_scale_params', 'MinMax', 'MSE', 'AdaRound',
-    'AdaQuant', 'BRECQ', 'QDrop', 'PDQuant', 'RegPTQ',
+    'PTQMethod', 'UnitCallback', 'act_scale_params', 'build_method', 'MinMax', 'MSE',
+    'AdaRound', 'AdaQuant', 'BRECQ', 'QDrop', 'PDQuant', 'RegPTQ',
+    # Reg-PTQ's option groups (with FGICConfig above)
+    'RegPTQConfig', 'LLAQConfig', 'ScheduleConfig', 'ExperimentalConfig',
 ]

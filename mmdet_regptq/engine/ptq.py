@@ -14,12 +14,11 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from mmdet_regptq.calib import FGICLoss, output_mse
+from mmdet_regptq.calib import FGICLoss, build_method, output_mse
 from mmdet_regptq.engine.checkpoint import load_quantized, save_quantized
 from mmdet_regptq.engine.resume import CalibrationResume, fingerprint, sigterm_as_exception
 from mmdet_regptq.models.adapters import DetectorAdapter, find_adapter
 from mmdet_regptq.quant import QuantPolicy, quantize_model
-from mmdet_regptq.registry import PTQ_METHODS, build_from
 
 def build_policy(quant: QuantPolicy | Mapping[str, Any] | None,
                  adapter: DetectorAdapter | None = None) -> QuantPolicy:
@@ -100,22 +99,21 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
     policy = build_policy(quant, adapter)
     # the bits are recorded in the checkpoint meta and the resume fingerprint, given or not
     quant = {'w_bits': policy.w_bits, 'a_bits': policy.a_bits, **quant}
-    method_obj = build_from(PTQ_METHODS, method, 'method')
-    if hasattr(method_obj, 'set_layer_defaults'):  # Reg-PTQ: head / regression-branch regexes
-        method_obj.set_layer_defaults(head=adapter.head_layer_patterns(),
-                                      regression=adapter.regression_layer_patterns())
+    method_obj = build_method(method)
+    method_obj.set_layer_defaults(head=adapter.head_layer_patterns(),
+                                  regression=adapter.regression_layer_patterns())
     batches = prepare_batches(adapter, loader)
     # Reg-PTQ's FGIC on decoded predictions; other methods keep their default (output MSE).
     # Probed on the float model before swapping; not needed when a checkpoint is loaded.
-    global_loss = (build_global_loss(adapter, method_obj.fgic, batches[0], logger)
-                   if hasattr(method_obj, 'fgic') and not quantized_checkpoint else None)
+    fgic = method_obj.global_loss_config()
+    global_loss = (build_global_loss(adapter, fgic, batches[0], logger)
+                   if fgic is not None and not quantized_checkpoint else None)
     report = quantize_model(model, policy, example_forward=lambda m: adapter.forward(m, batches[0]))
     logger.info('quantized layers:\n' + report.table())
     result: dict = {'report': report}
     start = time.perf_counter()
     if quantized_checkpoint:
-        if hasattr(method_obj, 'install_llaq'):  # Reg-PTQ: LLAQ layers carry their own state
-            method_obj.install_llaq(model)
+        method_obj.prepare_model(model)   # e.g. Reg-PTQ's LLAQ layers carry their own state
         load_quantized(model, quantized_checkpoint, expect=_describe(quant, method))
         result['loaded'] = quantized_checkpoint
     else:

@@ -140,35 +140,36 @@ def test_global_loss_decodes_each_batch_target_once():
 
 # ---------------------------------------------------------------------- method switches
 def test_switches_select_the_loss_terms_and_fgic_options():
-    method = build_from(PTQ_METHODS, dict(type='RegPTQ', conf_filter=False, theta_i=0.3,
-                                          lambda_=0.5, p=2), 'method')
+    method = build_from(PTQ_METHODS, dict(type='RegPTQ', fgic=dict(
+        conf_filter=False, theta_i=0.3, lambda_=0.5, p=2)), 'method')
     assert isinstance(method, RegPTQ) and method.drop_prob == 0.5 and method.needs_fisher()
     assert method.fgic == FGICConfig(lambda_=0.5, p=2.0, theta_i=0.3, conf_filter=False)
     terms = method.losses(None, output_fn=None, global_loss=output_mse)
     assert [type(t).__name__ for t in terms] == ['FisherMSE', 'RoundingRegularizer',
                                                  'GlobalLoss']
-    local_only = RegPTQ(global_loss=False, fisher=False)
+    local_only = RegPTQ(schedule=dict(global_loss=False, fisher=False))
     terms = local_only.losses(None, output_fn=None, global_loss=None)
     assert [type(t) for t in terms][0] is OutputMSE and not any(
         isinstance(t, (GlobalLoss, FisherMSE)) for t in terms)
     with pytest.raises(ValueError, match='needs calibrate\\(global_loss'):
         method.losses(None, output_fn=None, global_loss=None)
-    with pytest.raises(ValueError, match="llaq='bogus'"):
-        RegPTQ(llaq='bogus')
-    assert RegPTQ(llaq=True).llaq == 'reg' and RegPTQ(llaq=False).llaq_patterns() == []
-    with pytest.raises(ValueError, match='needs reg_layers'):
+    with pytest.raises(ValueError, match="target='bogus'"):
+        RegPTQ(llaq=dict(target='bogus'))
+    assert RegPTQ().llaq.target == 'reg'
+    assert RegPTQ(llaq=dict(target=None)).llaq_patterns() == []
+    with pytest.raises(ValueError, match=r'needs llaq\.reg_layers'):
         RegPTQ().llaq_patterns()
-    defaults = RegPTQ(reg_layers=['x'])
+    defaults = RegPTQ(llaq=dict(reg_layers=['x']))
     defaults.set_layer_defaults(head=['h'], regression=['r'])
-    assert defaults.reg_layers == ['x'] and defaults.head_layers == ['h']
+    assert defaults.llaq.reg_layers == ['x'] and defaults.llaq.head_layers == ['h']
 
 
 @pytest.mark.parametrize('llaq, expected', [('head', ['head.conv', 'head.cls']),
-                                            ('reg', ['head.cls']), (False, [])])
+                                            ('reg', ['head.cls']), (None, [])])
 def test_llaq_targets(llaq, expected):
     model = make_quant(make_float(), 3, 4)
-    method = RegPTQ(llaq=llaq, head_layers=[r'head\..*'], reg_layers=['head.cls'],
-                    llaq_cfg=dict(k_candidates=(1.0, 2.0)))
+    method = RegPTQ(llaq=dict(target=llaq, head_layers=[r'head\..*'], reg_layers=['head.cls'],
+                              quantizer=dict(k_candidates=(1.0, 2.0))))
     assert method.install_llaq(model) == expected
     got = [n for n, m in iter_quant_modules(model) if isinstance(m.weight_quantizer, LLAQuantizer)]
     assert got == expected
@@ -178,8 +179,8 @@ def test_llaq_targets(llaq, expected):
 def test_calibrates_the_toy_with_llaq_fisher_and_the_global_term(caplog):
     float_model, batches = make_float(), make_batches(2)
     model = make_quant(float_model)
-    method = RegPTQ(iters=2, progress=False, log_interval=0, llaq='head',
-                    head_layers=[r'head\..*'])
+    method = RegPTQ(iters=2, progress=False, log_interval=0,
+                    llaq=dict(target='head', head_layers=[r'head\..*']))
     logger = logging.getLogger('test_regptq')
     with caplog.at_level(logging.INFO, logger='test_regptq'):
         stats = method.calibrate(model, batches, forward_fn, global_loss=output_mse,
@@ -192,15 +193,17 @@ def test_calibrates_the_toy_with_llaq_fisher_and_the_global_term(caplog):
     with torch.no_grad():
         assert all(torch.isfinite(o).all() for o in model(batches[0]))
     with pytest.raises(ValueError, match='needs calibrate'):
-        RegPTQ(iters=1, llaq=False).calibrate(make_quant(float_model), batches, forward_fn)
+        RegPTQ(iters=1, llaq=dict(target=None)).calibrate(make_quant(float_model), batches,
+                                                          forward_fn)
 
 
 @pytest.mark.parametrize('power_of_two', [True, False])
 def test_power_of_two_llaq_keeps_k_at_one_and_has_a_shift_form(power_of_two):
     float_model, batches = make_float(), make_batches(2)
     model = make_quant(float_model)
-    method = RegPTQ(iters=20, progress=False, log_interval=0, llaq='head',
-                    head_layers=[r'head\..*'], llaq_cfg=dict(power_of_two=power_of_two))
+    method = RegPTQ(iters=20, progress=False, log_interval=0,
+                    llaq=dict(target='head', head_layers=[r'head\..*'],
+                              quantizer=dict(power_of_two=power_of_two)))
     method.calibrate(model, batches, forward_fn, global_loss=output_mse)
     head = dict(iter_quant_modules(model))['head.conv']
     q = head.weight_quantizer
@@ -218,8 +221,9 @@ def test_learned_llaq_rounding_trains_and_hardens_the_choice_of_level():
     from mmdet_regptq.quant import LLAQRoundQuantizer
     float_model, batches = make_float(), make_batches(2)
     model = make_quant(float_model)
-    method = RegPTQ(iters=40, progress=False, log_interval=0, llaq='head',
-                    head_layers=[r'head\..*'], llaq_rounding='learned')
+    method = RegPTQ(iters=40, progress=False, log_interval=0,
+                    llaq=dict(target='head', head_layers=[r'head\..*']),
+                    experimental=dict(llaq_rounding='learned'))
     method.calibrate(model, batches, forward_fn, global_loss=output_mse)
     layers = dict(iter_quant_modules(model))
     for name in ('head.conv', 'head.cls'):
@@ -232,7 +236,7 @@ def test_learned_llaq_rounding_trains_and_hardens_the_choice_of_level():
         assert not torch.equal(nearest.base_level + (nearest.alpha >= 0).float(),
                                q.base_level + (q.alpha >= 0).float())
     with pytest.raises(ValueError, match="llaq_rounding='nearest' is unknown; allowed"):
-        RegPTQ(llaq_rounding='nearest')
+        RegPTQ(experimental=dict(llaq_rounding='nearest'))
 
 
 @pytest.mark.parametrize('w_bits,expected', [(2, 'LLAQRound'), (3, 'LLAQ'), (4, 'LLAQ')])
@@ -240,15 +244,15 @@ def test_auto_llaq_rounding_is_learned_at_two_bits_only(w_bits, expected):
     """The default llaq_rounding='auto' picks the quantizer type by the layer's weight bits
     (AUTO_LEARNED_MAX_BITS = 2); 'psi' and 'learned' ignore the bits."""
     from mmdet_regptq.calib.methods.regptq import AUTO_LEARNED_MAX_BITS
-    assert RegPTQ().llaq_rounding == 'auto' and AUTO_LEARNED_MAX_BITS == 2
+    assert RegPTQ().experimental.llaq_rounding == 'auto' and AUTO_LEARNED_MAX_BITS == 2
     model = make_quant(make_float(), w_bits=w_bits)
-    method = RegPTQ(llaq='head', head_layers=[r'head\.conv'])
+    method = RegPTQ(llaq=dict(target='head', head_layers=[r'head\.conv']))
     assert method.install_llaq(model) == ['head.conv']
     q = dict(iter_quant_modules(model))['head.conv'].weight_quantizer
     assert type(q).__name__ == ('LLAQRoundQuantizer' if expected == 'LLAQRound'
                                 else 'LLAQuantizer') and q.bits == w_bits
-    assert RegPTQ(llaq_rounding='psi').llaq_type(w_bits) == 'LLAQ'
-    assert RegPTQ(llaq_rounding='learned').llaq_type(w_bits) == 'LLAQRound'
+    assert RegPTQ(experimental=dict(llaq_rounding='psi')).llaq_type(w_bits) == 'LLAQ'
+    assert RegPTQ(experimental=dict(llaq_rounding='learned')).llaq_type(w_bits) == 'LLAQRound'
 
 
 def _spy(monkeypatch, owner, name, record):
@@ -262,15 +266,15 @@ def _spy(monkeypatch, owner, name, record):
     monkeypatch.setattr(owner, name, wrapper)
 
 
-def _per_setting(option, values, records, **options):
+def _per_setting(group, option, values, records, **options):
     """RegPTQ (no LLAQ, output MSE as the global loss) on the toy model with 2 batches,
-    once per value of ``option``: clears ``records``, yields ``(value, stats)``."""
+    once per value of ``group.option``: clears ``records``, yields ``(value, stats)``."""
     float_model, batches = make_float(), make_batches(2)
     for value in values:
         for record in records:
             record.clear()
-        method = RegPTQ(progress=False, log_interval=0, llaq=False, **{option: value},
-                        **options)
+        method = RegPTQ(progress=False, log_interval=0, llaq=dict(target=None),
+                        **{group: {option: value}}, **options)
         stats = method.calibrate(make_quant(float_model), batches, forward_fn,
                                  global_loss=output_mse)
         assert all(math.isfinite(s.loss_after) for s in stats)
@@ -285,8 +289,8 @@ def test_global_interval_runs_the_tail_on_every_nth_iteration(monkeypatch):
     _spy(monkeypatch, tail_module.TailRunner, 'run', lambda *a: runs.append(1))
     _spy(monkeypatch, GlobalLoss, '__call__', lambda self, ctx: terms_seen.append(ctx.iteration))
     per_interval = {}
-    for interval, stats in _per_setting('global_interval', (1, 3), [runs, terms_seen],
-                                        iters=7):
+    for interval, stats in _per_setting('schedule', 'global_interval', (1, 3),
+                                        [runs, terms_seen], iters=7):
         per_interval[interval] = (len(runs), sorted(set(terms_seen)))
     units = len(stats)
     # + the capture's Fisher-gradient pass: one tail run per batch (2 batches); the
@@ -295,7 +299,7 @@ def test_global_interval_runs_the_tail_on_every_nth_iteration(monkeypatch):
     assert per_interval[3][0] == units * (3 + 2)      # iterations 0, 3, 6
     assert per_interval[3][1] == [0, 3, 6]
     with pytest.raises(ValueError, match='global_interval'):
-        RegPTQ(global_interval=0)
+        RegPTQ(schedule=dict(global_interval=0))
 
 
 def test_local_draw_call_runs_one_call_on_iterations_without_the_tail(monkeypatch):
@@ -308,15 +312,15 @@ def test_local_draw_call_runs_one_call_on_iterations_without_the_tail(monkeypatc
         (ctx.iteration, ctx.final_pred is not None, len(ctx.target)))
         if ctx.unit.name == 'head.conv' else None)
     per_draw = {}
-    for draw, _ in _per_setting('local_draw', ('batch', 'call'), [seen], iters=6,
-                                global_interval=3):
+    for draw, _ in _per_setting('experimental', 'local_draw', ('batch', 'call'), [seen],
+                                iters=6, schedule=dict(global_interval=3)):
         per_draw[draw] = [s for s in seen if s[0] < 6 and (s[0] > 0 or s[1])]
     # iterations 0 and 3 run the tail (both calls); the evaluations (iteration 0, no
     # final outputs) are left out above
     assert per_draw['batch'] == [(i, i % 3 == 0, 2) for i in range(6)]
     assert per_draw['call'] == [(i, i % 3 == 0, 2 if i % 3 == 0 else 1) for i in range(6)]
     with pytest.raises(ValueError, match="local_draw='level'.*'batch', 'call'"):
-        RegPTQ(local_draw='level')
+        RegPTQ(experimental=dict(local_draw='level'))
 
 
 def test_fisher_share_takes_later_units_gradients_from_one_pass(monkeypatch):
@@ -334,15 +338,15 @@ def test_fisher_share_takes_later_units_gradients_from_one_pass(monkeypatch):
     _spy(monkeypatch, capture_module, '_output_grads', lambda *a: passes.append(a[1].name))
     _spy(monkeypatch, FisherMSE, '__call__', check_fisher)
     per_share = {}
-    for share, stats in _per_setting('fisher_share', (1, 3), [passes, fisher_units],
-                                     iters=2):
+    for share, stats in _per_setting('experimental', 'fisher_share', (1, 3),
+                                     [passes, fisher_units], iters=2):
         assert sorted(set(fisher_units)) == sorted(s.unit for s in stats)
         per_share[share] = list(passes)
     names = [s.unit for s in stats]
     assert per_share[1] == [n for n in names for _ in range(2)]        # 2 batches
     assert per_share[3] == [n for n in names[::3] for _ in range(2)]
     with pytest.raises(ValueError, match='fisher_share'):
-        RegPTQ(fisher_share=0)
+        RegPTQ(experimental=dict(fisher_share=0))
 
 
 def test_units_tail_fn_never_calls_reconstruct_local_only(monkeypatch, caplog):
@@ -376,7 +380,7 @@ def test_units_tail_fn_never_calls_reconstruct_local_only(monkeypatch, caplog):
     float_model, batches = WithAux().eval(), make_batches(2)
     model = copy.deepcopy(float_model)
     quantize_model(model, dict(w_bits=4, a_bits=4), example_forward=lambda m: full(m, batches[0]))
-    method = RegPTQ(iters=3, progress=False, log_interval=0, llaq=False)
+    method = RegPTQ(iters=3, progress=False, log_interval=0, llaq=dict(target=None))
     logger = logging.getLogger('test_regptq_local')
     with caplog.at_level(logging.INFO, logger='test_regptq_local'):
         stats = method.calibrate(model, batches, full, global_loss=loss, logger=logger,
@@ -437,8 +441,9 @@ def test_resume_after_a_unit_gives_the_same_model(llaq_rounding):
     restore_finished, the saved state loaded) ends with the uninterrupted run's tensors."""
     import copy
     float_model, batches = make_float(), make_batches(2)
-    options = dict(iters=3, progress=False, log_interval=0, llaq='head',
-                   head_layers=[r'head\..*'], llaq_rounding=llaq_rounding)
+    options = dict(iters=3, progress=False, log_interval=0,
+                   llaq=dict(target='head', head_layers=[r'head\..*']),
+                   experimental=dict(llaq_rounding=llaq_rounding))
     model, saved = make_quant(float_model), {}
 
     def on_unit_end(index, unit, stats):

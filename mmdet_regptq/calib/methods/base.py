@@ -8,8 +8,10 @@ loss terms (:meth:`PTQMethod.losses`) and the drop settings.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import logging
-from typing import Any, Callable, ClassVar, ContextManager, Iterable, Sequence
+from typing import Any, Callable, ClassVar, ContextManager, Iterable, Mapping, Sequence
 
 from mmengine.logging import MMLogger
 from mmengine.utils import ProgressBar
@@ -18,7 +20,10 @@ from torch import Tensor, nn
 from ...quant import (AdaRoundQuantizer, eval_mode, init_activation_quantizers,
                       set_quant_state)
 from ..cache import GiB, ActivationCache
+from ...errors import UnknownFieldError
+from ...registry import PTQ_METHODS, build_from
 from ..capture import GradLoss, capture_unit, output_mse
+from ..fgic import FGICConfig
 from ..losses import FisherMSE, OutputMSE, ReconLoss, RoundingRegularizer
 from ..reconstruct import OptimGroup, ReconStats, reconstruct, rounding_quantizers
 from ..tail import TailRunner
@@ -79,6 +84,8 @@ class PTQMethod:
     trains: ClassVar[bool] = True
     #: whether the weight quantizers are swapped for AdaRound ones
     adaround: ClassVar[bool] = True
+    #: older flat spellings the constructor still maps (with a warning) → the new spelling
+    legacy_options: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, *, iters: int = 2000, warmup: float = 0.2, round_weight: float = 0.01,
                  beta: Sequence[float] = (20.0, 2.0), lr_alpha: float = 1e-3,
@@ -119,6 +126,38 @@ class PTQMethod:
         self.spill_dir = spill_dir
         self.log_interval = log_interval
         self.progress = progress
+
+    @classmethod
+    def options(cls) -> list[str]:
+        """The keyword options of the constructor (what a config dict may set besides
+        ``type``), collected along the ``**kwargs`` chain of the base classes."""
+        names: list[str] = []
+        for klass in cls.__mro__:
+            init = klass.__dict__.get('__init__')
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters.values()
+            names += [p.name for p in params if p.name != 'self' and p.kind in (
+                p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in names]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+        return names
+
+    # ------------------------------------------------------------------ engine interface
+    # What the engine (``quantize_detector``) asks every method; the defaults do nothing.
+    def set_layer_defaults(self, *, head: Sequence[str], regression: Sequence[str]) -> None:
+        """Layer regexes the detector adapter knows: the head's layers and its regression
+        branch. Methods that select layers by role take the ones they were not given."""
+
+    def global_loss_config(self) -> FGICConfig | None:
+        """Options of the detector's filtered global loss (FGIC) when the method trains on
+        it; the engine then passes ``calibrate(global_loss=...)`` built by the adapter.
+        ``None``: the method keeps the default (MSE of the raw outputs, where it needs one)."""
+        return None
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Swap in the quantizers whose state a saved (quantized or partial) checkpoint
+        holds, before the state is loaded into a freshly quantized ``model``."""
 
     # ------------------------------------------------------------------ configuration
     def find_units(self, model: nn.Module, forward_fn: ForwardFn, batch: Any
@@ -308,6 +347,40 @@ class PTQMethod:
             for grads in shared.values():
                 grads.clear()
         return all_stats
+
+
+def build_method(cfg: PTQMethod | Mapping[str, Any]) -> PTQMethod:
+    """A PTQ method from its config (``dict(type='RegPTQ', ...)``), validated without a
+    model; a built method passes through.
+
+    Raises:
+        KeyError: missing or unknown ``type`` (the message lists the registered methods).
+        UnknownFieldError: an unknown option (a ``KeyError`` and a ``ValueError``; the
+            message lists the allowed ones).
+        ValueError: a bad value (the message names the option).
+    """
+    if isinstance(cfg, PTQMethod):
+        return cfg
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f'method={cfg!r} must be a config dict with a "type" or a PTQMethod')
+    name = cfg.get('type')
+    cls = PTQ_METHODS.get(name) if isinstance(name, str) else None
+    if isinstance(cls, type) and issubclass(cls, PTQMethod):
+        allowed = cls.options()
+        unknown = sorted(set(cfg) - {'type', '_scope_'} - set(allowed)
+                         - set(cls.legacy_options))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], [*allowed, *cls.legacy_options], 1)
+            hint = ''
+            if close:
+                new = cls.legacy_options.get(close[0])
+                hint = f'; did you mean {close[0]!r}' + (f' ({new})?' if new else '?')
+            raise UnknownFieldError(f'method: unknown option(s) {unknown} for {name}; '
+                                    f'allowed: {allowed}{hint}')
+    try:
+        return build_from(PTQ_METHODS, dict(cfg), 'method')
+    except TypeError as err:   # a value of the wrong type inside a constructor
+        raise ValueError(f'method: {err}') from None
 
 
 def local_only(losses: Sequence[ReconLoss]) -> list[ReconLoss]:
