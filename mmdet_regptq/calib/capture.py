@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ._tree import detach_to, float_tensors, tree_map
 from ._utils import quant_disabled, requires_grad
+from .activation import ChainTap
 from .cache import ActivationCache, CacheEntry
 from .trace import ForwardFn, StopForward, removing, run_forward
 from .units import ReconUnit
@@ -178,7 +179,7 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
                 record_calls(unit.module, unit.num_calls, device, inputs=fp_inputs,
                              outputs=True, stop=grad_loss is None or tail is not None) as fp:
             fp_final, _ = run_forward(model, forward_fn, batch)
-        run = ((lambda b=b: tail.run(b).outputs) if tail is not None
+        run = ((lambda b=b: tail.run(b, unit_outputs=False).outputs) if tail is not None
                else functools.partial(forward_fn, model, batch))
         if grad_loss is None:
             with torch.no_grad(), record_calls(unit.module, unit.num_calls, device,
@@ -202,6 +203,9 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
                 f'capture_unit({unit.name!r}): batch {b} called the unit {len(fp.outputs)} '
                 f'times in full precision but {len(q.args)} times quantized')
         for i, output in enumerate(fp.outputs):
+            if unit.post:    # the unit's output: after the activation that follows it
+                with torch.no_grad():
+                    output = unit.post(output)
             extras: dict[str, Any] = dict(batch=b, call=i)
             if fp_inputs:
                 extras['fp_args'] = fp.args[i]
@@ -219,32 +223,71 @@ def _output_grads(model: nn.Module, unit: ReconUnit, run: Callable[[], Any],
     """Quantized forward (``run()``: full, or a tail run) with ``unit`` quantized;
     gradients of ``grad_loss`` w.r.t. the unit's outputs (and those of ``share_with``).
 
+    A unit with a post chain (its activation) is tapped at the chain's end
+    (:class:`~.activation.ChainTap`): the gradient is w.r.t. the output it reconstructs.
+
     Returns:
         ``(log, grads, later)``: the call log (the unit's inputs); per call, the gradients
         of the output's float tensors (on ``device``); the same per ``share_with`` unit name.
     """
+    chained = {u.name: u for u in (unit, *share_with) if u.post}
+    chain_tap = ChainTap({name: u.post for name, u in chained.items()}) if chained else None
+    plain = [u for u in share_with if not u.post]
     unit.set_quant(True)
     try:
         with torch.enable_grad(), requires_grad(model.parameters(), False), \
                 record_calls(unit.module, unit.num_calls, device, inputs=True,
-                             leaf_outputs=True) as log, \
-                _gradient_taps(share_with, device) as taps:
+                             leaf_outputs=not unit.post) as log, \
+                _gradient_taps(plain, device) as taps, \
+                _chain_tapping(chain_tap, chained.values()):
             loss = grad_loss(fp_final, run())
             leaves = [t for call in log.leaves for t in call]
-            inputs = leaves + [leaf for tap in taps.values() for leaf in tap.leaves.values()]
+            chain_leaves = chain_tap.leaf_list() if chain_tap is not None else []
+            inputs = (leaves + [leaf for tap in taps.values() for leaf in tap.leaves.values()]
+                      + [leaf for _, _, leaf in chain_leaves])
             # a loss that does not see this unit (a mask head under a box loss) has no
             # graph: zero gradients, which FisherMSE reads as "no weighting"
             found = (torch.autograd.grad(loss, inputs, allow_unused=True)
-                     if loss.requires_grad else [None] * len(inputs))
+                     if loss.requires_grad and inputs else [None] * len(inputs))
     finally:
         unit.set_quant(False)
     grads = iter(found[:len(leaves)])
+    rest = iter(found[len(leaves):])
     per_call = [[(g if g is not None else torch.zeros_like(t)).detach().to(device)
                  for t, g in zip(call, grads)] for call in log.leaves]
-    leaf_grads = iter(found[len(leaves):])
-    later = {name: tap.collect([next(leaf_grads) for _ in tap.leaves])
+    later = {name: tap.collect([next(rest) for _ in tap.leaves])
              for name, tap in taps.items()}
+    if chain_tap is not None:
+        leaf_grads = {(name, call): next(rest) for name, call, _ in chain_leaves}
+        for name in chained:
+            calls = chain_tap.collect(name, leaf_grads, device)
+            if name == unit.name:
+                if len(calls) != len(log.args):
+                    raise RuntimeError(
+                        f'capture_unit({unit.name!r}): the activation after the unit ran '
+                        f'{len(calls)} times for {len(log.args)} calls of the unit')
+                per_call = calls
+            else:
+                later[name] = calls
     return log, per_call, later
+
+
+@contextlib.contextmanager
+def _chain_tapping(tap: ChainTap | None, units: Iterable[ReconUnit]) -> Iterator[None]:
+    """Track each unit's output into ``tap`` while the forward runs under it."""
+    if tap is None:
+        yield
+        return
+
+    def hook(name: str) -> Callable:
+        def post_hook(mod: nn.Module, args: Any, output: Any) -> None:
+            tap.track(name, output)
+        return post_hook
+
+    with removing([]) as handles, tap:
+        for u in units:
+            handles.append(u.module.register_forward_hook(hook(u.name)))
+        yield
 
 
 class _GradientTap:

@@ -59,12 +59,19 @@ class ReconContext:
 class ReconLoss:
     """Base of the loss terms: ``__call__(ctx) -> scalar Tensor``."""
 
+    #: with ``needs_final_outputs``: the final outputs come from the unit's unmixed
+    #: quantized input (a separate tail forward when the loop mixes FP inputs in)
+    final_from_quant_input: ClassVar[bool] = False
     needs_final_outputs: ClassVar[bool] = False
     needs_fisher: ClassVar[bool] = False
     is_regularizer: ClassVar[bool] = False
 
     def __call__(self, ctx: ReconContext) -> Tensor:
         raise NotImplementedError
+    def summary(self) -> str:
+        """A line for the unit's log after its reconstruction (``''``: nothing)."""
+        return ''
+
 
     @property
     def name(self) -> str:
@@ -221,15 +228,25 @@ class RoundingRegularizer(ReconLoss):
 
 @RECON_LOSSES.register_module()
 class PredictionKL(ReconLoss):
-    """PD-Quant's prediction difference: ``KL(p_fp || p_q) * T^2`` on the final outputs.
+    """PD-Quant's prediction difference: ``weight * KL(p_fp || p_q)`` on the final outputs.
+
+    As PD-Quant's official code: ``KLDivLoss(reduction='batchmean')`` of
+    ``log_softmax(q / T)`` against ``softmax(fp / T)`` (no ``T^2`` factor), averaged over
+    the rows; PD-Quant weights it by ``1 / lambda_r`` (``weight``). The final outputs are
+    those of the unit's purely quantized input (:attr:`final_from_quant_input`): PD-Quant
+    runs the prediction pass on the cached quantized input, the reconstruction pass on the
+    QDrop-mixed one.
 
     Args:
         output_fn: ``output_fn(raw_outputs) -> logits [N, C]``; ``None`` = the raw
+    #: the tail forward of this term reads the unit's unmixed quantized input
+    final_from_quant_input: ClassVar[bool] = True
             outputs are already that tensor.
         temperature: ``T`` (PD-Quant: 4).
-        sigmoid: per-class binary KL of ``sigmoid(x / T)`` (detection heads) instead of
-            the softmax KL over ``C``.
-        weight: factor of the term.
+        sigmoid: per-class binary KL of ``sigmoid(x / T)``, summed over the classes
+            (detection heads with independent sigmoid scores), instead of the softmax KL
+            over ``C``.
+        weight: factor of the term (PD-Quant: ``1 / lambda_r``).
     """
 
     needs_final_outputs = True
@@ -264,4 +281,4 @@ class PredictionKL(ReconLoss):
         else:
             kl = F.kl_div(F.log_softmax(q, -1), F.log_softmax(fp, -1), log_target=True,
                           reduction='batchmean')
-        return self.weight * kl * t * t
+        return self.weight * kl

@@ -9,18 +9,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 from mmengine.logging import MMLogger
 from torch import Tensor, nn
 
-from ._tree import detach_to, float_tensors
+from ._tree import detach_to, float_tensors, tree_map, tree_tensors
 from ._utils import model_device, requires_grad
 from .cache import ActivationCache, CacheEntry
 from .losses import ReconContext, ReconLoss
 from .tail import TailRunner
+from .trace import removing
 from .units import ReconUnit
 
 
@@ -66,6 +67,7 @@ class ReconStats:
         loss_after: the same after training (rounding hardened).
         seconds: wall time of the whole call.
         tail_share: share of the training loop's time spent in tail forwards.
+        notes: the loss terms' summaries (e.g. the FGIC filter's kept fraction).
     """
 
     unit: str
@@ -75,6 +77,7 @@ class ReconStats:
     loss_after: float
     seconds: float
     tail_share: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
 
 def rounding_quantizers(unit: ReconUnit) -> list[nn.Module]:
@@ -88,7 +91,8 @@ def rounding_quantizers(unit: ReconUnit) -> list[nn.Module]:
 
 
 def mix_inputs(q_args: Any, fp_args: Any, prob: float) -> Any:
-    """QDrop's input mixing: each element takes its FP value with probability ``prob``.
+    """Each element takes its FP value with probability ``prob`` (raw tensors; the unit's
+    loop mixes after the input quantizer instead, :class:`InputMixer`).
 
     Args:
         q_args: inputs from the quantized model (nested structure).
@@ -106,6 +110,121 @@ def mix_inputs(q_args: Any, fp_args: Any, prob: float) -> Any:
     return q_args
 
 
+class InputMixer:
+    """QDrop's mixing at a unit's input: ONE decision per element, after quantization.
+
+    QDrop's unit reads ``where(u < p, x_fp, Q(x_q))``: each input element is either its
+    quantized value or its full-precision one. Here the quantizer of a unit's input is the
+    input quantizer of the unit's first layers, so the decision is made there: a forward
+    hook on each input quantizer of the unit replaces its output by the mixed tensor when
+    it reads an armed unit input, with one mask per input tensor (shared by every layer
+    that reads it, e.g. a block's conv1 and downsample), and that layer's own drop is off
+    for the call (a second drop would leave four states). The layers inside a block still
+    drop their own inputs (QDrop's activation quantizers inside a block do).
+
+    A unit input that no input quantizer reads as is (found by :meth:`probe`) is mixed
+    before the unit, as raw values.
+    """
+
+    def __init__(self, unit: ReconUnit, prob: float) -> None:
+        self.unit = unit
+        self.prob = prob
+        self._armed: dict[int, tuple[Tensor, Tensor, Tensor]] = {}   # id(q) -> (q, fp, mask)
+        self.direct: set[int] | None = None   # positions read by a quantizer (None: all)
+        self._hits: set[int] = set()
+        self._position: dict[int, int] = {}
+
+    def clear(self) -> None:
+        self._armed.clear()
+        self._position.clear()
+
+    def arm(self, q_args: Any, fp_args: Any | None) -> Any:
+        """Masks for the float tensors of ``q_args``; returns the args to pass to the unit
+        (the same objects, except positions mixed before the unit). ``fp_args=None``: no
+        mixing, but the first layers still quantize without a drop of their own (a purely
+        quantized input, PD-Quant's prediction pass)."""
+        fps = iter(float_tensors(fp_args)) if fp_args is not None else None
+        position = iter(range(1 << 30))
+
+        def one(q: Tensor) -> Tensor:
+            if not q.is_floating_point():
+                return q
+            pos = next(position)
+            if fps is None:
+                self._armed[id(q)] = (q, None, None)
+                self._position[id(q)] = pos
+                return q
+            fp = next(fps)
+            mask = torch.rand_like(q) < self.prob
+            if self.direct is not None and pos not in self.direct:
+                return torch.where(mask, fp, q)
+            self._armed[id(q)] = (q, fp, mask)
+            self._position[id(q)] = pos
+            return q
+
+        return tree_map(one, q_args)
+
+    def _lookup(self, args: Any) -> list[tuple[Tensor, Tensor, Tensor]]:
+        found = []
+        for t in tree_tensors(args):
+            entry = self._armed.get(id(t))
+            if entry is not None and entry[0] is t:
+                found.append(entry)
+        return found
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Hooks on the unit's layers and their input quantizers while the block runs."""
+        saved: dict[int, float] = {}
+
+        def layer_pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._lookup((args, kwargs)):
+                saved[id(mod)] = mod.drop_prob
+                mod.drop_prob = 0.0
+
+        def layer_post(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if id(mod) in saved:
+                mod.drop_prob = saved.pop(id(mod))
+
+        def quantizer_post(mod: nn.Module, args: tuple, output: Any) -> Any:
+            found = self._lookup(args[:1])
+            if not found or not isinstance(output, Tensor):
+                return None
+            q, fp, mask = found[0]
+            self._hits.add(self._position[id(q)])
+            return output if fp is None else torch.where(mask, fp, output)
+
+        with removing([]) as handles:
+            for _, layer in self.unit.layers:
+                handles.append(layer.register_forward_pre_hook(layer_pre, with_kwargs=True))
+                handles.append(layer.register_forward_hook(layer_post, with_kwargs=True))
+                for q in layer.input_quantizers().values():
+                    if q is not None:
+                        handles.append(q.register_forward_hook(quantizer_post))
+            try:
+                yield
+            finally:
+                for _, layer in self.unit.layers:
+                    if id(layer) in saved:
+                        layer.drop_prob = saved.pop(id(layer))
+
+    @torch.no_grad()
+    def probe(self, entry: CacheEntry, device: torch.device) -> None:
+        """Which input positions a quantizer reads directly (one forward of the unit)."""
+        self.direct, self._hits = None, set()
+        args = detach_to(entry.args, device)
+        fp = detach_to(entry.extras['fp_args'], device)
+        with self.installed():
+            self.unit(*self.arm(args, fp), **detach_to(entry.kwargs, device))
+        self.direct = set(self._hits)
+        self.clear()
+        missing = len(float_tensors(args)) - len(self.direct)
+        if missing:
+            MMLogger.get_current_instance().debug(
+                f'{self.unit.name}: {missing} unit inputs reach no input quantizer as is; '
+                'they are mixed before the unit')
+
+
 class _Loop:
     """State of one reconstruction: draws entries, runs the unit (or the tail), scores."""
 
@@ -116,8 +235,13 @@ class _Loop:
         self.cache = cache
         self.losses = list(losses)
         self.tail = tail if any(t.needs_final_outputs for t in self.losses) else None
+        self.unmixed_tail = any(t.needs_final_outputs and t.final_from_quant_input
+                                for t in self.losses)
         self.fp_input_prob = fp_input_prob
+        self.mixer = InputMixer(unit, fp_input_prob) if fp_input_prob > 0 else None
         self.device = device
+        if self.mixer is not None and 'fp_args' in cache[0].extras:
+            self.mixer.probe(cache[0], device)
         self.iters = iters
         self.quantizers = rounding_quantizers(unit)
         self.by_batch: dict[int, list[int]] = {}  # tail mode draws a batch: all its calls
@@ -135,12 +259,12 @@ class _Loop:
 
     def _inputs(self, entry: CacheEntry, mix: bool) -> tuple[tuple, dict]:
         args = detach_to(entry.args, self.device)
-        if mix and self.fp_input_prob > 0:
+        if self.mixer is not None:
             if 'fp_args' not in entry.extras:
                 raise ValueError(f'{self.unit.name}: input mixing needs FP inputs in the '
                                  'cache (capture with fp_inputs=True)')
-            args = mix_inputs(args, detach_to(entry.extras['fp_args'], self.device),
-                              self.fp_input_prob)
+            fp = detach_to(entry.extras['fp_args'], self.device) if mix else None
+            args = self.mixer.arm(args, fp)
         return args, detach_to(entry.kwargs, self.device)
 
     def context(self, draw: int, iteration: int, mix: bool,
@@ -153,15 +277,26 @@ class _Loop:
         ``'call'``."""
         entries = ([self.cache[i] for i in self.by_batch[draw]]
                    if self._by_batch(with_tail, local_draw) else [self.cache[draw]])
+        if self.mixer is not None:
+            self.mixer.clear()
         if self.tail is not None and with_tail:
-            result = self.tail.run(draw, substitute=lambda c: self._inputs(entries[c], mix))
+            # PD-Quant: the prediction pass reads the quantized input, the local terms the
+            # mixed one (two forwards); Reg-PTQ: one forward of the mixed input for both
+            separate = mix and self.mixer is not None and self.unmixed_tail
+            result = self.tail.run(draw, substitute=lambda c: self._inputs(
+                entries[c], mix and not separate))
             outputs, final_pred = result.unit_outputs, result.outputs
             final_target = self.tail.target(draw)
+            if separate:
+                outputs = []
+                for entry in entries:
+                    args, kwargs = self._inputs(entry, True)
+                    outputs.append(self.unit(*args, **kwargs))
         else:
             outputs, final_pred, final_target = [], None, None
             for entry in entries:
                 args, kwargs = self._inputs(entry, mix)
-                outputs.append(self.unit.module(*args, **kwargs))
+                outputs.append(self.unit(*args, **kwargs))
         fisher = None
         if all('grad' in e.extras for e in entries):
             fisher = [detach_to(g, self.device) for e in entries for g in e.extras['grad']]
@@ -308,7 +443,8 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
     rng_devices = [device] if device.type != 'cpu' else []
     with torch.random.fork_rng(devices=rng_devices, device_type=device.type), \
             requires_grad(frozen, False), requires_grad(trained, True), \
-            _drop(unit, drop_prob), _train_mode(unit, drop_prob > 0), torch.enable_grad():
+            _drop(unit, drop_prob), _train_mode(unit, drop_prob > 0), torch.enable_grad(), \
+            (loop.mixer.installed() if loop.mixer is not None else contextlib.nullcontext()):
         torch.manual_seed(seed)
         optimizers = _optimizers(param_groups, iters)
         for it in range(iters):
@@ -337,6 +473,10 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
     for q in loop.quantizers:
         q.harden()
     loss_after = loop.evaluate()
+    notes = [line for line in (t.summary() for t in losses) if line]
+    for line in notes:   # e.g. FGIC's kept fraction
+        logger.info(f'{unit.name}: {line}')
     return ReconStats(unit=unit.name, kind=unit.kind, iters=iters, loss_before=loss_before,
                       loss_after=loss_after, seconds=time.perf_counter() - tic,
-                      tail_share=tail_seconds / loop_seconds if loop_seconds > 0 else 0.0)
+                      tail_share=tail_seconds / loop_seconds if loop_seconds > 0 else 0.0,
+                      notes=notes)

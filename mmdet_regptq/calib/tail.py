@@ -30,7 +30,7 @@ from mmengine.logging import MMLogger
 from torch import nn
 
 from ..quant import QuantModule
-from ._tree import detach_to
+from ._tree import detach_to, tree_map
 from ._utils import model_device, quant_disabled
 from .cache import GiB, ActivationCache, CacheEntry
 from .trace import CallRecord, ForwardFn, StopForward, removing, run_forward, trace_calls
@@ -219,22 +219,25 @@ class TailRunner:
             raise RuntimeError('TailRunner.target() before prepare()')
         return detach_to(self._targets[index].output, self.device)
 
-    def run(self, index: int, *, substitute: Substitute | None = None) -> TailResult:
+    def run(self, index: int, *, substitute: Substitute | None = None,
+            unit_outputs: bool = True) -> TailResult:
         """Forward of batch ``index`` from the prepared unit on (grad follows the caller).
 
         Args:
             index: calibration batch index.
             substitute: optional replacement of the unit's inputs per call (the cached,
                 possibly FP-mixed inputs of a reconstruction iteration).
+            unit_outputs: collect the unit's outputs (False: ``TailResult.unit_outputs``
+                is empty and the model's tensors pass untouched, e.g. for a gradient tap).
 
         Returns:
-            The final outputs and the unit's outputs, both differentiable w.r.t. the
-            unit's parameters.
+            The final outputs and the unit's outputs (after its post chain, the
+            activation that follows a layer unit), both differentiable w.r.t. the unit's
+            parameters.
         """
         if self.unit is None:
             raise RuntimeError('TailRunner.run() before prepare()')
         stored = self._prefix[index].output
-        unit_outputs: list = []
         calls = [0]
 
         def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -242,9 +245,21 @@ class TailRunner:
                 return substitute(calls[0])
             return None
 
-        def post_hook(mod: nn.Module, args: Any, output: Any) -> None:
+        post = self.unit.post
+        collected: list = []
+        collect = unit_outputs
+
+        def post_hook(mod: nn.Module, args: Any, output: Any) -> Any:
             calls[0] += 1
-            unit_outputs.append(output)
+            if not collect:
+                return None
+            if not post:
+                collected.append(output)
+                return None
+            # the unit's output is after its activation; the model's own (maybe in-place)
+            # activation runs on a copy, so the one recomputed here keeps its graph
+            collected.append(post(output))
+            return tree_map(lambda t: t.clone(), output)
 
         tic = time.perf_counter()
         with self._patched(stored), removing([]) as handles:
@@ -254,7 +269,7 @@ class TailRunner:
             outputs = self.forward_fn(self.model, self.batches[index])
         self.seconds += time.perf_counter() - tic
         self.num_runs += 1
-        return TailResult(outputs=outputs, unit_outputs=unit_outputs)
+        return TailResult(outputs=outputs, unit_outputs=collected)
 
     @contextlib.contextmanager
     def _patched(self, stored: dict[str, Any]) -> Iterator[None]:

@@ -102,6 +102,7 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
     method_obj = build_method(method)
     method_obj.set_layer_defaults(head=adapter.head_layer_patterns(),
                                   regression=adapter.regression_layer_patterns())
+    method_obj.set_output_defaults(sigmoid=adapter.uses_sigmoid)   # PD-Quant's KL
     batches = prepare_batches(adapter, loader)
     # Reg-PTQ's FGIC on decoded predictions; other methods keep their default (output MSE).
     # Probed on the float model before swapping; not needed when a checkpoint is loaded.

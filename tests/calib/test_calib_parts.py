@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from calib_toy import forward_fn, make_batches, make_float, make_quant, single_thread
+import torch.nn.functional as F
+from calib_toy import forward_fn, make_batches, make_float, make_quant
 
 from mmdet_regptq.calib import (ActivationCache, CacheEntry, FisherMSE, LinearTempDecay,
                                 OutputMSE, PredictionKL, ReconContext, RoundingRegularizer,
@@ -57,7 +58,8 @@ def test_cache_spills_past_the_cap(tmp_path):
         assert torch.equal(entry.kwargs['scale'], torch.full((16,), 2.0 * i))
         assert torch.equal(entry.extras['grad'][0], torch.full((16,), float(i)))
     spill = [d for d in os.listdir(tmp_path)]
-    assert len(spill) == 1 and len(os.listdir(tmp_path / spill[0])) == 5
+    files = [f for f in os.listdir(tmp_path / spill[0]) if f.startswith('entry_')]
+    assert len(spill) == 1 and len(files) == 5
     cache.clear()
     assert len(cache) == 0 and os.listdir(tmp_path) == [] and cache.bytes_on_disk == 0
 
@@ -151,7 +153,19 @@ def test_capture_shares_fisher_gradients_with_later_units(quant_model):
             outs = {u.name: [] for u in later}
             hooks = [u.module.register_forward_hook(
                 lambda m, a, o, name=u.name: outs[name].append(o.requires_grad_()) or
-                o.clone()) for u in later]
+                o.clone()) for u in later if not u.post]
+            head = model.head
+
+            def head_forward(feats):   # head.conv's unit output is after its F.relu
+                res = []
+                for f in feats:
+                    a = F.relu(head.conv(f))
+                    outs['head.conv'].append(a)
+                    res.append(head.cls(a.clone()))
+                return res
+
+            assert [u.name for u in later if u.post] == ['head.conv']
+            head.forward = head_forward
             try:
                 x = batch.clone()
                 final = forward_fn(model, x)
@@ -159,6 +173,7 @@ def test_capture_shares_fisher_gradients_with_later_units(quant_model):
                                             [o for u in later for o in outs[u.name]],
                                             allow_unused=True)
             finally:
+                del head.forward
                 for h in hooks:
                     h.remove()
             it = iter(grads)

@@ -3,7 +3,8 @@ from .adaquant import AdaQuant
 from .adaround import AdaRound
 from .base import PTQMethod, UnitCallback, act_scale_params, build_method
 from .brecq import BRECQ
-from .qdrop import PDQuant, QDrop
+from .pdquant import PDQuant
+from .qdrop import QDrop
 from .regptq import LLAQ_TARGETS, RegPTQ
 from .regptq_config import ExperimentalConfig, LLAQConfig, RegPTQConfig, ScheduleConfig
 from .scale_only import MSE, MinMax

@@ -159,6 +159,11 @@ class PTQMethod:
         """Swap in the quantizers whose state a saved (quantized or partial) checkpoint
         holds, before the state is loaded into a freshly quantized ``model``."""
 
+    def set_output_defaults(self, *, sigmoid: bool) -> None:
+        """Whether the detector's class scores are independent sigmoids (else a softmax):
+        methods with a loss on the class predictions (PD-Quant's KL) take it when not
+        given."""
+
     # ------------------------------------------------------------------ configuration
     def find_units(self, model: nn.Module, forward_fn: ForwardFn, batch: Any
                    ) -> list[ReconUnit]:
@@ -195,6 +200,11 @@ class PTQMethod:
             terms.append(RoundingRegularizer(weight=self.round_weight, warmup=self.warmup,
                                              beta=self.beta))
         return terms
+
+    def correct_cache(self, unit: ReconUnit, cache: ActivationCache) -> ActivationCache:
+        """The unit's captured entries before reconstruction (PD-Quant corrects the FP
+        inputs and targets); returns the cache to reconstruct from."""
+        return cache
 
     def fp_context(self) -> ContextManager:
         """Context active during full-precision passes (AdaQuant restores FP weights)."""
@@ -322,6 +332,7 @@ class PTQMethod:
                              share_with=share_with, shared_grads=shared, given_grads=given)
                 if given is not None:
                     given.clear()
+                cache = self.correct_cache(unit, cache)
                 groups = self.prepare_unit(unit)
                 unit.set_quant(True)
                 stats = reconstruct(
