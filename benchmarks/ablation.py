@@ -18,11 +18,11 @@ Rows (``--methods`` replaces them):
 - ``RegPTQ-psi`` / ``RegPTQ-learned``: LLAQ rounding by ``psi`` (the paper) / learned at
   every bit width; the default ``'auto'`` learns it on 2-bit layers only.
 - ``RegPTQ-k1``: LLAQ initialised at the paper's ``k = 1`` instead of the ``k`` search.
-- ``RegPTQ-g1``: ``L_G`` on every iteration, as in the paper (``global_interval=1``): about
+- ``RegPTQ-g1``: ``L_G`` on every iteration, as in the paper (``schedule.global_interval=1``): about
   3x the default's time.
-- ``RegPTQ-s4``: one Fisher-gradient pass per 4 units (``fisher_share=4``): the time knob.
+- ``RegPTQ-s4``: one Fisher-gradient pass per 4 units (``experimental.fisher_share=4``): the time knob.
 - ``RegPTQ-call``: the iterations without ``L_G`` draw one cached call, as QDrop does
-  (``local_draw='call'``), instead of all of a batch's calls (a shared head's FPN levels).
+  (``experimental.local_draw='call'``), instead of all of a batch's calls (a shared head's FPN levels).
 """
 from __future__ import annotations
 
@@ -36,15 +36,15 @@ import accuracy  # noqa: E402
 VARIANTS = [
     'QDrop',
     'RegPTQ',
-    'RegPTQ-noLLAQ=RegPTQ{"llaq": false}',
-    'RegPTQ-noFGIC=RegPTQ{"global_loss": false, "fisher": false}',
-    'RegPTQ-noFilter=RegPTQ{"conf_filter": false, "iou_filter": false}',
-    'RegPTQ-psi=RegPTQ{"llaq_rounding": "psi"}',
-    'RegPTQ-learned=RegPTQ{"llaq_rounding": "learned"}',
-    'RegPTQ-k1=RegPTQ{"llaq_cfg": {"k_candidates": [1.0]}}',
-    'RegPTQ-g1=RegPTQ{"global_interval": 1}',
-    'RegPTQ-s4=RegPTQ{"fisher_share": 4}',
-    'RegPTQ-call=RegPTQ{"local_draw": "call"}',
+    'RegPTQ-noLLAQ=RegPTQ{"llaq": {"target": null}}',
+    'RegPTQ-noFGIC=RegPTQ{"schedule": {"global_loss": false, "fisher": false}}',
+    'RegPTQ-noFilter=RegPTQ{"fgic": {"conf_filter": false, "iou_filter": false}}',
+    'RegPTQ-psi=RegPTQ{"experimental": {"llaq_rounding": "psi"}}',
+    'RegPTQ-learned=RegPTQ{"experimental": {"llaq_rounding": "learned"}}',
+    'RegPTQ-k1=RegPTQ{"llaq": {"quantizer": {"k_candidates": [1.0]}}}',
+    'RegPTQ-g1=RegPTQ{"schedule": {"global_interval": 1}}',
+    'RegPTQ-s4=RegPTQ{"experimental": {"fisher_share": 4}}',
+    'RegPTQ-call=RegPTQ{"experimental": {"local_draw": "call"}}',
 ]
 
 

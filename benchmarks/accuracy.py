@@ -8,9 +8,10 @@ calibrating in ``before_test``. Each run is a subprocess, so its peak RSS is its
         --bits w4a8 w4a4 w3a3 w2a4 --iters 200 --num-images 64
 
 A method is a registered name (``QDrop``) or ``LABEL=TYPE{json options}`` for a variant,
-e.g. ``'RegPTQ-noFGIC=RegPTQ{"global_loss": false}'`` (``benchmarks/ablation.py`` runs the
-Reg-PTQ component ablation this way). ``--reuse`` keeps the rows whose log already holds a
-result (a grid interrupted half-way goes on where it stopped).
+e.g. ``'RegPTQ-noGlobal=RegPTQ{"schedule": {"global_loss": false}}'``
+(``benchmarks/ablation.py`` runs the Reg-PTQ component ablation this way). ``--reuse``
+keeps the rows whose log already holds a result (a grid interrupted half-way goes on where
+it stopped).
 
 Prints a table, and writes ``results.csv`` (row by row) and ``accuracy.png`` into ``--out``.
 """

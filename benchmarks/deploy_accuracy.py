@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=list(DETECTORS))
     parser.add_argument('--method', default='QDrop', type=parse_method,
                         help='a method name or LABEL=NAME{json options}, e.g. '
-                             '\'RegPTQ-p2=RegPTQ{"llaq_cfg": {"power_of_two": true}}\'')
+                             '\'RegPTQ-p2=RegPTQ{"llaq": {"quantizer": {"power_of_two": '
+                             'true}}}\'')
     parser.add_argument('--iters', type=int, default=100)
     parser.add_argument('--num-images', type=int, default=32)
     parser.add_argument('--val-images', type=int, default=100, help='0 = the whole val split')
