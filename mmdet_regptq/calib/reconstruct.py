@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ._tree import detach_to, float_tensors, tree_map, tree_tensors
 from ._utils import model_device, requires_grad
+from . import dist as calib_dist
 from .cache import ActivationCache, CacheEntry
 from .losses import ReconContext, ReconLoss
 from .tail import TailRunner
@@ -445,7 +446,7 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
             requires_grad(frozen, False), requires_grad(trained, True), \
             _drop(unit, drop_prob), _train_mode(unit, drop_prob > 0), torch.enable_grad(), \
             (loop.mixer.installed() if loop.mixer is not None else contextlib.nullcontext()):
-        torch.manual_seed(seed)
+        torch.manual_seed(calib_dist.rank_seed(seed))   # masks; the draws stay ``gen``'s
         optimizers = _optimizers(param_groups, iters)
         for it in range(iters):
             with_tail = it % tail_interval == 0
@@ -461,6 +462,7 @@ def reconstruct(unit: ReconUnit, cache: ActivationCache, *, iters: int,
             for opt, _ in optimizers:
                 opt.zero_grad(set_to_none=True)
             total.backward()
+            calib_dist.all_reduce_grads(trained)   # data-parallel: the ranks' mean
             for opt, sched in optimizers:
                 opt.step()
                 if sched is not None:

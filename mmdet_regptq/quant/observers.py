@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,7 @@ class ActivationObserver:
         self.max_elements = max_elements
         self.num_calls = 0
         self._gen = torch.Generator().manual_seed(seed)
+        self._seed = seed
         self._ndim = 0
         self._axis: int | None = None
         self._rows: Tensor | None = None      # [C, M]
@@ -88,6 +89,37 @@ class ActivationObserver:
             parts.insert(0, self._rows.index_select(1, idx))
         self._rows = torch.cat(parts, dim=1)
 
+    def state(self) -> dict[str, Any]:
+        """What :meth:`merge` reads: the sample ``rows [C, M]``, the columns ``seen``, the
+        exact ``lo`` / ``hi`` ``[C]``, ``num_calls`` and the observed layout."""
+        return dict(rows=self._rows, seen=self._seen, lo=self._lo, hi=self._hi,
+                    num_calls=self.num_calls, ndim=self._ndim, axis=self._axis)
+
+    @torch.no_grad()
+    def merge(self, states: Sequence[dict[str, Any]]) -> None:
+        """Become the observer of the union of the inputs behind ``states`` (e.g. one per
+        process of a data-parallel calibration, this one's included): the exact min / max
+        over all, and a sample of at most ``max_elements`` in which each part keeps a share
+        proportional to the columns it saw. Deterministic in ``states`` and the seed, so
+        every process merging the same states ends with the same observer."""
+        parts = [s for s in states if s['num_calls'] > 0 and s['rows'] is not None]
+        self.num_calls = sum(s['num_calls'] for s in states)
+        if not parts:
+            return
+        device = self._rows.device if self._rows is not None else parts[0]['rows'].device
+        rows = [s['rows'].to(device) for s in parts]
+        total = sum(s['seen'] for s in parts)
+        budget = max(1, self.max_elements // rows[0].shape[0])
+        if sum(r.shape[1] for r in rows) > budget:
+            gen = torch.Generator().manual_seed(self._seed)
+            rows = [r.index_select(1, _pick(r.shape[1], min(r.shape[1], round(
+                budget * s['seen'] / total)), gen).to(device)) for r, s in zip(rows, parts)]
+        self._rows = torch.cat(rows, dim=1)
+        self._seen = total
+        self._lo = torch.stack([s['lo'].to(device) for s in parts]).amin(dim=0)
+        self._hi = torch.stack([s['hi'].to(device) for s in parts]).amax(dim=0)
+        self._ndim, self._axis = parts[0]['ndim'], parts[0]['axis']
+
     def sample(self) -> Tensor:
         """The sample plus the exact min/max, shaped for ``Quantizer.init_from``.
 
@@ -119,7 +151,9 @@ def _input_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
 
 
 def init_activation_quantizers(model: nn.Module, run_forward: Callable[[], None],
-                               max_elements: int = 1_000_000, seed: int = 0) -> list[str]:
+                               max_elements: int = 1_000_000, seed: int = 0,
+                               reduce: Callable[[ActivationObserver], None] | None = None
+                               ) -> list[str]:
     """Initialise every enabled input quantizer from the inputs seen by ``run_forward``.
 
     During ``run_forward()`` (called once, under ``no_grad``; it may run many batches) the
@@ -133,6 +167,9 @@ def init_activation_quantizers(model: nn.Module, run_forward: Callable[[], None]
         run_forward: runs the calibration forwards, e.g. ``lambda: [model(x) for x in xs]``.
         max_elements: size bound of each quantizer's sample.
         seed: seed of the subsampling.
+        reduce: called on every observer, in a fixed order, before the quantizers are
+            initialised (data-parallel calibration merges each over the processes:
+            ``mmdet_regptq.calib.dist.reduce_observer``).
 
     Returns:
         Names of the initialised quantizers. Quantizers that saw no input stay
@@ -156,6 +193,9 @@ def init_activation_quantizers(model: nn.Module, run_forward: Callable[[], None]
             handle.remove()
         for _, q in targets:
             q.enabled = True
+    if reduce is not None:
+        for _, q in targets:
+            reduce(observers[id(q)])
     initialized, missing = [], []
     for name, q in targets:
         obs = observers[id(q)]

@@ -23,6 +23,7 @@ from ..cache import GiB, ActivationCache
 from ...errors import UnknownFieldError
 from ...registry import PTQ_METHODS, build_from
 from ..capture import GradLoss, capture_unit, output_mse
+from .. import dist as calib_dist
 from ..fgic import FGICConfig
 from ..losses import FisherMSE, OutputMSE, ReconLoss, RoundingRegularizer
 from ..reconstruct import OptimGroup, ReconStats, reconstruct, rounding_quantizers
@@ -229,7 +230,7 @@ class PTQMethod:
         """Initialise every input quantizer from calibration forwards (weights quantized)."""
         set_quant_state(model, weight=True, input=True)
         init_activation_quantizers(model, lambda: [forward_fn(model, b) for b in batches],
-                                   seed=seed)
+                                   seed=seed, reduce=calib_dist.observer_reduce())
 
     def calibrate(self, model: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn, *,
                   output_fn: Callable[[Any], Tensor] | None = None,

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from ...registry import PTQ_METHODS
 from .._tree import detach_to, float_tensors, tree_map
 from .._utils import quant_disabled, requires_grad
+from .. import dist as calib_dist
 from ..cache import ActivationCache, CacheEntry
 from ..capture import GradLoss
 from ..losses import PredictionKL, ReconLoss
@@ -174,7 +175,8 @@ def distribution_correction(unit: ReconUnit, cache: ActivationCache, *, iters: i
     if not sums:
         return cache
     targets = []
-    for s, q, n in sums:
+    # data-parallel: the population is every rank's images (one process: as is)
+    for s, q, n in ([calib_dist.all_reduce_sum(t) for t in acc] for acc in sums):
         mean = s / n
         targets.append((mean, torch.sqrt((q / n - mean ** 2).clamp(min=0) + 1e-6)))
     params = list(unit.module.parameters())

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from ...quant import init_activation_quantizers, iter_quant_modules, set_quant_state
+from .. import dist as calib_dist
 from ...registry import PTQ_METHODS
 from ..trace import ForwardFn
 from .base import PTQMethod
@@ -46,7 +47,7 @@ class _ScaleOnly(PTQMethod):
             layer.init_weight_quantizers()
         set_quant_state(model, weight=True, input=True)
         init_activation_quantizers(model, lambda: [forward_fn(model, b) for b in batches],
-                                   seed=seed)
+                                   seed=seed, reduce=calib_dist.observer_reduce())
 
 
 @PTQ_METHODS.register_module()
