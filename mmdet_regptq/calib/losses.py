@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import RECON_LOSSES
+from . import dist as calib_dist
 from .units import ReconUnit
 
 _REDUCTIONS = ('channel_sum', 'mean')
@@ -134,6 +135,8 @@ class FisherMSE(ReconLoss):
     whose gradients are all zero (the loss does not depend on this unit, e.g. Mask
     R-CNN's mask head under Reg-PTQ's box/score loss) is weighted uniformly: the term is
     then :class:`OutputMSE`, instead of zero (which would leave the unit untrained).
+    Under data-parallel calibration the mean (and the all-zero test) is over the entries
+    that all ranks drew at this iteration, as one process drawing their whole batch.
 
     Args:
         reduction: see :func:`reduce_errors`.
@@ -155,10 +158,16 @@ class FisherMSE(ReconLoss):
                              f'{ctx.unit.name!r} (capture with grad_loss)')
         sq = [g.pow(2) for g in ctx.fisher]
         total = sum(s.sum() for s in sq)
+        count = sum(s.numel() for s in sq)
+        shared = calib_dist.is_active()
+        if shared:   # data-parallel: the mean over the batch that the ranks drew together
+            total, count = calib_dist.all_reduce_sum(torch.stack([
+                torch.as_tensor(total, dtype=torch.float32),
+                torch.as_tensor(float(count))]).to(ctx.pred[0].device)).unbind()
         if not float(total) > 0:
             sq = [torch.ones_like(s) for s in sq]
-            total = sum(s.sum() for s in sq)
-        norm = torch.clamp(total / max(sum(s.numel() for s in sq), 1), min=self.eps)
+            total = count if shared else sum(s.sum() for s in sq)
+        norm = torch.clamp(total / max(count, 1), min=self.eps)
         errors = [(p - t).pow(2) * (s / norm) for p, t, s in zip(ctx.pred, ctx.target, sq)]
         return self.weight * reduce_errors(errors, self.reduction)
 

@@ -11,6 +11,8 @@ from mmengine.dataset import pseudo_collate
 from mmengine.registry import DATASETS
 from torch.utils.data import DataLoader, Subset
 
+from mmdet_regptq.calib.dist import shard_indices
+
 
 def _as_dict(cfg: Any) -> dict:
     return cfg.to_dict() if isinstance(cfg, (Config, ConfigDict)) else copy.deepcopy(dict(cfg))
@@ -66,6 +68,9 @@ def build_calib_loader(cfg: Config, *, num_images: int = 256, batch_size: int = 
                        num_workers: int = 0) -> DataLoader:
     """A deterministic loader over ``num_images`` images drawn with ``seed``.
 
+    Under a distributed launcher each rank loads its own part of these images, the same
+    images in total (:func:`~mmdet_regptq.calib.dist.shard_indices`).
+
     Raises:
         ValueError: when the dataset is empty or smaller than ``num_images``.
     """
@@ -81,5 +86,7 @@ def build_calib_loader(cfg: Config, *, num_images: int = 256, batch_size: int = 
                          f'dataset ({len(dataset)} images); allowed 1..{len(dataset)}')
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(len(dataset), generator=generator)[:num_images].tolist()
-    return DataLoader(Subset(dataset, sorted(indices)), batch_size=batch_size, shuffle=False,
+    # data-parallel calibration: this rank's part of the images (all of them in one process)
+    indices, batch_size = shard_indices(sorted(indices), batch_size)
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                       num_workers=num_workers, collate_fn=pseudo_collate)

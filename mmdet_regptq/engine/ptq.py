@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mmdet_regptq.calib import FGICLoss, build_method, output_mse
+from mmdet_regptq.calib import dist as calib_dist
 from mmdet_regptq.engine.checkpoint import load_quantized, save_quantized
 from mmdet_regptq.engine.resume import CalibrationResume, fingerprint, sigterm_as_exception
 from mmdet_regptq.models.adapters import DetectorAdapter, find_adapter
@@ -129,6 +130,13 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
             if state is not None:
                 units = method_obj.find_units(model, adapter.forward, batches[0])
                 start_unit = partial.restore(model, method_obj, units, state)
+        if calib_dist.is_active():   # the other ranks take the main process's partial state
+            start_unit = calib_dist.from_main(start_unit)
+            if start_unit and partial is None:
+                method_obj.restore_finished(model, method_obj.find_units(
+                    model, adapter.forward, batches[0]), start_unit)
+            if start_unit:
+                calib_dist.broadcast_state(model)
         callbacks = ([partial.on_unit_end(model)] if partial else []) + (
             [on_unit_end] if on_unit_end else [])
         # --------------------------------------------------------------------------------
@@ -140,6 +148,7 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
                 model, batches, adapter.forward, output_fn=adapter.logits,
                 global_loss=global_loss, logger=logger, seed=seed, start_unit=start_unit or 0,
                 on_unit_end=_chain(callbacks), tail_fn=tail_fn)
+        calib_dist.check_identical(model)   # data-parallel: every rank ends the same
         if work_dir is not None:
             path = Path(work_dir) / 'quantized.pth'
             save_quantized(model, path, meta={**(meta or {}), **_describe(quant, method),
@@ -147,10 +156,15 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
                            logger=logger)
             result['checkpoint'] = str(path)
             logger.info(f'saved the quantized model to {path}')
+        calib_dist.barrier()   # data-parallel: the others wait until it is written
         if partial is not None:
             partial.finish()
         result['resumed_from_unit'] = start_unit or 0
     result['seconds'] = time.perf_counter() - start
+    if 'stats' in result:
+        size = calib_dist.world()[1]
+        logger.info(f'calibration took {result["seconds"]:.1f} s'
+                    + (f' (data-parallel over {size} processes)' if size > 1 else ''))
     model.eval()
     return result
 
