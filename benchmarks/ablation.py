@@ -27,11 +27,11 @@ Rows (``--methods`` replaces them):
 from __future__ import annotations
 
 import os
+import runpy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import accuracy  # noqa: E402
+from mmdet_regptq.bench.models import REPO_ROOT
 
 VARIANTS = [
     'QDrop',
@@ -51,11 +51,12 @@ VARIANTS = [
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     defaults = ['--detectors', 'retinanet', '--bits', 'w2a4', '--iters', '100',
-                '--num-images', '32', '--out', str(accuracy.ROOT / 'work_dirs' / 'ablation')]
+                '--num-images', '32', '--out', str(REPO_ROOT / 'work_dirs' / 'ablation')]
     if '--methods' not in argv:
         defaults += ['--methods', *VARIANTS]
     # argparse keeps the last occurrence: the user's options come after the defaults
-    accuracy.main(defaults + argv)
+    accuracy = runpy.run_path(str(Path(__file__).with_name('accuracy.py')))
+    accuracy['main'](defaults + argv)
 
 
 if __name__ == '__main__':

@@ -21,41 +21,20 @@ import argparse
 import csv
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DETECTORS = {
-    'retinanet': 'retinanet_r18-16_fpn64_synthetic',
-    'fcos': 'fcos_r18-16_fpn64_synthetic',
-    'faster-rcnn': 'faster-rcnn_r18-16_fpn64_synthetic',
-}
+from mmdet_regptq.bench.models import REPO_ROOT as ROOT
+from mmdet_regptq.bench.models import SYNTHETIC_DETECTORS
+from mmdet_regptq.bench.specs import parse_bits, parse_method
+from mmdet_regptq.table import Table
+
+#: detector name -> config / checkpoint stem under configs/synthetic, checkpoints
+DETECTORS = dict(SYNTHETIC_DETECTORS)
 FIELDS = ['detector', 'method', 'bits', 'bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'iters',
           'num_images', 'calib_seconds', 'peak_rss_mb', 'seed']
-
-
-def parse_bits(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r'w(\d+)a(\d+)', text.lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f'--bits {text!r}: expected like w4a4')
-    return int(match.group(1)), int(match.group(2))
-
-
-def parse_method(spec: str) -> tuple[str, str, dict]:
-    """``QDrop`` -> ('QDrop', 'QDrop', {}); ``L=RegPTQ{"llaq": false}`` -> (L, RegPTQ, {...})."""
-    match = re.fullmatch(r'(?:([\w.+-]+)=)?(\w+)(\{.*\})?', spec.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(
-            f'--methods {spec!r}: expected NAME or LABEL=NAME{{json options}}')
-    label, kind, options = match.groups()
-    try:
-        opts = json.loads(options) if options else {}
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f'--methods {spec!r}: options are not JSON: {err}')
-    return label or kind, kind, opts
 
 
 def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> dict:
@@ -211,10 +190,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def record(row: dict) -> None:
         rows.append(row)
-        with open(csv_path, 'w', newline='') as f:
-            writer = csv.DictWriter(f, FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+        Table(FIELDS, rows).to_csv(csv_path)
 
     print(f'{len(args.detectors)} detectors x {len(args.methods)} methods x {len(args.bits)} '
           f'bit widths; {args.iters} iters/unit, {args.num_images} calibration images', flush=True)
@@ -230,12 +206,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print('\n| detector | method | bits | AP | AP50 | AP75 | calib s | peak RSS MB |')
-    print('|---|---|---|---|---|---|---|---|')
+    """The rows as a Markdown table, AP on the 0-100 scale."""
+    table = Table(['detector', 'method', 'bits', 'AP', 'AP50', 'AP75', 'calib s',
+                   'peak RSS MB'], digits=1)
     for r in rows:
-        print(f"| {r['detector']} | {r['method']} | {r['bits']} | {100 * r['bbox_mAP']:.1f} | "
-              f"{100 * r['bbox_mAP_50']:.1f} | {100 * r['bbox_mAP_75']:.1f} | "
-              f"{r['calib_seconds']} | {r['peak_rss_mb']} |")
+        table.add(**{'detector': r['detector'], 'method': r['method'], 'bits': r['bits'],
+                     'AP': 100 * r['bbox_mAP'], 'AP50': 100 * r['bbox_mAP_50'],
+                     'AP75': 100 * r['bbox_mAP_75'], 'calib s': r['calib_seconds'],
+                     'peak RSS MB': r['peak_rss_mb']})
+    print('\n' + table.to_markdown())
 
 
 def read_csv_rows(paths: list[str]) -> list[dict]:

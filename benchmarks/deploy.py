@@ -40,48 +40,24 @@ nodes; every node's time goes to ``<work-dir>/<graph>_ort_nodes.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
+import functools
 import logging
 import math
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mmdet_regptq.bench.models import W4A4, W8A8, model_config
+from mmdet_regptq.bench.timing import time_interleaved
+from mmdet_regptq.table import Table
 
-BUNDLED = {
-    'retinanet': 'configs/synthetic/retinanet_r18-16_fpn64_synthetic.py',
-    'fcos': 'configs/synthetic/fcos_r18-16_fpn64_synthetic.py',
-    'frcnn': 'configs/synthetic/faster-rcnn_r18-16_fpn64_synthetic.py',
-}
 HEAD_SCOPES = ('bbox_head', 'rpn_head', 'roi_head')
 #: suffix of a two-stage detector's rows that time its first graph alone
 GRAPH1 = 'graph 1 only'
-
-W4A4 = dict(w_bits=4, a_bits=4, quantize_final=True)
-W8A8 = dict(w_bits=8, a_bits=8, quantize_final=True,
-            weight=dict(type='Uniform', per_channel=True, symmetric=True, scale_method='minmax'),
-            act=dict(type='Uniform', per_channel=False, symmetric=False, scale_method='minmax'))
-
-
-def model_config(name: str) -> Any:
-    from mmengine.config import Config
-
-    if name == 'r50':
-        import mmdet
-        path = Path(mmdet.__file__).parent / '.mim/configs/retinanet/retinanet_r50_fpn_1x_coco.py'
-        cfg = Config.fromfile(str(path))
-        cfg.model.backbone.init_cfg = None
-        return cfg
-    return Config.fromfile(str(ROOT / BUNDLED[name]))
-
 
 # ----------------------------------------------------------------------------- storage
 def storage_bytes(model: torch.nn.Module, bits_of: Callable[[str], int | None]) -> int:
@@ -303,23 +279,6 @@ def export_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work
     return runs
 
 
-def time_interleaved(runs: dict[str, Callable], feed: np.ndarray, n: dict[str, int],
-                     warmup: int = 3) -> dict[str, list[float]]:
-    """Warm up every row, then run the rows round-robin until each has ``n[row]`` timings."""
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn(feed)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    while any(len(times[k]) < n[k] for k in runs):
-        for key, fn in runs.items():
-            if len(times[key]) >= n[key]:
-                continue
-            start = time.perf_counter()
-            fn(feed)
-            times[key].append(time.perf_counter() - start)
-    return times
-
-
 def latency_rows(name: str, cfg: Any, checkpoint: str | None, args: argparse.Namespace,
                  work: Path) -> list[dict]:
     from mmdet_regptq.deploy.detectors.two_stage import is_two_stage
@@ -329,7 +288,8 @@ def latency_rows(name: str, cfg: Any, checkpoint: str | None, args: argparse.Nam
     feed = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(
         np.float32)
     n = {k: (args.tvm_runs if 'TVM' in k else args.runs) for k in runs}
-    times = time_interleaved(runs, feed, n, warmup=1 if args.tvm_runs < 3 else 3)
+    times = time_interleaved({k: functools.partial(fn, feed) for k, fn in runs.items()}, n,
+                             warmup=1 if args.tvm_runs < 3 else 3)
     rows = []
     for key, ts in times.items():
         med = statistics.median(ts)
@@ -363,24 +323,15 @@ def ort_profile_rows(name: str, cfg: Any, args: argparse.Namespace, work: Path,
         print_table(ops, f'ORT profile: {name} {label} ({path.name}), kernels '
                          f'{prof.total_ms:.1f} ms/run, {prof.runs} runs, {args.threads} threads')
         print_table(prof.nodes[:top], f'slowest {top} nodes: {name} {label}')
-        with open(work / f'{path.stem}_ort_nodes.csv', 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=['node', 'op_type', 'ms', 'share'])
-            writer.writeheader()
-            writer.writerows(prof.nodes)
+        Table(['node', 'op_type', 'ms', 'share'], prof.nodes).to_csv(
+            work / f'{path.stem}_ort_nodes.csv')
         rows += ops
     return rows
 
 
 def print_table(rows: list[dict], title: str) -> None:
-    if not rows:
-        return
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    widths = {k: max(len(k), *(len(str(r.get(k, ''))) for r in rows)) for k in keys}
-    print(f'\n{title}')
-    print(' | '.join(k.ljust(widths[k]) for k in keys))
-    print('-+-'.join('-' * widths[k] for k in keys))
-    for r in rows:
-        print(' | '.join(str(r.get(k, '')).ljust(widths[k]) for k in keys))
+    if rows:
+        print('\n' + Table.from_rows(rows, title=title).format())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,19 +379,19 @@ def main(argv: list[str] | None = None) -> int:
     print_table(storage, 'storage (MB of weights as stored; ratio = FP32 / format)')
     print_table(latency, f'latency (ms, median; batch 1, {args.size}x{args.size}, '
                          f'{args.threads} threads)')
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(['table', 'model', 'format_or_backend', 'MB_or_ms', 'ratio_or_speedup',
-                         'runs'])
-        for r in storage:
-            writer.writerow(['storage', r['model'], r['format'], r['MB'], r['ratio'], ''])
-        for r in latency:
-            writer.writerow(['latency', r['model'], r['backend'], r['ms'],
-                             r['speedup_vs_fp32_ort'], r['runs']])
-        for r in profile:   # ms per run of one op type; ratio = its share of the kernels
-            writer.writerow([f"ort_profile {r['graph']}", r['model'], r['op_type'], r['ms'],
-                             r['share'], args.ort_profile])
+    table = Table(['table', 'model', 'format_or_backend', 'MB_or_ms', 'ratio_or_speedup',
+                   'runs'])
+    for r in storage:
+        table.add(table='storage', model=r['model'], format_or_backend=r['format'],
+                  MB_or_ms=r['MB'], ratio_or_speedup=r['ratio'])
+    for r in latency:
+        table.add(table='latency', model=r['model'], format_or_backend=r['backend'],
+                  MB_or_ms=r['ms'], ratio_or_speedup=r['speedup_vs_fp32_ort'], runs=r['runs'])
+    for r in profile:   # ms per run of one op type; ratio = its share of the kernels
+        table.add(table=f"ort_profile {r['graph']}", model=r['model'],
+                  format_or_backend=r['op_type'], MB_or_ms=r['ms'], ratio_or_speedup=r['share'],
+                  runs=args.ort_profile)
+    table.to_csv(args.csv)
     print(f'\nCSV: {args.csv}')
     return 0
 

@@ -19,19 +19,14 @@ decoding, NMS and RoIAlign on the host between them (``mmdet_regptq/deploy/two_s
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from mmdet_regptq.bench.models import REPO_ROOT as ROOT
+from mmdet_regptq.bench.models import SYNTHETIC_DETECTORS as DETECTORS
+from mmdet_regptq.bench.specs import parse_bits, parse_method
+from mmdet_regptq.table import Table
 
-from accuracy import parse_method  # noqa: E402  (benchmarks/ is the script's directory)
-
-DETECTORS = {'retinanet': 'retinanet_r18-16_fpn64_synthetic',
-             'fcos': 'fcos_r18-16_fpn64_synthetic',
-             'faster-rcnn': 'faster-rcnn_r18-16_fpn64_synthetic'}
 #: backend -> (deploy config, the bit width of the model it deploys)
 BACKENDS = {'tvm-int4': ('detection_tvm-int4_static-192x192.py', 'w4a4'),
             'onnxruntime-int8': ('detection_onnxruntime-int8_static-192x192.py', 'w8a8')}
@@ -59,8 +54,6 @@ def fake_quant(detector: str, bits: str, args: argparse.Namespace, work: Path
                ) -> tuple[float, Path]:
     """Calibrate + test the fake-quant model; returns (AP, quantized.pth)."""
     from mmengine.runner import Runner
-
-    from accuracy import parse_bits  # noqa: E402  (benchmarks/ on sys.path)
 
     cfg = model_config(detector, args.val_images, work)
     cfg.load_from = str(ROOT / 'checkpoints' / f'{DETECTORS[detector]}.pth')
@@ -125,15 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                    'deployed_AP': round(ap, 1), 'delta': round(ap - ap_fq, 1)}
             rows.append(row)
             print(row, flush=True)
-    keys = list(rows[0])
-    print('\n| ' + ' | '.join(keys) + ' |\n|' + '---|' * len(keys))
-    for r in rows:
-        print('| ' + ' | '.join(str(r[k]) for k in keys) + ' |')
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / 'deploy_accuracy.csv', 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = Table.from_rows(rows)
+    print('\n' + table.to_markdown())
+    table.to_csv(out / 'deploy_accuracy.csv')
     print(f'\nCSV: {out / "deploy_accuracy.csv"}')
     return 0
 

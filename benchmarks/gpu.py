@@ -21,33 +21,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import logging
 import statistics
-import sys
-import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-
-from deploy import BUNDLED, W4A4, W8A8, model_config, print_table  # noqa: E402
-
-CHECKPOINTS = {name: ROOT / 'checkpoints' / (Path(cfg).stem + '.pth')
-               for name, cfg in BUNDLED.items()}
-
-
-def data_samples(size: int) -> list:
-    """One sample's metainfo (two-stage ``_forward`` reads ``img_shape`` for the RPN)."""
-    from mmdet.structures import DetDataSample
-
-    meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
-                scale_factor=(1.0, 1.0), batch_input_shape=(size, size))
-    return [DetDataSample(metainfo=meta)]
+from mmdet_regptq.bench.models import (BUNDLED, CHECKPOINTS, W4A4, W8A8, data_samples,
+                                       model_config)
+from mmdet_regptq.bench.timing import time_interleaved
+from mmdet_regptq.table import Table
 
 
 def variants(name: str, size: int, device: str) -> dict[str, Callable[[], Any]]:
@@ -75,28 +58,11 @@ def variants(name: str, size: int, device: str) -> dict[str, Callable[[], Any]]:
     return {label: call(m, inp) for label, (m, inp) in models.items()}
 
 
-@torch.inference_mode()
-def time_rows(runs: dict[str, Callable[[], Any]], n: int, device: str, warmup: int = 5
-              ) -> dict[str, list[float]]:
-    """Warm every row up, then time them round-robin (CUDA synchronized around each)."""
-    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn()
-    sync()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(n):
-        for key, fn in runs.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[key].append(time.perf_counter() - start)
-    return times
-
-
 def latency_rows(name: str, args: argparse.Namespace) -> list[dict]:
-    times = time_rows(variants(name, args.size, args.device), args.runs, args.device)
+    runs = variants(name, args.size, args.device)
+    sync = torch.cuda.synchronize if args.device == 'cuda' else None
+    with torch.inference_mode():
+        times = time_interleaved(runs, args.runs, warmup=5, sync=sync)
     base = statistics.median(times['FP32'])
     return [dict(model=name, variant=key, ms=round(statistics.median(ts) * 1e3, 2),
                  runs=len(ts), speedup_vs_fp32=round(base / statistics.median(ts), 2))
@@ -131,14 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             new = [dict(model=name, variant='error', ms='', runs=0,
                         speedup_vs_fp32=f'{type(err).__name__}: {err}'.splitlines()[0])]
         rows += new
-        print_table(new, f'{name}: {where} latency, batch 1, {args.size}x{args.size}')
-    print_table(rows, f'latency (ms, median of {args.runs}; batch 1, '
-                      f'{args.size}x{args.size}; {where})')
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+        print('\n' + Table.from_rows(new, f'{name}: {where} latency, batch 1, '
+                                         f'{args.size}x{args.size}').format())
+    table = Table.from_rows(rows, f'latency (ms, median of {args.runs}; batch 1, '
+                                  f'{args.size}x{args.size}; {where})')
+    print('\n' + table.format())
+    table.to_csv(args.csv)
     print(f'\nCSV: {args.csv}')
     return 0
 

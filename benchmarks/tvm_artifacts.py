@@ -13,18 +13,13 @@ power-of-two LLAQ, both W4A4.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from deploy import time_interleaved  # noqa: E402  (benchmarks/ is the script's directory)
+from mmdet_regptq.bench.timing import time_interleaved
+from mmdet_regptq.table import Table
 
 
 def describe(meta: dict) -> str:
@@ -54,15 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f'artifacts: the input shapes differ: {shapes}')
     feed = np.random.default_rng(args.seed).standard_normal(
         next(iter(shapes.values()))).astype(np.float32)
-    calls = {label: (lambda x, r=r: r({r.input_names[0]: x})) for label, r in runners.items()}
-    times = time_interleaved(calls, feed, {k: args.runs for k in calls})
+    calls = {label: (lambda r=r: r({r.input_names[0]: feed})) for label, r in runners.items()}
+    times = time_interleaved(calls, args.runs)
     first = statistics.median(times[labels[0]])
-    print(f'\ninput {list(next(iter(shapes.values())))}, {args.runs} runs each, interleaved\n')
-    print('| artifact | median ms | vs first | layers; kernels |\n|---|---|---|---|')
+    table = Table(['artifact', 'median ms', 'vs first', 'layers; kernels'],
+                  title=f'input {list(next(iter(shapes.values())))}, {args.runs} runs each, '
+                        'interleaved', digits=None)
     for label in labels:
         median = statistics.median(times[label])
-        print(f'| {label} | {1000 * median:.1f} | {median / first:.2f} | '
-              f'{describe(runners[label].meta)} |')
+        table.add(**{'artifact': label, 'median ms': f'{1000 * median:.1f}',
+                     'vs first': f'{median / first:.2f}',
+                     'layers; kernels': describe(runners[label].meta)})
+    print('\n' + table.to_markdown())
     return 0
 
 

@@ -12,18 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-
-from deploy import BUNDLED, W4A4, model_config  # noqa: E402
-from gpu import CHECKPOINTS, data_samples  # noqa: E402
+from mmdet_regptq.bench.models import BUNDLED, CHECKPOINTS, W4A4, data_samples, model_config
 
 
 def main(argv: list[str] | None = None) -> int:

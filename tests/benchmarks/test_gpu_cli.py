@@ -1,15 +1,15 @@
 """benchmarks/gpu.py: every row runs (checked on the CPU), bad names are refused."""
 import csv
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'benchmarks'))
-import gpu  # noqa: E402
+
+@pytest.fixture(scope='module')
+def gpu(load_script):
+    return load_script('benchmarks/gpu.py')
 
 
-def test_cpu_check_times_every_variant_of_a_one_and_a_two_stage_detector(tmp_path, capsys):
+def test_cpu_check_times_every_variant_of_a_one_and_a_two_stage_detector(gpu, tmp_path, capsys):
     out = tmp_path / 'gpu.csv'
     assert gpu.main(['--device', 'cpu', '--models', 'retinanet,frcnn', '--size', '64',
                      '--runs', '1', '--csv', str(out)]) == 0
@@ -20,6 +20,6 @@ def test_cpu_check_times_every_variant_of_a_one_and_a_two_stage_detector(tmp_pat
     assert all(float(r['ms']) > 0 for r in rows)
 
 
-def test_unknown_model_names_the_allowed_ones(tmp_path):
+def test_unknown_model_names_the_allowed_ones(gpu, tmp_path):
     with pytest.raises(SystemExit, match="--models 'yolo': allowed r50, retinanet"):
         gpu.main(['--device', 'cpu', '--models', 'yolo', '--csv', str(tmp_path / 'x.csv')])
