@@ -3,18 +3,13 @@ images (helpers in ``analysis_utils.py``)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from analysis_utils import NUM_IMAGES, bundled
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """Small convs run much faster on one thread while the 2 shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(autouse=True)
+def _one_thread(single_thread):
+    """Every test here runs on one torch thread (``single_thread``, tests/conftest.py)."""
 
 
 def _detector(name: str):

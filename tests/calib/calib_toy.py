@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,15 +11,6 @@ from torch import nn
 from mmdet_regptq.quant import quantize_model
 
 NUM_CLASSES = 5
-
-
-@pytest.fixture(scope='module')
-def single_thread():
-    """Tiny convs run ~10x faster on one thread when the 2 shared cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Block(nn.Module):

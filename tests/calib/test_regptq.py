@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from calib_toy import forward_fn, make_batches, make_float, make_quant, single_thread
+from calib_toy import forward_fn, make_batches, make_float, make_quant
 
 from mmdet_regptq.calib import (DetPredictions, FGICConfig, FGICLoss, FisherMSE, GlobalLoss,
                                 OutputMSE, ReconContext, RegPTQ, aligned_iou, fgic_loss,

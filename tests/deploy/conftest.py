@@ -2,17 +2,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from deploy_toy import make_quantized
-
-
-@pytest.fixture(scope='session')
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='session')

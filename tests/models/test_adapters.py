@@ -82,12 +82,7 @@ def make_data(sizes=SIZES):
                                                   scale_factor=(1.0, 1.0))) for s in sizes])
 
 
-@pytest.fixture(scope='module', autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 def _num_priors(head, maps):
