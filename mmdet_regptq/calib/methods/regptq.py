@@ -1,6 +1,7 @@
 """Reg-PTQ (Ding et al., CVPR 2024): LLAQ on the head's regression branch + FGIC."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from typing import Any, Callable, Iterable, Sequence
@@ -62,9 +63,13 @@ class RegPTQ(QDrop):
                  experimental: ExperimentalConfig | dict | None = None,
                  **kwargs: Any) -> None:
         flat = {name: kwargs.pop(name) for name in list(kwargs) if name in FLAT_OPTIONS}
-        self.config = RegPTQConfig.build(fgic=fgic, llaq=llaq, schedule=schedule,
-                                         experimental=experimental, flat=flat)
+        config = RegPTQConfig.build(fgic=fgic, llaq=llaq, schedule=schedule,
+                                    experimental=experimental, flat=flat)
         super().__init__(**kwargs)
+        self.fgic: FGICConfig = config.fgic
+        self.llaq: LLAQConfig = config.llaq
+        self.schedule: ScheduleConfig = config.schedule
+        self.experimental: ExperimentalConfig = config.experimental
         self._check_llaq_quantizer()
         # the reconstruction loop's settings (PTQMethod attributes) from the groups
         self.tail_interval = self.schedule.global_interval
@@ -73,21 +78,9 @@ class RegPTQ(QDrop):
         self._global_term: GlobalLoss | None = None
 
     @property
-    def fgic(self) -> FGICConfig:
-        """Options of the global loss (the engine builds the adapter's FGIC loss from them)."""
-        return self.config.fgic
-
-    @property
-    def llaq(self) -> LLAQConfig:
-        return self.config.llaq
-
-    @property
-    def schedule(self) -> ScheduleConfig:
-        return self.config.schedule
-
-    @property
-    def experimental(self) -> ExperimentalConfig:
-        return self.config.experimental
+    def config(self) -> RegPTQConfig:
+        """Every option, by group."""
+        return RegPTQConfig(self.fgic, self.llaq, self.schedule, self.experimental)
 
     def _check_llaq_quantizer(self) -> None:
         """Build each LLAQ quantizer type the config can use once: bad ``llaq.quantizer``
@@ -106,8 +99,8 @@ class RegPTQ(QDrop):
     def set_layer_defaults(self, *, head: Sequence[str], regression: Sequence[str]) -> None:
         """Fill ``llaq.head_layers`` / ``llaq.reg_layers`` that were not given."""
         llaq = self.llaq
-        self.config = self.config.replace(
-            'llaq', head_layers=head if llaq.head_layers is None else llaq.head_layers,
+        self.llaq = dataclasses.replace(
+            llaq, head_layers=head if llaq.head_layers is None else llaq.head_layers,
             reg_layers=regression if llaq.reg_layers is None else llaq.reg_layers)
 
     def llaq_patterns(self) -> list[str]:

@@ -18,7 +18,6 @@ grouped spelling. Setting a field both ways is an error.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field, fields
@@ -273,11 +272,6 @@ class RegPTQConfig:
                           FutureWarning, stacklevel=3)
         return cls(**{name: build_group(_GROUPS[name], value, name)
                       for name, value in merged.items()})
-
-    def replace(self, group: str, **changes: Any) -> RegPTQConfig:
-        """A copy with ``changes`` applied to ``group`` (validated again)."""
-        return dataclasses.replace(self, **{group: dataclasses.replace(getattr(self, group),
-                                                                       **changes)})
 
     def as_flat(self) -> dict[str, Any]:
         """Every option under its flat spelling (:data:`FLAT_OPTIONS`; ``llaq`` is the
