@@ -14,6 +14,7 @@ adapter; dense heads whose decoding differs register a decoder by head class
 | cascade two-stage (Cascade R-CNN, HTC, DetectoRS) | ``CascadeRCNN`` | ``cascade.py`` |
 | query-based (DETR family) | ``DetectionTransformer`` | ``detr.py`` |
 | query-based two-stage (Sparse R-CNN, QueryInst) | ``SparseRCNN`` | ``query_two_stage.py`` |
+| Ultralytics YOLOv5 (``mmdet_regptq.yolov5``) | ``YOLOv5Detector`` | ``yolov5.py`` |
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ from mmdet_regptq.models.dense import DENSE_DECODERS, DenseHeadAdapter
 from mmdet_regptq.models.detr import DETRAdapter
 from mmdet_regptq.models.query_two_stage import QueryTwoStageAdapter
 from mmdet_regptq.models.two_stage import TwoStageAdapter
+from mmdet_regptq.models.yolov5 import YOLOv5Adapter
 
 __all__ = ['DETECTOR_ADAPTERS', 'DENSE_DECODERS', 'FINAL_LAYER_NAMES', 'DetectorAdapter',
            'DenseHeadAdapter', 'TwoStageAdapter', 'CascadeAdapter', 'DETRAdapter',
-           'QueryTwoStageAdapter', 'DetPredictions', 'RawOutputs', 'find_adapter',
-           'final_layer_patterns']
+           'QueryTwoStageAdapter', 'YOLOv5Adapter', 'DetPredictions', 'RawOutputs',
+           'find_adapter', 'final_layer_patterns']
 
 
 def find_adapter(model: nn.Module, **options: Any) -> DetectorAdapter:
