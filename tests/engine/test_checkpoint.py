@@ -135,7 +135,7 @@ def test_regptq_with_learned_llaq_rounding_round_trips(tiny_cfg, tiny_batches, t
     """LLAQRound layers are stored unpacked with their hard rounding; a fresh model that
     loads the file predicts the same boxes."""
     method = dict(type='RegPTQ', iters=2, progress=False, log_interval=0,
-                  llaq_rounding='learned')
+                  experimental=dict(llaq_rounding='learned'))
     model = build_detector(tiny_cfg)
     result = quantize_detector(model, tiny_batches, quant=FAST_QUANT, method=method,
                                work_dir=tmp_path, logger=logging.getLogger('test.ckpt'))
