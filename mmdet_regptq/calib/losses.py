@@ -60,19 +60,19 @@ class ReconContext:
 class ReconLoss:
     """Base of the loss terms: ``__call__(ctx) -> scalar Tensor``."""
 
+    needs_final_outputs: ClassVar[bool] = False
     #: with ``needs_final_outputs``: the final outputs come from the unit's unmixed
     #: quantized input (a separate tail forward when the loop mixes FP inputs in)
     final_from_quant_input: ClassVar[bool] = False
-    needs_final_outputs: ClassVar[bool] = False
     needs_fisher: ClassVar[bool] = False
     is_regularizer: ClassVar[bool] = False
 
     def __call__(self, ctx: ReconContext) -> Tensor:
         raise NotImplementedError
+
     def summary(self) -> str:
         """A line for the unit's log after its reconstruction (``''``: nothing)."""
         return ''
-
 
     @property
     def name(self) -> str:
@@ -248,8 +248,6 @@ class PredictionKL(ReconLoss):
 
     Args:
         output_fn: ``output_fn(raw_outputs) -> logits [N, C]``; ``None`` = the raw
-    #: the tail forward of this term reads the unit's unmixed quantized input
-    final_from_quant_input: ClassVar[bool] = True
             outputs are already that tensor.
         temperature: ``T`` (PD-Quant: 4).
         sigmoid: per-class binary KL of ``sigmoid(x / T)``, summed over the classes
@@ -259,6 +257,8 @@ class PredictionKL(ReconLoss):
     """
 
     needs_final_outputs = True
+    #: the tail forward of this term reads the unit's unmixed quantized input
+    final_from_quant_input: ClassVar[bool] = True
 
     def __init__(self, *, output_fn: Callable[[Any], Tensor] | None = None,
                  temperature: float = 4.0, sigmoid: bool = False, weight: float = 1.0) -> None:
