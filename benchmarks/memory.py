@@ -87,8 +87,7 @@ def child(args: argparse.Namespace) -> dict:
     from mmdet.utils import register_all_modules
     from mmdet_regptq.engine.ptq import quantize_detector
     from mmdet_regptq.registry import PTQ_METHODS
-    sys.path.insert(0, str(ROOT / 'tools'))
-    from zoo_coverage import offline_cfg, synthetic_images, zoo_root
+    from mmdet_regptq.zoo import offline_cfg, synthetic_images, zoo_root
 
     torch.set_num_threads(args.threads)
     register_all_modules()

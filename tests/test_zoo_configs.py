@@ -10,19 +10,21 @@ time; ``REGPTQ_ZOO_ALL=1`` calibrates all ten detectors (about 15 minutes of CPU
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from mmdet_regptq import zoo
+from mmdet_regptq.bench.models import SYNTHETIC_ROOT as SYNTHETIC
+from mmdet_regptq.zoo.report import seconds_cell
+from mmdet_regptq.zoo.sweep import claim_folder, interrupted_row, seed_results, write_record
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / 'configs' / 'regptq'
-SYNTHETIC = REPO / 'data' / 'synthetic'
 BITS = ('w2a4', 'w3a3', 'w4a4', 'w4a8')
 DETECTORS = {   # config stem (without bits) -> the bit width calibrated in the test
     'coco/retinanet_r50_fpn_{}_coco': 'w2a4',
@@ -38,16 +40,6 @@ DETECTORS = {   # config stem (without bits) -> the bit width calibrated in the 
 }
 ALL_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for folder in ('coco', 'voc')
                      for p in (CONFIGS / folder).glob('*.py'))
-
-
-def _load_tool():
-    name = '_zoo_coverage_under_test'
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / 'zoo_coverage.py')
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def test_every_detector_has_the_four_bit_widths():
@@ -100,9 +92,8 @@ def _swap_leaves(node: dict, pipeline: list) -> dict:
 def synthetic_cfg(name: str, max_size: int = 96):
     """The config with its data swapped for the synthetic set at <= ``max_size`` px."""
     from mmengine.config import Config
-    tool = _load_tool()
     cfg = Config.fromfile(str(CONFIGS / name))
-    pipeline = tool.capped_test_pipeline(cfg, max_size=max_size)
+    pipeline = zoo.capped_test_pipeline(cfg, max_size=max_size)
     pipeline.insert(2, dict(type='LoadAnnotations', with_bbox=True))
     for loader in ('train_dataloader', 'test_dataloader', 'val_dataloader'):
         cfg[loader]['dataset'] = _swap_leaves(copy.deepcopy(cfg[loader]['dataset']), pipeline)
@@ -117,14 +108,6 @@ TEST_METHOD = 'QDrop'
 def _method(cfg_method: dict) -> dict:
     assert cfg_method['type'] == 'RegPTQ'
     return dict(type=TEST_METHOD, iters=1, progress=False, log_interval=0)
-
-
-@pytest.fixture(scope='module')
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 #: Calibrated in every run (about 20 s of CPU); the other nine detectors take up to two
@@ -145,12 +128,11 @@ def test_calibrate_and_predict_on_synthetic(stem, bits, tmp_path, single_thread)
 
     import mmdet_regptq  # noqa: F401
     register_all_modules()
-    tool = _load_tool()
     name = f'{stem.format(bits)}.py'
     cfg = synthetic_cfg(name)
     init_default_scope('mmdet')
     torch.manual_seed(0)
-    model = MODELS.build(tool.offline_cfg(copy.deepcopy(cfg.model)))
+    model = MODELS.build(zoo.offline_cfg(copy.deepcopy(cfg.model)))
     model.init_weights()
     hook_cfg = copy.deepcopy(cfg.custom_hooks[0])
     hook_cfg['method'] = _method(hook_cfg['method'])
@@ -166,21 +148,20 @@ def test_calibrate_and_predict_on_synthetic(stem, bits, tmp_path, single_thread)
     assert report.num_quantized > 0.9 * report.num_eligible
     assert {r.w_bits for r in report.layers if r.kind != 'FP' and r.note != 'first'} == \
         {int(bits[1])}
-    batch = tool.synthetic_batch(cfg, num_images=1, max_size=96)
+    batch = zoo.synthetic_batch(cfg, num_images=1, max_size=96)
     model.eval()
     with torch.no_grad():
         out = model.test_step(batch)
-    assert tool.finite_outputs(out)
+    assert zoo.finite_outputs(out)
     assert len(out) == 1 and 'pred_instances' in out[0]
 
 
 def test_offline_cfg_turns_downloads_off():
-    tool = _load_tool()
     cfg = dict(backbone=dict(type='mmpretrain.TIMMBackbone', pretrained=True,
                              init_cfg=dict(type='Pretrained', checkpoint='https://x/y.pth')),
                neck=dict(norm_cfg=dict(type='SyncBN')), teacher_ckpt='https://x/t.pth',
                teacher_config='configs/gfl/gfl_r101_fpn_ms-2x_coco.py')
-    out = tool.offline_cfg(cfg)
+    out = zoo.offline_cfg(cfg)
     assert out['backbone']['pretrained'] is False          # timm wants a bool, not None
     assert out['backbone']['init_cfg'] is None and out['teacher_ckpt'] is None
     assert out['neck']['norm_cfg']['type'] == 'BN'
@@ -189,26 +170,24 @@ def test_offline_cfg_turns_downloads_off():
 
 def test_sweep_claims_a_folder_once_and_reclaims_a_dead_holder(tmp_path):
     """Two sweep processes on one --out (one --reverse) never run the same folder."""
-    tool = _load_tool()
     path = tmp_path / '.atss.running'
-    assert tool._claim(path) == path and path.read_text() == str(os.getpid())
-    assert tool._claim(path) is None                     # held by a live process (us)
+    assert claim_folder(path) == path and path.read_text() == str(os.getpid())
+    assert claim_folder(path) is None                     # held by a live process (us)
     path.write_text('999999999')                         # a killed sweep's claim
-    assert tool._claim(path) == path and path.read_text() == str(os.getpid())
+    assert claim_folder(path) == path and path.read_text() == str(os.getpid())
 
 
 def test_timeout_row_names_the_stage_and_the_units_done():
-    tool = _load_tool()
-    row = tool.finalize(tool.timeout_row(dict(stage='quantize+calibrate', units_done=12,
+    row = zoo.finalize(zoo.timeout_row(dict(stage='quantize+calibrate', units_done=12,
                                               last_unit='backbone.layer2.0'), '900 s CPU'))
     assert row['error'] == ('timeout after 900 s CPU in quantize+calibrate after 12 units '
                             '(last: backbone.layer2.0)')
     assert row['failure'] == 'timeout (in quantize+calibrate)'
-    assert tool.timeout_row({}, '1800 s wall')['error'] == 'timeout after 1800 s wall in load'
+    assert zoo.timeout_row({}, '1800 s wall')['error'] == 'timeout after 1800 s wall in load'
     # the table names a row's CPU limit when it differs from the rendering run's --timeout
-    assert tool._seconds(dict(seconds=1500.0, cpu_limit_s=2400), 900) == \
+    assert seconds_cell(dict(seconds=1500.0, cpu_limit_s=2400), 900) == \
         '1500.0 (limit 2400 CPU-s)'
-    assert tool._seconds(dict(seconds=90.0), 900) == '90.0'
+    assert seconds_cell(dict(seconds=90.0), 900) == '90.0'
 
 
 def test_mmdet_compat_fixes_cascade_rpn_and_ssd_predict():
@@ -218,18 +197,17 @@ def test_mmdet_compat_fixes_cascade_rpn_and_ssd_predict():
     from mmengine.registry import init_default_scope
 
     from mmdet.registry import MODELS
-    tool = _load_tool()
-    cfg = Config.fromfile(str(tool.zoo_root() / 'cascade_rpn' / tool.PREFERRED['cascade_rpn']))
-    model_cfg = tool.offline_cfg(cfg.model)
-    assert tool.mmdet_compat_cfg(model_cfg) == ['mmdet 3.3 bug: CascadeRPNHead num_classes=1 '
+    cfg = Config.fromfile(str(zoo.zoo_root() / 'cascade_rpn' / zoo.PREFERRED['cascade_rpn']))
+    model_cfg = zoo.offline_cfg(cfg.model)
+    assert zoo.mmdet_compat_cfg(model_cfg) == ['mmdet 3.3 bug: CascadeRPNHead num_classes=1 '
                                                 'added']
-    assert model_cfg.rpn_head.num_classes == 1 and tool.mmdet_compat_cfg(model_cfg) == []
+    assert model_cfg.rpn_head.num_classes == 1 and zoo.mmdet_compat_cfg(model_cfg) == []
     init_default_scope('mmdet')
-    ssd = MODELS.build(tool.offline_cfg(Config.fromfile(
-        str(tool.zoo_root() / 'ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py')).model))
+    ssd = MODELS.build(zoo.offline_cfg(Config.fromfile(
+        str(zoo.zoo_root() / 'ssd/ssdlite_mobilenetv2-scratch_8xb24-600e_coco.py')).model))
     assert not hasattr(ssd.bbox_head, 'loss_cls')
-    assert tool.mmdet_compat_model(ssd) == ['mmdet 3.3 bug: SSDHead.loss_cls=None (bbox_head)']
-    assert ssd.bbox_head.loss_cls is None and tool.mmdet_compat_model(ssd) == []
+    assert zoo.mmdet_compat_model(ssd) == ['mmdet 3.3 bug: SSDHead.loss_cls=None (bbox_head)']
+    assert ssd.bbox_head.loss_cls is None and zoo.mmdet_compat_model(ssd) == []
 
 
 def test_a_stopped_sweeps_partial_row_is_rendered_as_interrupted(tmp_path):
@@ -238,64 +216,61 @@ def test_a_stopped_sweeps_partial_row_is_rendered_as_interrupted(tmp_path):
     result exists."""
     import json
     import time
-    tool = _load_tool()
     (tmp_path / 'dino.json').write_text(json.dumps(dict(fp_ok=False, stage='fp predict')))
     time.sleep(0.01)
     partial = tmp_path / '.dino.123.child.json'
     partial.write_text(json.dumps(dict(fp_ok=True, stage='quantize+calibrate', units_done=14,
                                        last_unit='backbone.layer3.0')))
     (tmp_path / '.dino.running').write_text('999999999')          # the killed sweep's claim
-    row = tool.interrupted_row(tmp_path, 'dino')
+    row = interrupted_row(tmp_path, 'dino')
     assert row['error'] == ('sweep stopped in quantize+calibrate after 14 units '
                             '(last: backbone.layer3.0)')
-    assert tool.finalize(row)['failure'] == 'interrupted (sweep stopped)' and row['fp_ok']
+    assert zoo.finalize(row)['failure'] == 'interrupted (sweep stopped)' and row['fp_ok']
     (tmp_path / '.dino.running').write_text(str(os.getpid()))     # a live sweep holds it
-    assert tool.interrupted_row(tmp_path, 'dino') is None
+    assert interrupted_row(tmp_path, 'dino') is None
     (tmp_path / '.dino.running').unlink()
     time.sleep(0.01)
     (tmp_path / 'dino.json').write_text('{}')                     # a newer finished result
-    assert tool.interrupted_row(tmp_path, 'dino') is None
-    assert tool.interrupted_row(tmp_path, 'atss') is None
+    assert interrupted_row(tmp_path, 'dino') is None
+    assert interrupted_row(tmp_path, 'atss') is None
 
 
 def test_the_committed_record_seeds_missing_rows_and_is_rewritten_from_all_results(tmp_path):
-    """docs/zoo_coverage.jsonl makes a sweep resumable on a fresh checkout: rows missing
+    """docs/results/zoo_coverage.jsonl makes a sweep resumable on a fresh checkout: rows missing
     from the results folder are seeded from it, stored rows win, and the record is
     rewritten (sorted, tracebacks cut) from every stored row."""
     import json
-    tool = _load_tool()
     results, record = tmp_path / 'results', tmp_path / 'record.jsonl'
     results.mkdir()
     record.write_text(json.dumps(dict(folder='yolo', fp_ok=True, predicted=True)) + '\n'
                       + json.dumps(dict(folder='atss', fp_ok=True, predicted=False)) + '\n')
     (results / 'atss.json').write_text(json.dumps(dict(folder='atss', fp_ok=True,
                                                        predicted=True, traceback='x' * 5000)))
-    assert tool.seed_results(record, results) == 1                 # only yolo was missing
+    assert seed_results(record, results) == 1                 # only yolo was missing
     assert json.loads((results / 'yolo.json').read_text())['predicted'] is True
     assert json.loads((results / 'atss.json').read_text())['predicted'] is True
     (results / '.atss.77.child.json').write_text('{}')              # a child's partial row
-    tool.write_record(results, record)
+    write_record(results, record)
     rows = [json.loads(line) for line in record.read_text().splitlines()]
     assert [r['folder'] for r in rows] == ['atss', 'yolo']
     assert rows[0]['predicted'] is True and len(rows[0]['traceback']) == 1500
     assert not list(tmp_path.glob('.*.tmp'))                         # written atomically
-    assert tool.seed_results(tmp_path / 'missing.jsonl', results) == 0
+    assert seed_results(tmp_path / 'missing.jsonl', results) == 0
 
 
 def test_input_too_small_matches_the_kernel_size_errors():
-    tool = _load_tool()
-    assert tool.input_too_small(RuntimeError('input image is smaller than kernel'))
-    assert tool.input_too_small(RuntimeError(
+    assert zoo.input_too_small(RuntimeError('input image is smaller than kernel'))
+    assert zoo.input_too_small(RuntimeError(
         "Calculated padded input size per channel: (2 x 2). Kernel size: (3 x 3). Kernel size "
         "can't be greater than actual input size"))
-    assert tool.input_too_small(RuntimeError('selected index k out of range'))  # DINO topk
-    assert not tool.input_too_small(RuntimeError('carafe_forward_impl: not found'))
+    assert zoo.input_too_small(RuntimeError('selected index k out of range'))  # DINO topk
+    assert not zoo.input_too_small(RuntimeError('carafe_forward_impl: not found'))
 
 
 def test_cap_proposals_lowers_only_an_rpn_count_above_the_cap():
     from mmengine.config import ConfigDict
 
-    cap_proposals = _load_tool().cap_proposals
+    cap_proposals = zoo.cap_proposals
     two_stage = ConfigDict(test_cfg=dict(rpn=dict(nms_pre=1000, max_per_img=1000),
                                          rcnn=dict(max_per_img=100)))
     assert cap_proposals(two_stage, 100) == 1000
