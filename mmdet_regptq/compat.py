@@ -9,13 +9,18 @@ Each fix is small, idempotent, edits nothing on disk, and has a test in
    ``message_hub`` of ``HistoryBuffer`` objects with numpy arrays, and a HistoryBuffer
    pickles its statistics methods by reference (``getattr(HistoryBuffer, 'mean')``), so the safe
    unpickler refuses it and ``mim run mmdet test cfg epoch_N.pth`` or ``resume=True``
-   fail. The decision: we do NOT turn safety off. (a) numpy data classes and
-   ``HistoryBuffer`` are allow-listed for torch's safe unpickler; (b) mmengine's local
-   checkpoint loader is replaced by one that tries the safe loader first and, only for
-   files it refuses, uses a restricted unpickler that admits torch's own safe globals,
-   those data classes, and ``getattr`` *only* for a HistoryBuffer's statistics methods.
-   Any other global still raises. Bundled checkpoints are stripped to ``state_dict`` +
-   plain ``meta`` and load without any of this.
+   fail. The decision: we do NOT turn safety off. (a) numpy data classes, ``HistoryBuffer``
+   and a ``getattr`` that returns nothing but a HistoryBuffer's statistics methods are
+   allow-listed for torch's safe unpickler (so any ``torch.load(weights_only=True)``
+   reads these files, e.g. MMDeploy's); (b) mmengine's local
+   checkpoint loader is replaced by :func:`mmdet_regptq.safe_load.load_checkpoint_file`,
+   which tries the safe loader first and, only for files it refuses, a restricted
+   unpickler (``load`` and ``Unpickler`` both restricted, so torch's legacy non-zip reader
+   is covered too) with an explicit allow-list: torch's own safe globals, those data
+   classes, and ``getattr`` *only* for a HistoryBuffer's statistics methods. Any other
+   global raises :class:`~mmdet_regptq.safe_load.UnsafeCheckpointError` naming the file
+   and the global; nothing from the file runs. Bundled checkpoints are stripped to
+   ``state_dict`` + plain ``meta`` and load without any of this.
 
 2. **MMEngine's distributed launcher on a CPU-only machine.** ``--launcher pytorch``
    (torchrun, gloo) calls ``torch.cuda.set_device(LOCAL_RANK)`` before
@@ -27,78 +32,20 @@ Each fix is small, idempotent, edits nothing on disk, and has a test in
 """
 from __future__ import annotations
 
-import os.path as osp
-import pickle
-import types
 from typing import Any
 
-import numpy as np
 import torch
+
+from mmdet_regptq.safe_load import (checkpoint_safe_globals, history_buffer_getattr,
+                                    load_checkpoint_file)
 
 _applied = False
 
 
-def checkpoint_safe_globals() -> list:
-    """The non-tensor data classes found in mmengine training checkpoints."""
-    from mmengine.logging.history_buffer import HistoryBuffer
-
-    globals_ = [HistoryBuffer, np.ndarray, np.dtype]
-    globals_ += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith('DType')]
-    globals_ += [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
-                 np.uint32, np.uint64, np.float16, np.float32, np.float64]
-    multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
-    globals_ += [multiarray._reconstruct, multiarray.scalar]
-    return globals_
-
-
-#: The statistics a HistoryBuffer pickles by reference (mmengine 0.10.7).
-_HISTORY_BUFFER_STATISTICS = {'min', 'max', 'current', 'mean'}
-
-
-def _history_buffer_getattr(obj: Any, name: str) -> Any:
-    """``getattr`` restricted to what a pickled HistoryBuffer needs."""
-    from mmengine.logging.history_buffer import HistoryBuffer
-
-    is_buffer = obj is HistoryBuffer or isinstance(obj, HistoryBuffer)
-    if is_buffer and name in _HISTORY_BUFFER_STATISTICS | set(HistoryBuffer._statistics_methods):
-        return getattr(obj, name)
-    raise pickle.UnpicklingError(
-        f'checkpoint asks for getattr({type(obj).__name__}, {name!r}); only the statistics '
-        f'methods of mmengine HistoryBuffer are allowed')
-
-
-class _CheckpointUnpickler(pickle.Unpickler):
-    """Admits torch's safe globals, numpy/HistoryBuffer data and a guarded getattr."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in (('builtins', 'getattr'), ('__builtin__', 'getattr')):
-            return _history_buffer_getattr
-        from torch._weights_only_unpickler import _get_allowed_globals
-        allowed = _get_allowed_globals()
-        allowed.update({f'{g.__module__}.{g.__name__}': g for g in checkpoint_safe_globals()})
-        allowed['_codecs.encode'] = __import__('_codecs').encode
-        key = f'{module}.{name}'
-        if key in allowed:
-            return allowed[key]
-        if module.startswith('numpy') and f'numpy.{name}' in allowed:  # numpy.core alias
-            return allowed[f'numpy.{name}']
-        raise pickle.UnpicklingError(f'checkpoint global {key} is not allowed')
-
-
-_restricted_pickle = types.SimpleNamespace(Unpickler=_CheckpointUnpickler, load=pickle.load,
-                                           __name__='mmdet_regptq_restricted_pickle')
-
-
 def load_local_checkpoint(filename: str, map_location: Any = None) -> Any:
-    """mmengine's local loader, safe on torch >= 2.6 for mmengine training checkpoints."""
-    filename = osp.expanduser(filename)
-    if not osp.isfile(filename):
-        raise FileNotFoundError(f'{filename} can not be found.')
-    try:
-        return torch.load(filename, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(filename, map_location=map_location, weights_only=False,
-                          pickle_module=_restricted_pickle)
+    """mmengine's local loader: safe on torch >= 2.6 for mmengine training checkpoints, and
+    never runs code from the file (see :mod:`mmdet_regptq.safe_load`)."""
+    return load_checkpoint_file(filename, map_location=map_location)
 
 
 def _init_dist_pytorch_cpu(original: Any) -> Any:
@@ -134,7 +81,8 @@ def apply() -> None:
         return
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    torch.serialization.add_safe_globals(checkpoint_safe_globals())
+    torch.serialization.add_safe_globals(
+        checkpoint_safe_globals() + [(history_buffer_getattr, 'builtins.getattr')])
     CheckpointLoader.register_scheme(prefixes='', force=True)(load_local_checkpoint)
 
     import mmengine.dist.utils as dist_utils

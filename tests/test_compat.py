@@ -44,14 +44,19 @@ def test_apply_is_idempotent_and_keeps_the_loader_restricted(tmp_path):
     from mmengine.runner.checkpoint import _load_checkpoint
 
     from mmdet_regptq import compat
+    from mmdet_regptq.safe_load import UnsafeCheckpointError, history_buffer_getattr
     compat.apply()
     compat.apply()
     path = tmp_path / 'evil.pth'
     torch.save({'x': subprocess.Popen}, path)  # an arbitrary class stays refused
-    with pytest.raises(Exception, match='not allowed|Weights only load failed'):
+    with pytest.raises(UnsafeCheckpointError, match="global 'subprocess.Popen'"):
         _load_checkpoint(str(path), map_location='cpu')
     with pytest.raises(Exception, match='only the statistics'):
-        compat._history_buffer_getattr('text', 'upper')
+        history_buffer_getattr('text', 'upper')
+    # the getattr allow-listed for torch's own weights_only reader is the restricted one
+    torch.save({'x': HistoryBuffer.update}, path)   # pickled as getattr(HistoryBuffer, ...)
+    with pytest.raises(Exception, match='only the statistics'):
+        torch.load(path, weights_only=True)
 
 
 DIST = '''

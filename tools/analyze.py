@@ -19,11 +19,14 @@ import logging
 import sys
 from pathlib import Path
 
-from mmdet_regptq.analysis import (CompareConfig, DetectorBench, NoiseConfig,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmdet_regptq.analysis import (CompareConfig, DetectorBench, NoiseConfig,  # noqa: E402
                                    ProxyConfig, ScalesConfig, SensitivityConfig, WeightsConfig,
                                    load_detector, load_quantized_detector, run_compare,
                                    run_noise, run_scales, run_sensitivity, run_weights)
-from mmdet_regptq.analysis.scales import default_factors
+from mmdet_regptq.analysis.scales import default_factors  # noqa: E402
+from mmdet_regptq.safe_load import checkpoint_problem  # noqa: E402
 
 logger = logging.getLogger('analyze')
 
@@ -124,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     ckpt = None if args.checkpoint.lower() == 'none' else args.checkpoint
+    for path in (ckpt, getattr(args, 'quantized', None)):
+        problem = checkpoint_problem(path)   # corrupt / unsafe: one line, no traceback
+        if problem:
+            print(f'analyze.py: error: {problem}', file=sys.stderr)
+            return 2
     cfg, model = load_detector(args.config, ckpt, device=args.device,
                                cfg_options=_cfg_options(args.cfg_options))
     out_dir = Path(args.out_dir or

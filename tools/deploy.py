@@ -18,6 +18,9 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     from mmdeploy.utils import load_config
 
     import mmdet_regptq  # noqa: F401  (compat fixes, registries)
+    from mmdet_regptq.safe_load import checkpoint_problem
     from mmdet_regptq.deploy.mmdeploy.pipeline import deploy, evaluate
 
+    problem = checkpoint_problem(args.checkpoint)   # corrupt / unsafe: one line, no traceback
+    if problem:
+        print(f'deploy.py: error: {problem}', file=sys.stderr)
+        return 2
     deploy_cfg, model_cfg = load_config(args.deploy_cfg, args.model_cfg)
     result = deploy(deploy_cfg, model_cfg, args.checkpoint, args.img, work_dir=args.work_dir,
                     device=args.device, test_img=args.test_img)
