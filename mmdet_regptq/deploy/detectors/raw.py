@@ -57,7 +57,7 @@ class RawDetector(nn.Module):
             raise NotImplementedError(
                 f'{type(detector).__name__}: only single-stage dense detectors '
                 '(bbox_head, no roi_head) export as one raw graph; a two-stage detector '
-                'exports as two graphs (mmdet_regptq.deploy.detectors.two_stage: RpnStage, RoIStage)')
+                'exports as two graphs (deploy.detectors.two_stage: RpnStage, RoIStage)')
         self.detector = detector
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:

@@ -216,8 +216,7 @@ def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img
 
     prep = prepare_export(deploy_cfg, model_cfg, checkpoint, img, work_dir, device, model)
     deploy_cfg, model_cfg, model = prep.deploy_cfg, prep.model_cfg, prep.model
-    opts, task_processor, work_dir = prep.opts, prep.task_processor, prep.work_dir
-    inputs, metas, shape = prep.inputs, prep.metas, prep.shape
+    opts, work_dir, inputs, metas = prep.opts, prep.work_dir, prep.inputs, prep.metas
     onnx_cfg = get_onnx_config(deploy_cfg)
     two_stage = is_two_stage(model)
     if two_stage:

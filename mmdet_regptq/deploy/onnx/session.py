@@ -8,7 +8,8 @@ __all__ = ['ort_session_options']
 
 def ort_session_options(threads: int = 0) -> Any:
     """ONNX Runtime session options whose idle worker threads do not spin between runs
-    (``mmdeploy.backend_model.stop_ort_spinning`` says why); ``threads`` = intra-op threads, 0 = ORT's default.
+    (``mmdeploy.backend_model.stop_ort_spinning`` says why); ``threads`` = intra-op threads,
+    0 = ORT's default.
     """
     import onnxruntime as ort
 

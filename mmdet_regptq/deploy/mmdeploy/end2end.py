@@ -1,0 +1,183 @@
+"""End-to-end deployment (``codebase_config.model_type='end2end'``): one artifact per
+detector that runs without torch or mmdet.
+
+- ``onnxruntime`` (FP32 or ``onnx_format='ort_int8'``) and ``tensorrt``: one ONNX graph
+  image → ``dets`` + ``labels`` (``deploy/detectors/end2end.py`` /
+  ``two_stage_graph.py``), quantized layers as Q/DQ exactly as in the raw export;
+- ``tvm_int4`` / ``tvm_relax``: TVM 0.27's Relax ONNX frontend converts ``TopK``,
+  ``NonZero``, ``NonMaxSuppression`` and ``RoiAlign``, and a dense end-to-end graph
+  compiles with TVM's default lowering, but not with this backend's CPU schedules (they
+  fail on the post-processing's gather functions), and ``RoiAlign`` on a data-dependent
+  number of RoIs does not compile ("CodeGenVM cannot emit this Relax operator"). So the
+  TVM artifact holds the network up to the raw head outputs and the NumPy post-processor
+  (``deploy/runtime/postprocess.py``) does the rest, from ``spec.json`` + ``priors.npz``.
+  Two-stage detectors deploy to TVM as two graphs (``regptq_raw``).
+
+Every work dir gets ``spec.json`` (preprocessing, backend, model file, classes), which
+``python -m mmdet_regptq.deploy.run`` reads, and ``reference_end2end.npz``: the fake-quant
+model's own detections on the export image, against which the backend is checked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from mmdet_regptq.deploy.detectors.end2end import END2END_OUTPUTS, DenseEnd2End
+from mmdet_regptq.deploy.detectors.spec import (PRIORS_FILE, dense_postprocess_spec,
+                                                preprocess_spec, write_spec)
+from mmdet_regptq.deploy.detectors.two_stage import is_two_stage
+from mmdet_regptq.deploy.detectors.two_stage_graph import TwoStageEnd2End
+from mmdet_regptq.deploy.mmdeploy.pipeline import (DeployResult, PreparedExport,
+                                                   apply_onnx_format, export_detector,
+                                                   prepare_export)
+from mmdet_regptq.deploy.onnx.export import export_onnx
+
+__all__ = ['is_end2end', 'export_end2end', 'end2end_graph', 'REFERENCE_FILE', 'TVM_BACKENDS']
+
+REFERENCE_FILE = 'reference_end2end.npz'
+TVM_BACKENDS = ('tvm_int4', 'tvm_relax')
+
+
+def is_end2end(deploy_cfg: Any) -> bool:
+    """Whether a deploy config asks for an end-to-end deployment."""
+    codebase = dict((deploy_cfg or {}).get('codebase_config', {}) or {})
+    return codebase.get('model_type', 'end2end') in ('end2end', 'regptq_end2end')
+
+
+def end2end_graph(model: torch.nn.Module, input_shape: tuple[int, int], nms: str = 'onnx'
+                  ) -> torch.nn.Module:
+    """The end-to-end module of a (quantized) detector, in eval mode."""
+    cls = TwoStageEnd2End if is_two_stage(model) else DenseEnd2End
+    return cls(model, input_shape, nms=nms).eval()
+
+
+def _spec(prep: PreparedExport, backend: str, input_shape: tuple[int, int]) -> dict:
+    meta = getattr(prep.model, 'dataset_meta', None) or {}
+    classes = meta.get('classes') or prep.model_cfg.get('metainfo', {}).get('classes')
+    return dict(backend=backend, preprocess=preprocess_spec(prep.model_cfg, input_shape),
+                classes=list(classes) if classes else None)
+
+
+def _export_tvm(prep: PreparedExport, backend: str, input_shape: tuple[int, int],
+                img: Any, device: str) -> tuple[DeployResult, dict, list]:
+    if is_two_stage(prep.model):
+        raise NotImplementedError(
+            f'{backend}: a two-stage detector has no end-to-end TVM deployment (TVM 0.27 '
+            'does not compile RoiAlign on a data-dependent RoI count); use onnxruntime, or '
+            "the two-graph deployment (codebase_config.model_type='regptq_raw')")
+    result = export_detector(prep.deploy_cfg, prep.model_cfg, None, img, prep.work_dir,
+                             device, model=prep.model)
+    post, priors = dense_postprocess_spec(prep.model, input_shape)
+    spec = _spec(prep, backend, input_shape)
+    spec.update(model=f'{Path(result.onnx_file).stem}_{backend}', postprocess=post,
+                priors=PRIORS_FILE)
+    return result, spec, priors
+
+
+def export_end2end(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any,
+                   work_dir: str | Path, device: str = 'cpu',
+                   model: torch.nn.Module | None = None) -> DeployResult:
+    """Export the end-to-end artifact's ONNX file and ``spec.json`` (module doc).
+
+    Returns:
+        :class:`DeployResult`; for the TVM backends the ONNX file is the raw graph that
+        ``to_backend`` compiles.
+    """
+    from mmdeploy.utils import get_backend, get_onnx_config
+
+    prep = prepare_export(deploy_cfg, model_cfg, checkpoint, img, work_dir, device, model)
+    if not prep.shape:
+        raise ValueError('onnx_config.input_shape must be set: the end-to-end graph is static')
+    input_shape = (int(prep.shape[1]), int(prep.shape[0]))
+    backend = get_backend(prep.deploy_cfg).value
+    graph = end2end_graph(prep.model, input_shape)
+    with torch.no_grad():
+        ref_dets, ref_labels = graph(prep.inputs)
+    np.savez(prep.work_dir / REFERENCE_FILE, input=prep.inputs.numpy(),
+             dets=ref_dets.numpy(), labels=ref_labels.numpy())
+    if backend in TVM_BACKENDS:
+        result, spec, priors = _export_tvm(prep, backend, input_shape, img, device)
+        write_spec(prep.work_dir, spec, priors)
+        return result
+    onnx_cfg = get_onnx_config(prep.deploy_cfg)
+    path = str(prep.work_dir / onnx_cfg.get('save_file', 'end2end.onnx'))
+    if backend == 'tensorrt':
+        graph = end2end_graph(prep.model, input_shape, nms='tensorrt')
+    report = export_onnx(graph, prep.inputs, path,
+                         input_names=[list(onnx_cfg.get('input_names', ['input']))[0]],
+                         output_names=list(END2END_OUTPUTS),
+                         opset=onnx_cfg.get('opset_version', 21),
+                         int4_weights=prep.opts['int4_weights'],
+                         dynamic_axes=None if backend == 'tensorrt' else
+                         {name: {1: 'num_dets'} for name in END2END_OUTPUTS})
+    result = DeployResult(onnx_file=path, onnx_files=[path], export=report)
+    apply_onnx_format(prep, [(path, 'input', lambda x, m: x)], result)
+    if backend == 'tensorrt':
+        _static_output_shapes(path, graph.max_per_img)
+    result.notes.append(f'end-to-end export: {report.summary()}')
+    spec = _spec(prep, backend, input_shape)
+    spec['model'] = Path(path).name
+    write_spec(prep.work_dir, spec)
+    return result
+
+
+def check_end2end(work_dir: str | Path) -> str:
+    """Run the deployed artifact through the torch-free runtime on the export image and
+    compare with the fake-quant model's detections (``reference_end2end.npz``)."""
+    from mmdet_regptq.deploy.runtime.detector import Detector
+
+    ref = np.load(Path(work_dir) / REFERENCE_FILE)
+    dets, labels = Detector(work_dir).run(ref['input'])
+    dets = np.asarray(dets).reshape(-1, 5)
+    labels = np.asarray(labels).reshape(-1)
+    want, want_labels = ref['dets'].reshape(-1, 5), ref['labels'].reshape(-1)
+    text = f'{len(dets)} detections on the export image (fake-quant model: {len(want)})'
+    if len(dets) == len(want) and np.array_equal(labels, want_labels):
+        diff = float(np.abs(dets - want).max()) if len(want) else 0.0
+        return f'{text}, same labels, max |dets diff| = {diff:.3g}'
+    return f'{text}, labels or count differ'
+
+
+def _static_output_shapes(path: str, max_num: int) -> None:
+    """Write the static output shapes of a TensorRT graph (``dets [1, max_num, 5]``,
+    ``labels [1, max_num]``), which shape inference cannot see through the plugin node."""
+    model = onnx.load(path)
+    for out in model.graph.output:
+        dims = [1, max_num, 5] if out.name == 'dets' else [1, max_num]
+        shape = out.type.tensor_type.shape
+        del shape.dim[:]
+        for d in dims:
+            shape.dim.add().dim_value = d
+    onnx.save(model, path)
+
+
+def deploy_end2end(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any, *,
+                   work_dir: str | Path, device: str = 'cpu',
+                   model: torch.nn.Module | None = None) -> DeployResult:
+    """``export_end2end`` → ``to_backend`` → the torch-free runtime checked against the
+    fake-quant model's detections on the export image."""
+    from mmdeploy.apis.utils import to_backend
+    from mmdeploy.backend.base import get_backend_manager
+    from mmdeploy.utils import get_backend, load_config
+
+    deploy_cfg, model_cfg = load_config(deploy_cfg, model_cfg)
+    result = export_end2end(deploy_cfg, model_cfg, checkpoint, img, work_dir, device,
+                            model=model)
+    backend = get_backend(deploy_cfg).value
+    manager = get_backend_manager(backend)
+    if backend == 'onnxruntime':
+        result.backend_files = list(result.onnx_files)
+    elif manager is None or not manager.is_available():
+        result.notes.append(f'backend {backend!r} is not installed here: stopping at the '
+                            f'ONNX model {result.onnx_file}')
+        return result
+    else:
+        result.backend_files = list(to_backend(backend, list(result.onnx_files),
+                                               str(work_dir), deploy_cfg=deploy_cfg,
+                                               device=device))
+    result.notes.append(f'{backend}: {check_end2end(work_dir)}')
+    return result

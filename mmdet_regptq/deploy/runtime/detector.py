@@ -1,0 +1,101 @@
+"""Load a deployed work dir and detect objects in images (no torch, no mmdet).
+
+``spec.json`` names the backend and its file: ``onnxruntime`` runs the end-to-end graph
+(``dets`` + ``labels``); ``tvm_int4`` / ``tvm_relax`` run the TVM artifact of the raw head
+outputs and then :class:`~mmdet_regptq.deploy.runtime.postprocess.DensePostProcessor`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mmdet_regptq.deploy.runtime.postprocess import DensePostProcessor, rescale_detections
+from mmdet_regptq.deploy.runtime.preprocess import PreparedImage, Preprocess
+
+__all__ = ['Detections', 'Detector', 'ORT_BACKENDS', 'TVM_BACKENDS']
+
+ORT_BACKENDS = ('onnxruntime',)
+TVM_BACKENDS = ('tvm_int4', 'tvm_relax')
+
+
+@dataclass
+class Detections:
+    """One image's detections in its original pixel coordinates."""
+
+    boxes: np.ndarray    # [N, 4] x1, y1, x2, y2
+    scores: np.ndarray   # [N]
+    labels: np.ndarray   # [N] class indices
+
+    def to_list(self, classes: list[str] | None = None) -> list[dict]:
+        return [dict(bbox=[round(float(v), 2) for v in b], score=round(float(s), 4),
+                     label=int(lab), **({'class': classes[int(lab)]} if classes else {}))
+                for b, s, lab in zip(self.boxes, self.scores, self.labels)]
+
+
+def _ort_backend(path: Path, threads: int) -> Callable[[np.ndarray], tuple]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    session = ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        dets, labels = session.run(['dets', 'labels'], {name: x})
+        return dets[0], labels[0]
+    return run
+
+
+def _tvm_backend(work_dir: Path, spec: dict) -> Callable[[np.ndarray], tuple]:
+    from mmdet_regptq.deploy.tvm.runner import TvmRunner
+
+    runner = TvmRunner(work_dir / spec['model'])
+    stored = np.load(work_dir / spec['priors'])
+    post = DensePostProcessor(spec['postprocess'],
+                              [stored[f'priors{i}'] for i in range(len(stored.files))])
+    name = runner.input_names[0]
+    return lambda x: post(runner({name: x}))
+
+
+class Detector:
+    """A deployed detector.
+
+    Args:
+        work_dir: the deploy work dir (``spec.json`` and the backend files).
+        threads: ONNX Runtime intra-op threads (0 = its default).
+    """
+
+    def __init__(self, work_dir: str | Path, threads: int = 0) -> None:
+        self.work_dir = Path(work_dir)
+        spec_file = self.work_dir / 'spec.json'
+        if not spec_file.exists():
+            raise FileNotFoundError(f'{spec_file} not found: deploy with an end-to-end deploy '
+                                    'config (codebase_config.model_type=\'end2end\')')
+        self.spec: dict[str, Any] = json.loads(spec_file.read_text())
+        self.preprocess = Preprocess(self.spec['preprocess'])
+        self.classes = self.spec.get('classes')
+        backend = self.spec['backend']
+        if backend in ORT_BACKENDS:
+            self.run = _ort_backend(self.work_dir / self.spec['model'], threads)
+        elif backend in TVM_BACKENDS:
+            self.run = _tvm_backend(self.work_dir, self.spec)
+        else:
+            raise ValueError(f'spec.json backend {backend!r}; allowed: '
+                             f'{", ".join(ORT_BACKENDS + TVM_BACKENDS)}')
+
+    def prepare(self, image: str | Path | np.ndarray) -> PreparedImage:
+        img = self.preprocess.load(str(image)) if not isinstance(image, np.ndarray) else image
+        return self.preprocess(img)
+
+    def __call__(self, image: str | Path | np.ndarray) -> Detections:
+        """Detections of an image file or a BGR ``uint8`` array ``[h, w, 3]``."""
+        prepared = self.prepare(image)
+        dets, labels = self.run(prepared.tensor)
+        dets = rescale_detections(np.asarray(dets, np.float32).reshape(-1, 5),
+                                  prepared.scale_factor)
+        return Detections(dets[:, :4], dets[:, 4], np.asarray(labels, np.int64).reshape(-1))

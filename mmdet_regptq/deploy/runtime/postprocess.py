@@ -1,0 +1,150 @@
+"""The post-processing of a dense detector's raw outputs in NumPy (for backends whose graph
+stops at the raw head outputs, e.g. ``tvm_int4``), and the final rescale of any backend's
+detections to the original image.
+
+The steps are those of the end-to-end ONNX graph (``deploy/detectors/end2end.py``), i.e.
+mmdet's ``BaseDenseHead`` predict: per level the top ``nms_pre`` (prior, class) scores,
+decoding, score threshold, score factor, minimum box size, class-aware greedy NMS (mmcv's
+algorithm: descending score, suppress IoU > threshold) and ``max_per_img``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ['nms', 'batched_nms', 'decode', 'DensePostProcessor', 'rescale_detections']
+
+_F32 = np.float32
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_num: int
+        ) -> np.ndarray:
+    """Greedy NMS as mmcv's CPU kernel: indices kept, best first, at most ``max_num``."""
+    order = np.argsort(-scores, kind='stable')
+    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
+    areas = (x2 - x1) * (y2 - y1)
+    suppressed = np.zeros(len(boxes), bool)
+    keep = []
+    for pos, i in enumerate(order):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        if len(keep) >= max_num:
+            break
+        rest = order[pos + 1:]
+        w = np.maximum(_F32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(_F32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        with np.errstate(invalid='ignore', divide='ignore'):
+            ovr = inter / (areas[i] + areas[rest] - inter)
+        suppressed[rest[ovr > iou_threshold]] = True
+    return np.asarray(keep, np.int64)
+
+
+def batched_nms(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray, iou_threshold: float,
+                max_num: int) -> np.ndarray:
+    """Class-aware NMS with mmcv's coordinate offset (``idx * (max coordinate + 1)``)."""
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    offsets = idxs.astype(_F32) * (boxes.max() + _F32(1))
+    return nms(boxes + offsets[:, None], scores, iou_threshold, max_num)
+
+
+def _clip(boxes: np.ndarray, max_shape: Sequence[int]) -> np.ndarray:
+    boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, max_shape[1])
+    boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, max_shape[0])
+    return boxes
+
+
+def decode(coder: Mapping[str, Any], priors: np.ndarray, deltas: np.ndarray,
+           max_shape: Sequence[int]) -> np.ndarray:
+    """``DeltaXYWHBBoxCoder`` / ``DistancePointBBoxCoder`` decoding in float32."""
+    if coder['type'] == 'DistancePointBBoxCoder':
+        p = priors[:, :2]
+        boxes = np.stack([p[:, 0] - deltas[:, 0], p[:, 1] - deltas[:, 1],
+                          p[:, 0] + deltas[:, 2], p[:, 1] + deltas[:, 3]], -1)
+        return _clip(boxes, max_shape) if coder['clip_border'] else boxes
+    if coder['type'] != 'DeltaXYWHBBoxCoder':
+        raise ValueError(f"box coder {coder['type']!r}: allowed DeltaXYWHBBoxCoder, "
+                         'DistancePointBBoxCoder')
+    denorm = deltas * np.asarray(coder['stds'], _F32) + np.asarray(coder['means'], _F32)
+    dxy, dwh = denorm[:, :2], denorm[:, 2:]
+    pxy = (priors[:, :2] + priors[:, 2:4]) * _F32(0.5)
+    pwh = priors[:, 2:4] - priors[:, :2]
+    dxy_wh = pwh * dxy
+    max_ratio = _F32(abs(math.log(coder['wh_ratio_clip'])))
+    if coder['add_ctr_clamp']:
+        ctr = _F32(coder['ctr_clamp'])
+        dxy_wh = np.clip(dxy_wh, -ctr, ctr)
+        dwh = np.minimum(dwh, max_ratio)
+    else:
+        dwh = np.clip(dwh, -max_ratio, max_ratio)
+    gxy = pxy + dxy_wh
+    gwh = pwh * np.exp(dwh)
+    boxes = np.concatenate([gxy - gwh * _F32(0.5), gxy + gwh * _F32(0.5)], -1)
+    return _clip(boxes, max_shape) if coder['clip_border'] else boxes
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (_F32(1) / (_F32(1) + np.exp(-x))).astype(_F32)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(_F32)
+
+
+class DensePostProcessor:
+    """Raw outputs ``raw{i}_{j}`` of a dense head → ``(dets [N, 5], labels [N])``.
+
+    Args:
+        spec: ``spec['postprocess']`` (written by ``detectors/spec.py``).
+        priors: per level ``[P, 4]`` anchors or ``[P, 2]`` points.
+    """
+
+    def __init__(self, spec: Mapping[str, Any], priors: Sequence[np.ndarray]) -> None:
+        self.spec = spec
+        self.cfg = spec['test_cfg']
+        self.priors = [np.asarray(p, _F32) for p in priors]
+
+    def level(self, i: int, raw: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        s = self.spec
+        scores = raw[f'raw0_{i}'][0].transpose(1, 2, 0).reshape(-1, s['cls_out_channels'])
+        scores = _sigmoid(scores) if s['use_sigmoid'] else _softmax(scores)[:, :-1]
+        deltas = raw[f'raw1_{i}'][0].transpose(1, 2, 0).reshape(-1, s['encode_size'])
+        flat = scores.reshape(-1)
+        nms_pre = int(self.cfg.get('nms_pre', -1))
+        k = flat.size if nms_pre <= 0 else min(nms_pre, flat.size)
+        idx = np.argsort(-flat, kind='stable')[:k]
+        top = flat[idx]
+        prior_idx, labels = np.divmod(idx, scores.shape[1])
+        boxes = decode(s['coder'], self.priors[i][prior_idx], deltas[prior_idx],
+                       s['input_shape'])
+        passed = top > _F32(self.cfg.get('score_thr', 0.0))
+        if s['score_factors']:
+            top = top * _sigmoid(raw[f'raw2_{i}'][0].reshape(-1))[prior_idx]
+        return boxes, top, labels, passed
+
+    def __call__(self, raw: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        parts = [self.level(i, raw) for i in range(len(self.priors))]
+        boxes, scores, labels, valid = (np.concatenate(t) for t in zip(*parts))
+        min_size = self.cfg.get('min_bbox_size', -1)
+        if min_size is not None and min_size >= 0:
+            valid &= ((boxes[:, 2] - boxes[:, 0]) > min_size) & \
+                ((boxes[:, 3] - boxes[:, 1]) > min_size)
+        boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
+        keep = batched_nms(boxes, scores, labels, float(self.cfg['nms']['iou_threshold']),
+                           int(self.cfg.get('max_per_img', 100)))
+        dets = np.concatenate([boxes[keep], scores[keep, None]], 1).astype(_F32)
+        return dets, labels[keep].astype(np.int64)
+
+
+def rescale_detections(dets: np.ndarray, scale_factor: Sequence[float]) -> np.ndarray:
+    """Boxes from the network input back to the original image (mmdet ``rescale=True``:
+    times ``1 / scale`` per axis, ``scale_factor = (w scale, h scale)``)."""
+    out = dets.astype(_F32).copy()
+    out[:, 0:4:2] *= _F32(1 / scale_factor[0])
+    out[:, 1:4:2] *= _F32(1 / scale_factor[1])
+    return out
