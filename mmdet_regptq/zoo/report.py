@@ -139,19 +139,10 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: Any) -> str:
                      f"{yes_no(r.get('calibrated'))} | {yes_no(r.get('predicted'))} | "
                      f"{seconds_cell(r, args.timeout)} | {err} |")
     fp_fail = [r for r in rows if not r.get('fp_ok')]
-    lines += ['', f'## FP failures ({len(fp_fail)}): not counted in the quantization rate', '',
-              '| folder | config | reason | error |', '|---|---|---|---|']
-    for r in fp_fail:
-        err = (r.get('error') or '').replace('|', '\\|')[:160]
-        lines.append(f"| {r['folder']} | {Path(r.get('config', '')).name} | "
-                     f"{r.get('failure')} | {err} |")
+    lines += _failure_table(f'FP failures ({len(fp_fail)}): not counted in the quantization '
+                            'rate', 'reason', fp_fail)
     q_fail = [r for r in fp_ok if not r.get('predicted')]
-    lines += ['', f'## Quantization failures ({len(q_fail)})', '',
-              '| folder | config | class | error |', '|---|---|---|---|']
-    for r in q_fail:
-        err = (r.get('error') or '').replace('|', '\\|')[:160]
-        lines.append(f"| {r['folder']} | {Path(r.get('config', '')).name} | "
-                     f"{r.get('failure')} | {err} |")
+    lines += _failure_table(f'Quantization failures ({len(q_fail)})', 'class', q_fail)
     classes: dict[str, int] = {}
     for r in q_fail:
         classes[r['failure']] = classes.get(r['failure'], 0) + 1
@@ -160,3 +151,13 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: Any) -> str:
                                                sorted(classes.items(), key=lambda kv: -kv[1]))]
     lines += ['', '## Out of scope', '', ', '.join(f'{f} ({why})' for f, why in skipped), '']
     return '\n'.join(lines)
+
+
+def _failure_table(title: str, what: str, rows: list[dict]) -> list[str]:
+    """A Markdown section: one row per failed folder with its failure class and error."""
+    lines = ['', f'## {title}', '', f'| folder | config | {what} | error |', '|---|---|---|---|']
+    for r in rows:
+        err = (r.get('error') or '').replace('|', '\\|')[:160]
+        lines.append(f"| {r['folder']} | {Path(r.get('config', '')).name} | "
+                     f"{r.get('failure')} | {err} |")
+    return lines
