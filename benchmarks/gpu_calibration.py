@@ -32,7 +32,6 @@ and the tail-input cache); over N processes each holds 1/N of it.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import socket
@@ -226,19 +225,14 @@ def report(results: list[dict], args: argparse.Namespace, where: str) -> None:
     model = 'RetinaNet R50-FPN' if args.model == 'r50' else f'bundled {args.model}'
     print('\n' + Table.from_rows(summary, f'calibration time, {model} W4A4 '
                                           f'({where})').format())
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
-    with tmp.open('w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(['method', 'processes', 'device', 'images', 'size', 'iters', 'unit',
-                         'name', 'kind', 'seconds'])
-        for r in results:
-            for i, n, k, s in r['units']:
-                writer.writerow([r['method'], r['processes'], where, args.num_images,
-                                 f'{h}x{w}', args.iters, i + 1, n, k, round(s, 3)])
-    tmp.replace(path)
-    print(f'\nCSV: {path}')
+    table = Table(['method', 'processes', 'device', 'images', 'size', 'iters', 'unit', 'name',
+                   'kind', 'seconds'])
+    for r in results:
+        for i, n, k, s in r['units']:
+            table.add(method=r['method'], processes=r['processes'], device=where,
+                      images=args.num_images, size=f'{h}x{w}', iters=args.iters, unit=i + 1,
+                      name=n, kind=k, seconds=round(s, 3))
+    print(f'\nCSV: {table.to_csv(args.csv)}')
 
 
 def main(argv: list[str] | None = None) -> int:
