@@ -23,17 +23,21 @@ def build_calib_dataset(cfg: Config, dataset: dict | None = None) -> Any:
 
     Args:
         cfg: the full runner config (``train_dataloader`` and ``test_dataloader`` used).
-        dataset: an explicit dataset config overriding the default.
+        dataset: an explicit dataset config overriding the default; a dataset (or a
+            wrapped one) without ``pipeline`` gets the test pipeline.
     """
     if dataset is None:
         if cfg.get('train_dataloader') is None:
             raise ValueError('calib: the config has no train_dataloader; set '
                              'calib.dataloader=dict(dataset=...) to name calibration images')
-        test_pipeline = _as_dict(cfg.test_dataloader['dataset'])['pipeline']
-        dataset = _with_pipeline(_as_dict(cfg.train_dataloader['dataset']), test_pipeline)
+        dataset = _with_pipeline(_as_dict(cfg.train_dataloader['dataset']),
+                                 _test_pipeline(cfg, 'train_dataloader.dataset'))
         field = 'train_dataloader.dataset'
     else:
         field = 'calib.dataloader.dataset'
+        dataset = _as_dict(dataset)
+        if _lacks_pipeline(dataset):
+            dataset = _with_pipeline(dataset, _test_pipeline(cfg, field), keep=True)
     from mmdet.utils import register_all_modules  # noqa: F401  (scope for building)
     with DATASETS.switch_scope_and_registry(cfg.get('default_scope', 'mmdet')) as registry:
         try:
@@ -48,17 +52,37 @@ def build_calib_dataset(cfg: Config, dataset: dict | None = None) -> Any:
             raise
 
 
-def _with_pipeline(node: dict, pipeline: list) -> dict:
+def _test_pipeline(cfg: Config, field: str) -> list:
+    loader = cfg.get('test_dataloader')
+    pipeline = _as_dict(loader['dataset']).get('pipeline') if loader else None
+    if not pipeline:
+        raise ValueError(f'calib: {field} needs a pipeline and the config has no '
+                         'test_dataloader.dataset.pipeline to take it from; set '
+                         'calib.dataloader=dict(dataset=dict(..., pipeline=[...]))')
+    return pipeline
+
+
+def _lacks_pipeline(node: dict) -> bool:
+    """True if some leaf dataset of ``node`` has no ``pipeline``."""
+    if 'datasets' in node:
+        return any(_lacks_pipeline(d) for d in node['datasets'])
+    if 'dataset' in node and 'pipeline' not in node:
+        return _lacks_pipeline(node['dataset'])
+    return not node.get('pipeline')
+
+
+def _with_pipeline(node: dict, pipeline: list, keep: bool = False) -> dict:
     """Give every leaf dataset ``pipeline``: wrappers hold one dataset in ``dataset``
     (RepeatDataset, ClassBalancedDataset) or several in ``datasets`` (ConcatDataset, as
-    the VOC07+12 configs); a mosaic/mix-up wrapper is dropped (its inner images are used)."""
+    the VOC07+12 configs); a mosaic/mix-up wrapper is dropped (its inner images are used).
+    With ``keep``, leaves that have a pipeline keep it (an explicit calibration dataset)."""
     if str(node.get('type', '')).split('.')[-1] == 'MultiImageMixDataset':
-        return _with_pipeline(node['dataset'], pipeline)
+        return _with_pipeline(node['dataset'], pipeline, keep)
     if 'datasets' in node:
-        node['datasets'] = [_with_pipeline(d, pipeline) for d in node['datasets']]
+        node['datasets'] = [_with_pipeline(d, pipeline, keep) for d in node['datasets']]
     elif 'dataset' in node and 'pipeline' not in node:
-        node['dataset'] = _with_pipeline(node['dataset'], pipeline)
-    else:
+        node['dataset'] = _with_pipeline(node['dataset'], pipeline, keep)
+    elif not (keep and node.get('pipeline')):
         node['pipeline'] = copy.deepcopy(pipeline)
     return node
 

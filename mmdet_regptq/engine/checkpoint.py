@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from mmdet_regptq.io import atomic_save
 from mmdet_regptq.quant import (AdaRoundQuantizer, QuantModule, UniformQuantizer, pack_int,
                                 unpack_int)
+from mmdet_regptq.safe_load import CorruptCheckpointError, load_checkpoint_file
 
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
@@ -145,6 +147,69 @@ def check_finite(state: dict[str, Any], what: str) -> None:
                                      'NaN/Inf)')
 
 
+def check_fp_weights(model: nn.Module) -> None:
+    """Raise ``FloatingPointError`` when a float tensor of the FP model is NaN/Inf.
+
+    Checked once before calibration: NaN weights would otherwise surface units later as
+    a calibration failure (or, without a checkpoint to write, as a run with empty results).
+    """
+    bad = [key for key, value in model.state_dict().items()
+           if isinstance(value, Tensor) and value.is_floating_point()
+           and not bool(torch.isfinite(value).all())]
+    if bad:
+        more = f' and {len(bad) - 1} more tensor(s)' if len(bad) > 1 else ''
+        raise FloatingPointError(
+            f'the FP model has NaN/Inf values in {bad[0]!r}{more} before calibration: the '
+            'checkpoint loaded into the detector is broken (e.g. saved from a diverged '
+            'training run); load a checkpoint with finite weights')
+
+
+def check_fp_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True,
+                        logger: logging.Logger | None = None) -> list[str]:
+    """Compare the FP checkpoint ``path`` with ``model`` (before quantization).
+
+    mmengine's Runner loads ``load_from`` non-strictly: a checkpoint of another detector
+    leaves layers at their random init with only a log warning, and calibrating that model
+    gives AP 0. Keys are compared as the Runner loads them (``state_dict`` of the file,
+    ``module.`` prefix removed; a missing ``num_batches_tracked`` is fine).
+
+    Args:
+        model: the float detector the checkpoint was loaded into.
+        path: the checkpoint file.
+        strict: raise on any difference; False logs a warning instead.
+        logger: where the warning goes (default: the current MMLogger).
+
+    Returns:
+        The problems found (empty when the checkpoint fits).
+
+    Raises:
+        ValueError: with ``strict``, missing / unexpected keys or shape mismatches, named.
+    """
+    ckpt = load_checkpoint_file(path, map_location='cpu')
+    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f'FP checkpoint {str(path)!r} holds no state_dict')
+    state = {re.sub(r'^module\.', '', k): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith('num_batches_tracked')]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f'{k}: {tuple(state[k].shape)} in the checkpoint, {tuple(own[k].shape)} in the '
+              'model' for k in own if k in state and isinstance(state[k], Tensor)
+              and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = [f'{len(keys)} {what} key(s) {keys[:5]}{" ..." if len(keys) > 5 else ""}'
+                for what, keys in (('missing', missing), ('unexpected', unexpected),
+                                   ('shape-mismatched', shapes)) if keys]
+    if problems:
+        msg = (f'FP checkpoint {str(path)!r} does not fit the {type(model).__name__} of this '
+               f'config: {"; ".join(problems)}. The Runner loads it non-strictly, so those '
+               'layers would keep their random init and calibration would quantize a broken '
+               'model; use the checkpoint trained with this config')
+        if strict:
+            raise ValueError(msg + ' (strict=False in RegPTQHook only warns)')
+        (logger or MMLogger.get_current_instance()).warning(msg)
+    return problems
+
+
 def save_quantized(model: nn.Module, path: str | Path, meta: dict[str, Any], *,
                    pack: bool = True, logger: logging.Logger | None = None) -> Path:
     """Write the quantized model atomically (temp file + rename) and log its size.
@@ -189,15 +254,17 @@ def read_quantized(path: str | Path) -> dict:
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: corrupt, truncated, another kind of file, or an unknown format version.
+        UnsafeCheckpointError: the file asks for a Python global outside the allow-list
+            (nothing from it runs; :mod:`mmdet_regptq.safe_load`).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'quantized_checkpoint={str(path)!r} does not exist')
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means corrupt
-        raise ValueError(f'quantized_checkpoint={str(path)!r} cannot be read '
-                         f'(corrupt or not a torch file): {err}') from err
+        ckpt = load_checkpoint_file(path, map_location='cpu')
+    except CorruptCheckpointError as err:
+        raise CorruptCheckpointError(f'quantized_checkpoint={str(path)!r} cannot be read '
+                                     f'(corrupt or not a torch file): {err}') from None
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'meta' not in ckpt:
         raise ValueError(f'quantized_checkpoint={str(path)!r} is not a quantized checkpoint '
                          f"(expected keys 'state_dict' and 'meta')")

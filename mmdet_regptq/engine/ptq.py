@@ -5,35 +5,40 @@ PTQ method over cached calibration batches) -> save (atomic ``quantized.pth``).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from mmdet_regptq.calib import FGICLoss, build_method, output_mse
-from mmdet_regptq.calib import dist as calib_dist
-from mmdet_regptq.engine.checkpoint import load_quantized, save_quantized
-from mmdet_regptq.engine.resume import CalibrationResume, fingerprint, sigterm_as_exception
+from mmdet_regptq.calib import FGICLoss, output_mse
+from mmdet_regptq.engine.checkpoint import check_fp_weights, load_quantized, save_quantized
+from mmdet_regptq.engine.resume import (CalibrationResume, fingerprint, sigterm_as_exception,
+                                        weights_digest)
+from mmdet_regptq.engine.validate import build_method, check_unmatched
 from mmdet_regptq.models.adapters import DetectorAdapter, find_adapter
 from mmdet_regptq.quant import QuantPolicy, quantize_model
 
-def build_policy(quant: QuantPolicy | Mapping[str, Any] | None,
-                 adapter: DetectorAdapter | None = None) -> QuantPolicy:
-    """The hook's ``quant=dict(...)`` as a validated ``QuantPolicy`` (no model needed).
+_POLICY_KEYS = ('w_bits', 'a_bits', 'first_layer_bits', 'first_layer', 'fp_layers',
+                'quantize_final', 'overrides', 'weight', 'act', 'fold_bn')
 
-    Fields, defaults and checks are :meth:`QuantPolicy.from_cfg`'s. With an ``adapter``,
-    the detector's final prediction layers join ``final_layers`` (kept FP unless
-    ``quantize_final=True``).
+
+def build_policy(quant: dict, adapter: DetectorAdapter) -> QuantPolicy:
+    """Translate the hook's ``quant=dict(...)`` into a ``QuantPolicy``.
+
+    The adapter's final prediction layers are kept FP unless ``quantize_final=True``;
+    user ``fp_layers`` are added to them.
     """
-    policy = QuantPolicy.from_cfg(quant)
-    if adapter is None:
-        return policy
-    return dataclasses.replace(
-        policy, final_layers=adapter.fp_layer_patterns() + policy.final_layers)
+    unknown = sorted(set(quant) - set(_POLICY_KEYS))
+    if unknown:
+        raise KeyError(f'quant: unknown field(s) {unknown}; allowed: {list(_POLICY_KEYS)}')
+    quant = dict(quant)
+    fp_layers = list(quant.pop('fp_layers', []))
+    if not quant.get('quantize_final', False):
+        fp_layers = adapter.fp_layer_patterns() + fp_layers
+    return QuantPolicy(fp_layers=fp_layers, **quant)
 
 
 def prepare_batches(adapter: DetectorAdapter, loader: Iterable[dict]) -> list[dict]:
@@ -74,6 +79,7 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
                       quantized_checkpoint: str | None = None, seed: int = 0,
                       logger: logging.Logger | None = None,
                       meta: dict | None = None, resume: bool = True,
+                      recalibrate: bool = False, strict: bool = True,
                       on_unit_end: Callable[[int, Any, Any], None] | None = None) -> dict:
     """Quantize ``model`` in place and calibrate it (or load a saved result).
 
@@ -87,7 +93,13 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
         seed: seed of the calibration (same seed -> identical checkpoint).
         resume: with a ``work_dir``, save the state after every finished unit
             (``quantized.partial.pth``, atomic) and continue from it on a rerun with the
-            same settings (see :mod:`mmdet_regptq.engine.resume`).
+            same settings and FP weights; a finished ``quantized.pth`` with the same
+            fingerprint is loaded instead of calibrating (see
+            :mod:`mmdet_regptq.engine.resume`).
+        recalibrate: ignore a finished ``quantized.pth`` and a partial state in
+            ``work_dir``; calibrate every unit again.
+        strict: a user ``fp_layers`` / ``overrides`` regex matching no layer is an error
+            (False: a warning in ``logger``).
         on_unit_end: extra ``calibrate`` callback ``(index, unit, stats)``, called after
             the partial state of that unit is saved.
 
@@ -98,73 +110,73 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
     model.eval()
     adapter = find_adapter(model)
     policy = build_policy(quant, adapter)
-    # the bits are recorded in the checkpoint meta and the resume fingerprint, given or not
-    quant = {'w_bits': policy.w_bits, 'a_bits': policy.a_bits, **quant}
     method_obj = build_method(method)
-    method_obj.set_layer_defaults(head=adapter.head_layer_patterns(),
-                                  regression=adapter.regression_layer_patterns())
-    method_obj.set_output_defaults(sigmoid=adapter.uses_sigmoid)   # PD-Quant's KL
+    if hasattr(method_obj, 'set_layer_defaults'):  # Reg-PTQ: head / regression-branch regexes
+        method_obj.set_layer_defaults(head=adapter.head_layer_patterns(),
+                                      regression=adapter.regression_layer_patterns())
+    if not quantized_checkpoint:
+        check_fp_weights(model)   # NaN/Inf in the loaded checkpoint: fail before any unit
+    session = None
+    if work_dir is not None and resume and not quantized_checkpoint:
+        weights = weights_digest(model)   # the FP state as loaded, before module swapping
     batches = prepare_batches(adapter, loader)
     # Reg-PTQ's FGIC on decoded predictions; other methods keep their default (output MSE).
     # Probed on the float model before swapping; not needed when a checkpoint is loaded.
-    fgic = method_obj.global_loss_config()
-    global_loss = (build_global_loss(adapter, fgic, batches[0], logger)
-                   if fgic is not None and not quantized_checkpoint else None)
+    global_loss = (build_global_loss(adapter, method_obj.fgic, batches[0], logger)
+                   if hasattr(method_obj, 'fgic') and not quantized_checkpoint else None)
     report = quantize_model(model, policy, example_forward=lambda m: adapter.forward(m, batches[0]))
+    check_unmatched(report, quant, strict=strict, logger=logger)
     logger.info('quantized layers:\n' + report.table())
     result: dict = {'report': report}
     start = time.perf_counter()
+    if work_dir is not None and resume and not quantized_checkpoint:
+        # --- resume (engine/resume.py): partial state per unit, finished file reused -----
+        session = CalibrationResume(work_dir, fingerprint(
+            quant=quant, method=method, seed=seed, batches=batches,
+            layers=[(r.name, r.w_bits, r.a_bits) for r in report.layers],
+            config=(meta or {}).get('config'), weights=weights), logger=logger)
+        finished = None if recalibrate else session.finished()
+        if finished is not None:
+            quantized_checkpoint = str(finished)
+            result['reused'] = quantized_checkpoint
     if quantized_checkpoint:
-        method_obj.prepare_model(model)   # e.g. Reg-PTQ's LLAQ layers carry their own state
+        if hasattr(method_obj, 'install_llaq'):  # Reg-PTQ: LLAQ layers carry their own state
+            method_obj.install_llaq(model)
         load_quantized(model, quantized_checkpoint, expect=_describe(quant, method))
         result['loaded'] = quantized_checkpoint
+        if session is not None:   # reused: a partial file of the same run is obsolete
+            session.finish()
     else:
-        # --- resume (engine/resume.py): partial state per unit under work_dir ---------
-        partial = start_unit = None
-        if work_dir is not None and resume:
-            partial = CalibrationResume(work_dir, fingerprint(
-                quant=quant, method=method, seed=seed, batches=batches,
-                layers=[(r.name, r.w_bits, r.a_bits) for r in report.layers],
-                config=(meta or {}).get('config')), logger=logger)
-            state = partial.load()
+        partial = session
+        start_unit = None
+        if partial is not None:
+            state = partial.load(ignore=recalibrate)
             if state is not None:
                 units = method_obj.find_units(model, adapter.forward, batches[0])
                 start_unit = partial.restore(model, method_obj, units, state)
-        if calib_dist.is_active():   # the other ranks take the main process's partial state
-            start_unit = calib_dist.from_main(start_unit)
-            if start_unit and partial is None:
-                method_obj.restore_finished(model, method_obj.find_units(
-                    model, adapter.forward, batches[0]), start_unit)
-            if start_unit:
-                calib_dist.broadcast_state(model)
         callbacks = ([partial.on_unit_end(model)] if partial else []) + (
             [on_unit_end] if on_unit_end else [])
         # --------------------------------------------------------------------------------
         torch.manual_seed(seed)
         # FGIC decodes boxes only: its tail forwards can leave out what decoding never reads
         tail_fn = adapter.box_forward if isinstance(global_loss, FGICLoss) else None
-        with sigterm_as_exception():
+        with sigterm_as_exception(partial, logger):
             result['stats'] = method_obj.calibrate(
                 model, batches, adapter.forward, output_fn=adapter.logits,
                 global_loss=global_loss, logger=logger, seed=seed, start_unit=start_unit or 0,
                 on_unit_end=_chain(callbacks), tail_fn=tail_fn)
-        calib_dist.check_identical(model)   # data-parallel: every rank ends the same
         if work_dir is not None:
             path = Path(work_dir) / 'quantized.pth'
+            fprint = {'fingerprint': partial.fingerprint} if partial is not None else {}
             save_quantized(model, path, meta={**(meta or {}), **_describe(quant, method),
-                                              **_method_options(method)},
+                                              **_method_options(method), **fprint},
                            logger=logger)
             result['checkpoint'] = str(path)
             logger.info(f'saved the quantized model to {path}')
-        calib_dist.barrier()   # data-parallel: the others wait until it is written
         if partial is not None:
             partial.finish()
         result['resumed_from_unit'] = start_unit or 0
     result['seconds'] = time.perf_counter() - start
-    if 'stats' in result:
-        size = calib_dist.world()[1]
-        logger.info(f'calibration took {result["seconds"]:.1f} s'
-                    + (f' (data-parallel over {size} processes)' if size > 1 else ''))
     model.eval()
     return result
 

@@ -4,13 +4,18 @@ A calibration of a large detector takes hours; a killed job (SIGTERM from a sche
 an OOM, Ctrl-C) should not start over. After every finished unit
 :meth:`CalibrationResume.save` writes ``work_dir/quantized.partial.pth`` (temp file +
 rename, so a reader sees the previous complete file or the new one, never half of one).
-On the next run with the same work_dir, config, bits, method, seed and calibration images,
+On the next run with the same work_dir, config, bits, method, seed, calibration images and
+FP weights (a SHA-256 of the float state dict as loaded, :func:`weights_digest`),
 :meth:`CalibrationResume.load` finds it and :meth:`CalibrationResume.restore` rebuilds the
 finished units (``method.restore_finished``) and loads their state; calibration continues
 with ``start_unit = num_finished`` and ends with the same model as an uninterrupted run
 (unit ``k`` always reconstructs with seed ``seed + k``). The partial file is removed once
-the final checkpoint is written. A partial file made with other settings is ignored
-(warning) and overwritten.
+the final checkpoint is written. A partial file made with other settings or other weights
+is ignored with a warning naming what differs, and overwritten: a run never mixes models.
+
+The final ``quantized.pth`` records the same fingerprint; a rerun whose fingerprint matches
+reuses it (:meth:`CalibrationResume.finished`) instead of calibrating again, so a crash
+after calibration (during evaluation) costs only the evaluation.
 
 SIGTERM during calibration is turned into :class:`CalibrationInterrupted` (a
 ``SystemExit``) so that clean-up code runs (no ``.tmp`` file is left behind); stale
@@ -22,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import pickle
 import signal
 import threading
 from pathlib import Path
@@ -30,9 +36,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from mmdet_regptq.engine.checkpoint import check_finite
+from mmdet_regptq.engine.checkpoint import check_finite, read_quantized
 from mmdet_regptq.io import atomic_save
 from mmdet_regptq.quant.quantizers import HARD_ALPHA
+from mmdet_regptq.safe_load import load_checkpoint_file
 
 PARTIAL_NAME = 'quantized.partial.pth'
 FINAL_NAME = 'quantized.pth'
@@ -43,9 +50,32 @@ class CalibrationInterrupted(SystemExit):
     """Raised in the main thread when the process gets SIGTERM during calibration."""
 
 
+#: Fingerprint fields as a user reads them in a warning.
+_READABLE = {'weights_sha256': 'FP weights (another checkpoint is loaded into the detector)',
+             'data_sha256': 'calibration images', 'layers_sha256': 'quantized layers',
+             'num_batches': 'number of calibration batches'}
+
+
+@torch.no_grad()
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of ``model.state_dict()`` (names, dtypes, shapes and bytes), as loaded.
+
+    Two checkpoints give the same digest only when every tensor is bit-identical.
+    """
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        if not isinstance(value, Tensor):
+            continue
+        t = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f'{key}|{t.dtype}|{tuple(value.shape)}|'.encode())
+        digest.update(t.view(torch.uint8).numpy() if t.numel() else b'')
+    return digest.hexdigest()
+
+
 def fingerprint(*, quant: dict, method: Any, seed: int, batches: Sequence[dict],
-                layers: Sequence[tuple[str, Any, Any]], config: str | None = None) -> dict:
-    """What must be equal for a partial calibration to be resumed.
+                layers: Sequence[tuple[str, Any, Any]], config: str | None = None,
+                weights: str | None = None) -> dict:
+    """What must be equal for a partial calibration to be resumed (or a finished one reused).
 
     Args:
         quant: the policy fields.
@@ -54,6 +84,7 @@ def fingerprint(*, quant: dict, method: Any, seed: int, batches: Sequence[dict],
         batches: the prepared calibration batches (their inputs are hashed).
         layers: ``(name, w_bits, a_bits)`` of every layer of the quantization report.
         config: the config file name, if any.
+        weights: :func:`weights_digest` of the float model as loaded.
     """
     digest = hashlib.sha256()
     for batch in batches:
@@ -66,7 +97,8 @@ def fingerprint(*, quant: dict, method: Any, seed: int, batches: Sequence[dict],
     return {
         'quant': _jsonable(quant), 'method': _describe_method(method), 'seed': int(seed),
         'config': config, 'num_batches': len(batches), 'data_sha256': digest.hexdigest(),
-        'layers_sha256': hashlib.sha256(repr(list(layers)).encode()).hexdigest()}
+        'layers_sha256': hashlib.sha256(repr(list(layers)).encode()).hexdigest(),
+        'weights_sha256': weights}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -81,7 +113,7 @@ def _describe_method(method: Any) -> Any:
 
 
 def _differences(a: dict, b: dict) -> list[str]:
-    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [_READABLE.get(k, k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 class CalibrationResume:
@@ -99,18 +131,27 @@ class CalibrationResume:
         self.path = self.work_dir / PARTIAL_NAME
         self.fingerprint = fingerprint
         self.logger = logger or logging.getLogger(__name__)
+        self.num_saved = 0   # finished units in the partial file (restored or written)
 
     # ------------------------------------------------------------------ reading
-    def load(self) -> dict | None:
+    def load(self, ignore: bool = False) -> dict | None:
         """The partial state if one matching this run exists, else ``None``.
 
         Removes stale temporary files of a killed writer first.
+
+        Args:
+            ignore: start from the first unit whatever the partial file holds
+                (``recalibrate=True``); it is overwritten after the first unit.
         """
         self.remove_stale_tmp()
         if not self.path.is_file():
             return None
+        if ignore:
+            self.logger.info(f'recalibrate=True: ignoring {self.path}; starting from the '
+                             'first unit')
+            return None
         try:
-            state = torch.load(self.path, map_location='cpu', weights_only=True)
+            state = load_checkpoint_file(self.path, map_location='cpu')
         except Exception as err:  # noqa: BLE001 - unreadable partial: start over
             self.logger.warning(f'ignoring unreadable partial calibration {self.path}: {err}')
             return None
@@ -124,6 +165,31 @@ class CalibrationResume:
             return None
         return state
 
+    def finished(self) -> Path | None:
+        """``work_dir/quantized.pth`` if it was made with this run's fingerprint, else None.
+
+        A final checkpoint made with other settings (or before fingerprints were recorded)
+        is left in place, logged, and overwritten when this calibration ends.
+        """
+        path = self.work_dir / FINAL_NAME
+        if not path.is_file():
+            return None
+        try:
+            saved = read_quantized(path)['meta'].get('fingerprint')
+        except (ValueError, OSError, pickle.UnpicklingError) as err:
+            self.logger.warning(f'not reusing {path}: {err}')
+            return None
+        diff = _differences(saved, self.fingerprint) if isinstance(saved, dict) else [
+            'no recorded fingerprint']
+        if diff:
+            self.logger.info(f'not reusing {path}: made with other {", ".join(diff)}; '
+                             'calibrating again (it is overwritten at the end)')
+            return None
+        self.logger.info(f'reusing the finished calibration {path}: same config, bits, '
+                         'method, seed, calibration images and FP weights (recalibrate=True '
+                         'calibrates again)')
+        return path
+
     def restore(self, model: nn.Module, method: Any, units: Sequence[Any], state: dict) -> int:
         """Rebuild the finished units and load their state; returns ``start_unit``.
 
@@ -136,6 +202,7 @@ class CalibrationResume:
                              f'allowed 1..{len(units)} for this model')
         method.restore_finished(model, units, num_finished)
         model.load_state_dict(_expand(state), strict=True)
+        self.num_saved = num_finished
         self.logger.info(f'resuming calibration from {self.path}: units 1..{num_finished} of '
                          f'{len(units)} are done (last: {units[num_finished - 1].name})')
         return num_finished
@@ -150,9 +217,20 @@ class CalibrationResume:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         check_finite(state, f'partial calibration after unit {num_finished} ({unit_name})')
         floats, signs = _compress(state)
-        return atomic_save({'version': PARTIAL_VERSION, 'num_finished': int(num_finished),
+        path = atomic_save({'version': PARTIAL_VERSION, 'num_finished': int(num_finished),
                             'fingerprint': self.fingerprint, 'state_dict': floats,
                             'alpha_signs': signs}, self.path)
+        self.num_saved = int(num_finished)
+        return path
+
+    def interrupted_message(self) -> str:
+        """What a stopped calibration left behind (logged on SIGTERM)."""
+        if self.num_saved:
+            return (f'calibration stopped by SIGTERM; a resumable state is saved: {self.path} '
+                    f'holds units 1..{self.num_saved}. Rerun the same command with the same '
+                    f'work_dir to continue from unit {self.num_saved + 1}')
+        return ('calibration stopped by SIGTERM before its first unit finished; nothing to '
+                'resume (a rerun starts from the first unit)')
 
     def on_unit_end(self, model: nn.Module):
         """A ``calibrate(on_unit_end=...)`` callback saving the state after each unit."""
@@ -197,10 +275,17 @@ def _expand(state: dict) -> dict[str, Tensor]:
 
 
 @contextlib.contextmanager
-def sigterm_as_exception() -> Iterator[None]:
+def sigterm_as_exception(resume: CalibrationResume | None = None,
+                         logger: logging.Logger | None = None) -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`CalibrationInterrupted` in the main thread
     (so ``finally`` clean-up runs); the previous handler is restored afterwards. A no-op
-    outside the main thread or when another handler is installed."""
+    outside the main thread or when another handler is installed.
+
+    Args:
+        resume: the run's partial state; on SIGTERM ``logger`` says whether (and where) a
+            resumable state was saved.
+        logger: where that message goes.
+    """
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
         yield
@@ -212,5 +297,11 @@ def sigterm_as_exception() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
+    except CalibrationInterrupted:
+        if logger is not None:
+            logger.warning(resume.interrupted_message() if resume is not None else
+                           'calibration stopped by SIGTERM; no resumable state is kept '
+                           '(no work_dir, or resume=False)')
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -133,8 +133,9 @@ def test_sigterm_mid_calibration_then_rerun(reference, tiny_cfg, tiny_batches, t
     script.write_text(textwrap.dedent(_CHILD.format(
         tests=str(Path(__file__).parent), stop=STOP_AFTER, work_dir=str(work_dir))))
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
+    stderr = open(tmp_path / 'stderr.txt', 'w')
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env)
+                            stderr=stderr, text=True, cwd=REPO, env=env)
     try:
         for line in proc.stdout:
             if line.strip() == f'UNIT {STOP_AFTER}':
@@ -144,7 +145,10 @@ def test_sigterm_mid_calibration_then_rerun(reference, tiny_cfg, tiny_batches, t
     finally:
         if proc.poll() is None:
             proc.kill()
+        stderr.close()
     assert returncode == 128 + signal.SIGTERM            # CalibrationInterrupted exit code
+    assert (f'a resumable state is saved: {work_dir / PARTIAL_NAME} holds units '
+            f'1..{STOP_AFTER}' in (tmp_path / 'stderr.txt').read_text())
     assert _files(work_dir) == [PARTIAL_NAME]
     assert torch.load(work_dir / PARTIAL_NAME)['num_finished'] == STOP_AFTER
 
