@@ -23,18 +23,24 @@ Storage (bytes of the weights as stored; BatchNorm folded into the convs first):
 Latency: batch 1, ``size x size`` input, median of ``--runs`` timed runs after 3 warm-up
 runs, the backends interleaved round by round (the CPU is shared: interleaving spreads the
 load over all rows; ORT's worker threads do not spin between runs, which with several
-sessions in one process made every ORT row slower at 2 threads). Rows: FP32 ONNX Runtime, INT8 ONNX Runtime (W8A8: per-channel
+sessions in one process made every ORT row slower at 2 threads). Rows: FP32 ONNX Runtime,
+INT8 ONNX Runtime (W8A8: per-channel
 symmetric int8 weights, uint8 activations, the ``ort_int8`` rewrite), FP32 TVM
 (``tvm_relax``), INT4 TVM (``tvm_int4``: W4A4, integer convs, packed weights). TVM runs
-our fixed schedules (``tvm_schedule``) and, on an AVX-512 VNNI CPU, the int8 convolution
-kernel of ``tvm_vnni``; there is no MetaSchedule tuning database.
-A two-stage detector (``frcnn``) is two graphs per row (``deploy/two_stage.py``): its time
-is graph 1 + mmdet's RPN decoding, NMS and RoIAlign on the host + graph 2 on
+our fixed schedules (``deploy/tvm/schedule.py``) and, on an AVX-512 VNNI CPU, the int8
+convolution kernel of ``deploy/tvm/vnni.py``; there is no MetaSchedule tuning database.
+A two-stage detector (``frcnn``) is two graphs per row (``deploy/detectors/two_stage.py``):
+its time is graph 1 + mmdet's RPN decoding, NMS and RoIAlign on the host + graph 2 on
 ``test_cfg.rpn.max_per_img`` RoIs + the box decoding, as its deployed backend model runs;
 its ``graph 1 only`` rows time the first graph alone (speed-up against FP32 ORT's graph 1).
 
+``--end2end`` times the end-to-end deployments instead (image → ``dets`` + ``labels``:
+decoding, score threshold, top-k and NMS included; Faster R-CNN as ONE graph with RoIAlign)
+on a synthetic val image resized to ``size``: FP32 ORT, INT8 ORT (one graph each) and, for
+dense detectors, INT4 TVM + the NumPy post-processor.
+
 ``--ort-profile RUNS`` then explains the ORT rows: ORT's own profiler over RUNS runs of each
-ORT graph (``deploy/ort_profile.py``), printing kernel time per op type and the slowest
+ORT graph (``deploy/onnx/ort_profile.py``), printing kernel time per op type and the slowest
 nodes; every node's time goes to ``<work-dir>/<graph>_ort_nodes.csv``.
 """
 from __future__ import annotations
@@ -279,14 +285,85 @@ def export_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work
     return runs
 
 
+def end2end_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work: Path,
+                     tvm: bool) -> dict[str, Callable[[np.ndarray], Any]]:
+    """The end-to-end deployments (image -> dets + labels, ``deploy/detectors/end2end.py``):
+    FP32 ORT and INT8 ORT as one graph each, INT4 TVM (dense detectors) as the raw-output
+    artifact + the NumPy post-processor, as ``python -m mmdet_regptq.deploy.run`` runs them."""
+    import onnx
+
+    from mmdet_regptq.deploy import (RawDetector, build_detector, export_onnx, make_ort_int8,
+                                     quantize_for_deploy, raw_output_names)
+    from mmdet_regptq.deploy.detectors.spec import dense_postprocess_spec
+    from mmdet_regptq.deploy.detectors.two_stage import is_two_stage
+    from mmdet_regptq.deploy.mmdeploy.end2end import end2end_graph
+    from mmdet_regptq.deploy.runtime.postprocess import DensePostProcessor
+    from mmdet_regptq.deploy.tvm.build import build_artifact
+    from mmdet_regptq.deploy.tvm.runner import TvmRunner
+
+    x = torch.from_numpy(image_feed(cfg, size))
+    outputs = dict(output_names=['dets', 'labels'],
+                   dynamic_axes={'dets': {1: 'n'}, 'labels': {1: 'n'}})
+
+    def ort_session(path: Path) -> Callable:
+        graph = _ort_graph(path)
+        return lambda feed: graph({'input': feed})
+
+    fp = build_detector(cfg, checkpoint)
+    export_onnx(end2end_graph(fp, (size, size)), x, work / f'{name}_e2e_fp32.onnx', opset=17,
+                **outputs)
+    runs = {'FP32 ORT': ort_session(work / f'{name}_e2e_fp32.onnx')}
+    q8 = build_detector(cfg, checkpoint)
+    quantize_for_deploy(q8, quant=W8A8, method=dict(type='MinMax'), input_shape=(size, size))
+    export_onnx(end2end_graph(q8, (size, size)), x, work / f'{name}_e2e_w8a8.onnx',
+                int4_weights=False, opset=17, **outputs)
+    fused, report = make_ort_int8(onnx.load(str(work / f'{name}_e2e_w8a8.onnx')),
+                                  [{'input': x.numpy()}])
+    logging.info('%s INT8 ORT end to end: %s', name, report.summary())
+    onnx.save(fused, str(work / f'{name}_e2e_w8a8_ort.onnx'))
+    runs['INT8 ORT'] = ort_session(work / f'{name}_e2e_w8a8_ort.onnx')
+    if tvm and not is_two_stage(cfg.model):
+        q4 = build_detector(cfg, checkpoint)
+        quantize_for_deploy(q4, quant=W4A4, method=dict(type='MinMax'),
+                            input_shape=(size, size))
+        export_onnx(RawDetector(q4), x, work / f'{name}_w4a4.onnx',
+                    output_names=raw_output_names(q4, x))
+        build_artifact(onnx.load(str(work / f'{name}_w4a4.onnx')), work / f'{name}_tvm_int4',
+                       integer=True)
+        runner = TvmRunner(work / f'{name}_tvm_int4')
+        post = DensePostProcessor(*dense_postprocess_spec(q4, (size, size)))
+        runs['INT4 TVM'] = lambda feed: post(runner({'input': feed}))
+    return runs
+
+
+def image_feed(cfg: Any, size: int) -> np.ndarray:
+    """A synthetic val image resized to ``size`` and normalized as the model's data
+    preprocessor does (a real image: post-processing time depends on the detections)."""
+    import cv2
+
+    img = cv2.imread(str(Path(__file__).resolve().parents[1] / 'data/synthetic/val/000003.jpg'))
+    if img is None:
+        raise FileNotFoundError('data/synthetic/val/000003.jpg: run '
+                                'python -m mmdet_regptq.datasets.synthetic first')
+    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    pre = cfg.model.data_preprocessor
+    chw = img.transpose(2, 0, 1).astype(np.float32)
+    chw = chw[::-1] if pre.get('bgr_to_rgb') else chw
+    mean = np.asarray(pre.mean, np.float32).reshape(3, 1, 1)
+    std = np.asarray(pre.std, np.float32).reshape(3, 1, 1)
+    return np.ascontiguousarray(((chw - mean) / std)[None])
+
+
 def latency_rows(name: str, cfg: Any, checkpoint: str | None, args: argparse.Namespace,
                  work: Path) -> list[dict]:
     from mmdet_regptq.deploy.detectors.two_stage import is_two_stage
 
     variants = two_stage_variants if is_two_stage(cfg.model) else export_variants
+    if args.end2end:
+        variants = end2end_variants
     runs = variants(name, cfg, checkpoint, args.size, work, tvm=not args.skip_tvm)
-    feed = np.random.default_rng(0).standard_normal((1, 3, args.size, args.size)).astype(
-        np.float32)
+    feed = (image_feed(cfg, args.size) if args.end2end else np.random.default_rng(0)
+            .standard_normal((1, 3, args.size, args.size)).astype(np.float32))
     n = {k: (args.tvm_runs if 'TVM' in k else args.runs) for k in runs}
     times = time_interleaved({k: functools.partial(fn, feed) for k, fn in runs.items()}, n,
                              warmup=1 if args.tvm_runs < 3 else 3)
@@ -347,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--skip-tvm', action='store_true')
     parser.add_argument('--skip-latency', action='store_true')
+    parser.add_argument('--end2end', action='store_true',
+                        help='time the end-to-end deployments (image -> dets + labels, '
+                             'decoding and NMS included) on a synthetic val image')
     parser.add_argument('--ort-profile', type=int, default=0, metavar='RUNS',
                         help='after the latency runs, profile each ORT graph over RUNS runs '
                              "with ORT's profiler: time per op type and per node (0: off)")
@@ -378,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             profile += ort_profile_rows(name, cfg, args, work)
     print_table(storage, 'storage (MB of weights as stored; ratio = FP32 / format)')
     print_table(latency, f'latency (ms, median; batch 1, {args.size}x{args.size}, '
-                         f'{args.threads} threads)')
+                         f'{args.threads} threads{", end to end" if args.end2end else ""})')
     table = Table(['table', 'model', 'format_or_backend', 'MB_or_ms', 'ratio_or_speedup',
                    'runs'])
     for r in storage:
