@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +15,7 @@ from mmdet_regptq.engine.checkpoint import check_fp_checkpoint
 from mmdet_regptq.engine.ptq import quantize_detector
 from mmdet_regptq.engine.resume import FINAL_NAME, PARTIAL_NAME, CalibrationResume
 from mmdet_regptq.safe_load import UnsafeCheckpointError
-
-sys.path.insert(0, str(REPO / 'tests'))
-from test_safe_load import FORMATS, assert_refused, write_evil  # noqa: E402
+from test_safe_load import FORMATS, assert_refused, write_evil   # tests/ is on sys.path
 
 STOP_AFTER = 2
 
