@@ -14,7 +14,10 @@ backend's deploy config (``deploy_configs/detection_<backend>_static-192x192.py`
 ``to_backend`` → mmdeploy's ``build_test_runner``) and test it on the same images (batch 1:
 the deployed graphs are static). Prints the table (AP on the 0–100 scale, deployed −
 fake-quant) and writes it as CSV. Faster R-CNN deploys as two graphs with mmdet's RPN
-decoding, NMS and RoIAlign on the host between them (``mmdet_regptq/deploy/two_stage.py``).
+decoding, NMS and RoIAlign on the host between them (``deploy/detectors/two_stage.py``).
+``--end2end`` deploys with the ``*_end2end_static-192x192.py`` configs instead: one
+artifact per detector with decoding and NMS inside (Faster R-CNN: one ORT graph with
+RoIAlign; not on ``tvm-int4``), evaluated by mmdeploy's own ``End2EndModel``.
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ from mmdet_regptq.table import Table
 #: backend -> (deploy config, the bit width of the model it deploys)
 BACKENDS = {'tvm-int4': ('detection_tvm-int4_static-192x192.py', 'w4a4'),
             'onnxruntime-int8': ('detection_onnxruntime-int8_static-192x192.py', 'w8a8')}
+#: the same with ``--end2end``: one artifact, decoding and NMS inside (no torch at run time)
+END2END = {'tvm-int4': 'detection_tvm-int4_end2end_static-192x192.py',
+           'onnxruntime-int8': 'detection_onnxruntime-int8_end2end_static-192x192.py'}
 
 
 def model_config(detector: str, val_images: int, work: Path):
@@ -75,7 +81,8 @@ def deployed(detector: str, backend: str, checkpoint: Path, args: argparse.Names
     work.mkdir(parents=True, exist_ok=True)
     cfg_path = work / f'{DETECTORS[detector]}_subset.py'
     cfg.dump(str(cfg_path))
-    deploy_cfg = str(ROOT / 'deploy_configs' / BACKENDS[backend][0])
+    name = END2END[backend] if args.end2end else BACKENDS[backend][0]
+    deploy_cfg = str(ROOT / 'deploy_configs' / name)
     img = str(ROOT / 'data' / 'synthetic' / 'val' / '000000.jpg')
     result = deploy(deploy_cfg, str(cfg_path), str(checkpoint), img, work_dir=work)
     if not result.backend_files:
@@ -98,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--backends', nargs='+', default=list(BACKENDS),
                         choices=list(BACKENDS))
+    parser.add_argument('--end2end', action='store_true',
+                        help='deploy end to end (*_end2end_static-192x192.py: decoding and '
+                             'NMS in the artifact); Faster R-CNN on tvm-int4 is refused')
     parser.add_argument('--out', default='work_dirs/deploy_accuracy')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -108,13 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for detector in args.detectors:
         for backend in args.backends:
+            if args.end2end and backend == 'tvm-int4' and detector == 'faster-rcnn':
+                continue   # no end-to-end TVM deployment of a two-stage detector
             bits = BACKENDS[backend][1]
             ap_fq, checkpoint = fake_quant(detector, bits, args,
                                            out / detector / f'fake_quant_{bits}')
             ap = deployed(detector, backend, checkpoint, args, out / detector / backend)
             row = {'detector': detector, 'backend': backend,
                    'method': args.method[0],
-                   'bits': bits, 'fake_quant_AP': round(ap_fq, 1),
+                   'bits': bits, 'end2end': args.end2end, 'fake_quant_AP': round(ap_fq, 1),
                    'deployed_AP': round(ap, 1), 'delta': round(ap - ap_fq, 1)}
             rows.append(row)
             print(row, flush=True)
