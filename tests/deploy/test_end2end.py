@@ -237,3 +237,51 @@ def test_tvm_end2end_refuses_a_two_stage_detector_with_the_reason(quantized, tmp
     with pytest.raises(NotImplementedError, match='two-stage detector has no end-to-end TVM'):
         _deploy(quantized('faster-rcnn'), 'faster-rcnn',
                 'detection_tvm-int4_end2end_static-192x192.py', tmp_path)
+
+
+def test_yolov5_end2end_graph_gives_the_heads_predict_in_ort(single_thread, tmp_path):
+    """YOLOv5n (random weights: thousands of candidates reach NMS) as one ORT graph gives
+    ``YOLOv5Head.predict_by_feat`` in the letterboxed input's pixels."""
+    import onnxruntime as ort
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+
+    from mmengine.registry import init_default_scope
+
+    import mmdet_regptq  # noqa: F401  (YOLOv5 in mmdet's registries)
+    from mmdet_regptq.deploy import export_onnx
+    from mmdet_regptq.deploy.mmdeploy.end2end import end2end_graph
+
+    torch.manual_seed(0)
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(str(ROOT / 'configs/yolov5/yolov5_n_coco.py'))
+    model = MODELS.build(cfg.model).eval()
+    for conv in model.bbox_head.convs_pred:     # spread the scores (init: all tiny)
+        torch.nn.init.normal_(conv.bias, 0.0, 1.5)
+    model.bbox_head.test_cfg.update(score_thr=0.3, nms_pre=2000)   # a quick, binding case
+    x = torch.randn(1, 3, 160, 224)
+    graph = end2end_graph(model, (160, 224))
+    meta = dict(img_shape=(160, 224), ori_shape=(160, 224), scale_factor=(1.0, 1.0))
+    with torch.no_grad():
+        want = model.bbox_head.predict_by_feat(model.bbox_head(model.extract_feat(x))[0],
+                                               [meta], rescale=False)[0]
+        dets, labels = graph(x)
+    assert 0 < len(want.scores) == dets.shape[1]
+
+    def rows(boxes, scores, labels):   # equal scores may come out in either order
+        table = np.concatenate([np.asarray(boxes).reshape(-1, 4),
+                                np.asarray(scores).reshape(-1, 1),
+                                np.asarray(labels).reshape(-1, 1)], 1)
+        return table[np.lexsort(table.T[::-1])]
+    np.testing.assert_allclose(rows(dets[0, :, :4], dets[0, :, 4], labels[0]),
+                               rows(want.bboxes, want.scores, want.labels), rtol=1e-5,
+                               atol=1e-4)
+    path = tmp_path / 'yolov5n.onnx'
+    export_onnx(graph, x, path, output_names=['dets', 'labels'],
+                dynamic_axes={'dets': {1: 'n'}, 'labels': {1: 'n'}})
+    sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    ort_dets, ort_labels = sess.run(None, {'input': x.numpy()})
+    assert ort_dets.shape == tuple(dets.shape)
+    np.testing.assert_allclose(rows(ort_dets[0, :, :4], ort_dets[0, :, 4], ort_labels[0]),
+                               rows(dets[0, :, :4], dets[0, :, 4], labels[0]), rtol=1e-4,
+                               atol=1e-3)

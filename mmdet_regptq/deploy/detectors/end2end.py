@@ -88,6 +88,9 @@ class DenseEnd2End(nn.Module):
             raise NotImplementedError(
                 f'{type(detector).__name__}: the dense end-to-end graph needs a bbox_head with '
                 'a prior_generator and a bbox_coder (RetinaNet, FCOS, ...) and no roi_head')
+        if type(head).__name__ == 'YOLOv5Head':
+            raise NotImplementedError('YOLOv5Head decodes its own way: use '
+                                      'detectors.yolov5_graph.YOLOv5End2End')
         self.detector = detector
         self.head = head
         self.nms = check_nms_kind(nms)

@@ -31,6 +31,7 @@ from mmdet_regptq.deploy.detectors.spec import (PRIORS_FILE, dense_postprocess_s
                                                 preprocess_spec, write_spec)
 from mmdet_regptq.deploy.detectors.two_stage import is_two_stage
 from mmdet_regptq.deploy.detectors.two_stage_graph import TwoStageEnd2End
+from mmdet_regptq.deploy.detectors.yolov5_graph import YOLOv5End2End, is_yolov5
 from mmdet_regptq.deploy.mmdeploy.pipeline import (DeployResult, PreparedExport,
                                                    apply_onnx_format, export_detector,
                                                    prepare_export)
@@ -51,7 +52,8 @@ def is_end2end(deploy_cfg: Any) -> bool:
 def end2end_graph(model: torch.nn.Module, input_shape: tuple[int, int], nms: str = 'onnx'
                   ) -> torch.nn.Module:
     """The end-to-end module of a (quantized) detector, in eval mode."""
-    cls = TwoStageEnd2End if is_two_stage(model) else DenseEnd2End
+    cls = TwoStageEnd2End if is_two_stage(model) else \
+        YOLOv5End2End if is_yolov5(model) else DenseEnd2End
     return cls(model, input_shape, nms=nms).eval()
 
 
