@@ -5,7 +5,7 @@
 #              weight=dict(type='Uniform', per_channel=True, symmetric=True, scale_method='minmax'),
 #              act=dict(type='Uniform', per_channel=False, symmetric=True, scale_method='minmax'))
 # The export is validated against TensorRT's explicit-quantization rules
-# (mmdet_regptq/deploy/tensorrt.py). TensorRT itself is NOT installed on any machine of
+# (mmdet_regptq/deploy/mmdeploy/tensorrt.py). TensorRT itself is NOT installed on any machine of
 # this project (it needs an NVIDIA GPU and its wheels), so tools/deploy.py stops at the
 # validated ONNX file; on a machine with TensorRT, mmdeploy's TensorRT manager builds the
 # engine from it with the backend_config below.
