@@ -8,7 +8,8 @@ share the calibration instead of each repeating it:
   gradients and ``L_G`` then hold / see that rank's part only;
 * scale initialisation: every activation observer is merged over the ranks
   (:func:`reduce_observer`: exact min / max, a sample drawn as one observer of all the
-  images would draw it);
+  images would draw it), and the scale searches on the merged samples are dealt out over
+  the ranks (:class:`ObserverSharing`);
 * training: :func:`all_reduce_grads` averages the gradients of the learned quantization
   parameters (rounding variables, activation steps, LLAQ parameters, AdaQuant's weights)
   over the ranks every iteration before the optimiser step; a statistic of the drawn
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 __all__ = ['world', 'is_active', 'shard_indices', 'rank_seed', 'all_reduce_grads',
            'all_reduce_sum', 'reduce_observer', 'from_main', 'broadcast_state',
-           'check_identical', 'barrier', 'observer_reduce']
+           'check_identical', 'barrier', 'ObserverSharing', 'observer_sharing']
 
 
 def world() -> tuple[int, int]:
@@ -204,6 +205,28 @@ def barrier() -> None:
         mdist.barrier()
 
 
-def observer_reduce() -> Callable[[Any], None] | None:
-    """:func:`reduce_observer` when the calibration is shared, else ``None``."""
-    return reduce_observer if is_active() else None
+class ObserverSharing:
+    """``init_activation_quantizers(parallel=...)`` over the ranks: each observer merged
+    (:func:`reduce_observer`), the scale searches dealt out round robin (job ``i`` on rank
+    ``i mod W``), their quantizers' states exchanged with one ``all_gather_object``."""
+
+    def merge(self, observer: Any) -> None:
+        reduce_observer(observer)
+
+    def run(self, jobs: Sequence[tuple[nn.Module, Callable[[], None]]]) -> None:
+        rank, size = world()
+        mine = {}
+        for i, (module, job) in enumerate(jobs):
+            if i % size == rank:
+                job()
+                mine[i] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        for states in mdist.all_gather_object(mine):
+            for i, state in states.items():
+                if i % size != rank:
+                    jobs[i][0].load_state_dict(state)
+
+
+def observer_sharing() -> ObserverSharing | None:
+    """The ``parallel`` argument of ``init_activation_quantizers``: an
+    :class:`ObserverSharing` when the calibration is shared, else ``None``."""
+    return ObserverSharing() if is_active() else None

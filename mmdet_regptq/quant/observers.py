@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +11,7 @@ from .convert import iter_quant_modules
 from .quantizers import Quantizer
 from .quantizers.functional import normalize_axis, to_channel_rows
 
-__all__ = ['ActivationObserver', 'init_activation_quantizers']
+__all__ = ['ActivationObserver', 'ParallelInit', 'init_activation_quantizers']
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,18 @@ class ActivationObserver:
         return expanded.movedim(0, self._axis)
 
 
+class ParallelInit(Protocol):
+    """How several processes share :func:`init_activation_quantizers` (data parallelism)."""
+
+    def merge(self, observer: ActivationObserver) -> None:
+        """Make ``observer`` the observer of every process's inputs (call on all of them,
+        for the same observers in the same order)."""
+
+    def run(self, jobs: Sequence[tuple[nn.Module, Callable[[], None]]]) -> None:
+        """Run each ``(module, job)`` on one process, then give every process the state
+        each job left in its module."""
+
+
 def _input_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
     found: dict[int, tuple[str, Quantizer]] = {}
     for module_name, module in iter_quant_modules(model):
@@ -152,7 +164,7 @@ def _input_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
 
 def init_activation_quantizers(model: nn.Module, run_forward: Callable[[], None],
                                max_elements: int = 1_000_000, seed: int = 0,
-                               reduce: Callable[[ActivationObserver], None] | None = None
+                               parallel: ParallelInit | None = None
                                ) -> list[str]:
     """Initialise every enabled input quantizer from the inputs seen by ``run_forward``.
 
@@ -167,9 +179,10 @@ def init_activation_quantizers(model: nn.Module, run_forward: Callable[[], None]
         run_forward: runs the calibration forwards, e.g. ``lambda: [model(x) for x in xs]``.
         max_elements: size bound of each quantizer's sample.
         seed: seed of the subsampling.
-        reduce: called on every observer, in a fixed order, before the quantizers are
-            initialised (data-parallel calibration merges each over the processes:
-            ``mmdet_regptq.calib.dist.reduce_observer``).
+        parallel: several processes share the initialisation (:class:`ParallelInit`,
+            e.g. ``mmdet_regptq.calib.dist.ObserverSharing``): every observer is merged
+            over them, then each quantizer is initialised by one process and its state
+            copied to the others.
 
     Returns:
         Names of the initialised quantizers. Quantizers that saw no input stay
@@ -193,17 +206,23 @@ def init_activation_quantizers(model: nn.Module, run_forward: Callable[[], None]
             handle.remove()
         for _, q in targets:
             q.enabled = True
-    if reduce is not None:
+    if parallel is not None:
         for _, q in targets:
-            reduce(observers[id(q)])
+            parallel.merge(observers[id(q)])
     initialized, missing = [], []
+    jobs: list[tuple[nn.Module, Callable[[], None]]] = []
     for name, q in targets:
         obs = observers[id(q)]
         if obs.num_calls == 0:
             missing.append(name)
             continue
-        q.init_from(obs.sample())
+        jobs.append((q, lambda q=q, obs=obs: q.init_from(obs.sample())))
         initialized.append(name)
+    if parallel is None:
+        for _, job in jobs:
+            job()
+    else:
+        parallel.run(jobs)
     if missing:
         logger.warning('%d input quantizers saw no data and stay un-initialised: %s',
                        len(missing), ', '.join(missing))

@@ -230,7 +230,7 @@ class PTQMethod:
         """Initialise every input quantizer from calibration forwards (weights quantized)."""
         set_quant_state(model, weight=True, input=True)
         init_activation_quantizers(model, lambda: [forward_fn(model, b) for b in batches],
-                                   seed=seed, reduce=calib_dist.observer_reduce())
+                                   seed=seed, parallel=calib_dist.observer_sharing())
 
     def calibrate(self, model: nn.Module, batches: Iterable[Any], forward_fn: ForwardFn, *,
                   output_fn: Callable[[Any], Tensor] | None = None,

@@ -47,7 +47,7 @@ class _ScaleOnly(PTQMethod):
             layer.init_weight_quantizers()
         set_quant_state(model, weight=True, input=True)
         init_activation_quantizers(model, lambda: [forward_fn(model, b) for b in batches],
-                                   seed=seed, reduce=calib_dist.observer_reduce())
+                                   seed=seed, parallel=calib_dist.observer_sharing())
 
 
 @PTQ_METHODS.register_module()
