@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mmdet_regptq.calib import FGICLoss, output_mse
+from mmdet_regptq.calib import dist as calib_dist
 from mmdet_regptq.engine.checkpoint import check_fp_weights, load_quantized, save_quantized
 from mmdet_regptq.engine.resume import (CalibrationResume, fingerprint, sigterm_as_exception,
                                         weights_digest)
@@ -128,7 +129,7 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
     check_unmatched(report, quant, strict=strict, logger=logger)
     logger.info('quantized layers:\n' + report.table())
     result: dict = {'report': report}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if work_dir is not None and resume and not quantized_checkpoint:
         # --- resume (engine/resume.py): partial state per unit, finished file reused -----
         session = CalibrationResume(work_dir, fingerprint(
@@ -139,6 +140,8 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
         if finished is not None:
             quantized_checkpoint = str(finished)
             result['reused'] = quantized_checkpoint
+    # data-parallel calibration: the main process (the one with the work_dir) decides
+    quantized_checkpoint = calib_dist.from_main(quantized_checkpoint)
     if quantized_checkpoint:
         if hasattr(method_obj, 'install_llaq'):  # Reg-PTQ: LLAQ layers carry their own state
             method_obj.install_llaq(model)
@@ -154,6 +157,13 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
             if state is not None:
                 units = method_obj.find_units(model, adapter.forward, batches[0])
                 start_unit = partial.restore(model, method_obj, units, state)
+        if calib_dist.is_active():   # the other ranks take the main process's partial state
+            start_unit = calib_dist.from_main(start_unit)
+            if start_unit and partial is None:
+                method_obj.restore_finished(model, method_obj.find_units(
+                    model, adapter.forward, batches[0]), start_unit)
+            if start_unit:
+                calib_dist.broadcast_state(model)
         callbacks = ([partial.on_unit_end(model)] if partial else []) + (
             [on_unit_end] if on_unit_end else [])
         # --------------------------------------------------------------------------------
@@ -165,6 +175,7 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
                 model, batches, adapter.forward, output_fn=adapter.logits,
                 global_loss=global_loss, logger=logger, seed=seed, start_unit=start_unit or 0,
                 on_unit_end=_chain(callbacks), tail_fn=tail_fn)
+        calib_dist.check_identical(model)   # data-parallel: every rank ends the same
         if work_dir is not None:
             path = Path(work_dir) / 'quantized.pth'
             fprint = {'fingerprint': partial.fingerprint} if partial is not None else {}
@@ -173,10 +184,16 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
                            logger=logger)
             result['checkpoint'] = str(path)
             logger.info(f'saved the quantized model to {path}')
+        calib_dist.barrier()   # data-parallel: the others wait until it is written
         if partial is not None:
             partial.finish()
         result['resumed_from_unit'] = start_unit or 0
     result['seconds'] = time.perf_counter() - start
+    if 'stats' in result:
+        size = calib_dist.world()[1]
+        logger.info(f'calibration took {result["seconds"]:.1f} s (CPU time of this process '
+                    f'{time.process_time() - cpu_start:.1f} s)'
+                    + (f', data-parallel over {size} processes' if size > 1 else ''))
     model.eval()
     return result
 
