@@ -6,8 +6,11 @@ the quantized model. During training (``mim run mmdet train`` with validation) t
 calibrates a COPY of the model in ``before_val`` and swaps it in for the validation only
 (``after_val`` restores the float model, which keeps training).
 
-Distributed: every rank calibrates on the same seeded images, so the ranks end with the
-same quantized model; only the main process writes ``quantized.pth``.
+Distributed (``--launcher pytorch``, ``torchrun``): the calibration is data-parallel: each
+rank calibrates on its own part of the seeded images and the learned quantization
+parameters' gradients are averaged over the ranks every iteration
+(:mod:`mmdet_regptq.calib.dist`); the ranks end with the same quantized model (checked)
+and only the main process writes ``quantized.pth``.
 Priority ``LOW``: after the hooks that prepare the model (e.g. loading), before logging.
 
 Arguments are checked when the hook is built (config load), so a typo fails in seconds.
