@@ -53,7 +53,9 @@ class YOLOv5Letterbox(BaseTransform):
         dh = (-new_h) % self.size_divisor / 2
         top, bottom = int(round(dh - 0.1)), int(round(dh + 0.1))
         left, right = int(round(dw - 0.1)), int(round(dw + 0.1))
-        img = mmcv.impad(img, padding=(left, top, right, bottom), pad_val=self.pad_val)
+        # a tuple: cv2 pads only the first channel with a scalar value
+        fill = tuple([self.pad_val] * img.shape[2]) if img.ndim == 3 else self.pad_val
+        img = mmcv.impad(img, padding=(left, top, right, bottom), pad_val=fill)
         scale_factor = (new_w / w, new_h / h)
         results['img'] = img
         results['img_shape'] = img.shape[:2]
