@@ -7,6 +7,10 @@ calibrating in ``before_test``. Each run is a subprocess, so its peak RSS is its
     python benchmarks/accuracy.py --detectors retinanet --methods MinMax QDrop RegPTQ \
         --bits w4a8 w4a4 w3a3 w2a4 --iters 200 --num-images 64
 
+``--detectors yolov5n`` runs the official Ultralytics YOLOv5n (read from the real-data
+folder ``../shared/realdata`` or ``$REGPTQ_REALDATA``, converted once into ``--out``) on 64
+real COCO val images, calibrated on 128 COCO train images (docs/results/yolov5.md).
+
 A method is a registered name (``QDrop``) or ``LABEL=TYPE{json options}`` for a variant,
 e.g. ``'RegPTQ-noGlobal=RegPTQ{"schedule": {"global_loss": false}}'``
 (``benchmarks/ablation.py`` runs the Reg-PTQ component ablation this way). ``--reuse``
@@ -33,6 +37,9 @@ from mmdet_regptq.table import Table
 
 #: detector name -> config / checkpoint stem under configs/synthetic, checkpoints
 DETECTORS = dict(SYNTHETIC_DETECTORS)
+#: real COCO-pretrained detectors: name -> (config, original checkpoint in the real-data
+#: folder, ../shared/realdata beside the checkout or $REGPTQ_REALDATA), converted on first use
+REAL_DETECTORS = {'yolov5n': ('configs/yolov5/yolov5_n_coco128.py', 'yolov5n/yolov5n.pt')}
 FIELDS = ['detector', 'method', 'bits', 'bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'iters',
           'num_images', 'calib_seconds', 'peak_rss_mb', 'seed']
 
@@ -45,9 +52,13 @@ def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> 
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    name = DETECTORS[detector]
-    cfg = Config.fromfile(ROOT / 'configs' / 'synthetic' / f'{name}.py')
-    cfg.load_from = str(ROOT / 'checkpoints' / f'{name}.pth')
+    if detector in REAL_DETECTORS:
+        cfg, checkpoint = real_detector(detector, Path(args.out))
+        cfg.load_from = checkpoint
+    else:
+        name = DETECTORS[detector]
+        cfg = Config.fromfile(ROOT / 'configs' / 'synthetic' / f'{name}.py')
+        cfg.load_from = str(ROOT / 'checkpoints' / f'{name}.pth')
     label, kind, options = parse_method(method)
     cfg.work_dir = str(Path(args.out) / detector / f'{label}_{bits}')
     cfg.test_dataloader.num_workers = 0
@@ -85,6 +96,22 @@ def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> 
         'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         'seed': args.seed,
     }
+
+
+def real_detector(detector: str, out: Path) -> tuple:
+    """Config and converted checkpoint (written under ``out`` once) of a real detector."""
+    from mmengine.config import Config
+
+    from mmdet_regptq.yolov5.convert import convert_yolov5
+    config, original = REAL_DETECTORS[detector]
+    realdata = Path(os.environ.get('REGPTQ_REALDATA', ROOT.parent / 'shared' / 'realdata'))
+    converted = out / detector / f'{Path(original).stem}_mmdet.pth'
+    if not converted.is_file():
+        convert_yolov5(realdata / original, converted, config=ROOT / config)
+    cfg = Config.fromfile(ROOT / config)
+    cfg.train_dataloader.num_workers = 0
+    cfg.train_dataloader.persistent_workers = False
+    return cfg, str(converted)
 
 
 def read_result(log: Path) -> dict | None:
@@ -146,7 +173,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--detectors', nargs='+', default=list(DETECTORS), choices=list(DETECTORS))
+    parser.add_argument('--detectors', nargs='+', default=list(DETECTORS),
+                        choices=list(DETECTORS) + list(REAL_DETECTORS))
     parser.add_argument('--methods', nargs='+',
                         default=['MinMax', 'AdaRound', 'AdaQuant', 'BRECQ', 'QDrop', 'PDQuant',
                                  'RegPTQ'])
