@@ -160,12 +160,16 @@ def from_main(obj: Any) -> Any:
 
 
 def broadcast_state(module: nn.Module) -> None:
-    """Copy every tensor of ``module.state_dict()`` from the main process (e.g. after it
-    restored a partial calibration the others have no file of)."""
+    """Give every rank the main process's ``module.state_dict()`` (e.g. after it restored
+    a partial calibration the others have no file of). Loaded with ``load_state_dict``, so
+    the quantizers' own load hooks run (shapes set on initialisation, host-side flags)."""
     if not is_active():
         return
-    for tensor in module.state_dict().values():
-        mdist.broadcast(tensor, src=0)
+    main = world()[0] == 0
+    state = from_main({k: v.detach().cpu() for k, v in module.state_dict().items()}
+                      if main else None)
+    if not main:
+        module.load_state_dict(state)
 
 
 def _digest(tensor: Tensor) -> str:

@@ -4,8 +4,9 @@ it under ``torchrun`` (gloo).
     python -m torch.distributed.run --nproc_per_node=2 tests/calib/dist_worker.py OUT CFGS
 
 ``CFGS`` is a JSON list of method configs. Writes ``OUT/<i>_rank<r>.pt`` (the calibrated
-state of config ``i``) and ``OUT/rank<r>.json`` (what ``check_identical`` said when one
-rank's tensor was changed afterwards).
+state of config ``i``) and ``OUT/rank<r>.json``: whether ``broadcast_state`` restored the
+quantizers rank 1 had reset, and what ``check_identical`` said when one rank's tensor was
+changed afterwards.
 """
 import json
 import sys
@@ -40,14 +41,23 @@ def main() -> None:
         build_method(cfg).calibrate(model, rank_batches(), forward_fn, output_fn=output_fn)
         calib_dist.check_identical(model)
         torch.save(model.state_dict(), out / f'{i}_rank{rank}.pt')
+    if rank == 1:   # rank 1 forgets its activation scales; broadcast_state restores them
+        for m in model.modules():
+            if hasattr(m, 'initialized') and hasattr(m, 'scale'):
+                m.scale.data.fill_(1.0)
+                m.initialized.fill_(False)
+                m._is_init = False
+    calib_dist.broadcast_state(model)
+    calib_dist.check_identical(model)
+    restored = all(m.is_initialized() for m in model.modules() if hasattr(m, 'is_initialized'))
     with torch.no_grad():   # one rank changes a tensor: every rank must refuse
         if rank == 1:
             next(iter(model.parameters())).add_(1.0)
     try:
         calib_dist.check_identical(model)
-        report = {'mismatch': None}
+        report = {'mismatch': None, 'restored': restored}
     except RuntimeError as err:
-        report = {'mismatch': str(err)}
+        report = {'mismatch': str(err), 'restored': restored}
     (out / f'rank{rank}.json').write_text(json.dumps(report))
     dist.destroy_process_group()
 
