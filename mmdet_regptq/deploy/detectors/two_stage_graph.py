@@ -8,8 +8,10 @@ Every step mirrors mmdet 3.3 (``RPNHead._predict_by_feat_single`` /
 ``_bbox_post_process``, ``SingleRoIExtractor.forward``, ``BBoxHead._predict_by_feat_single``
 + ``multiclass_nms``), so the eager output equals the fake-quant model's ``predict``. The
 RoIAlign of each FPN level is ONNX ``RoiAlign`` (``coordinate_transformation_mode
-'half_pixel'`` for mmcv's ``aligned=True``); every RoI is pooled on every level and the
-level mmdet maps it to is selected (``Where``), which gives mmdet's values.
+'half_pixel'`` for mmcv's ``aligned=True``) on the RoIs mmdet maps to that level
+(``NonZero`` + ``Gather``), the results put back in the RoIs' order (``TopK``-based argsort
++ ``Gather``). Pooling every RoI on every level and selecting would give the same values
+at about 4x the RoIAlign time (43 ms of the bundled Faster R-CNN's 169 ms at 512x512).
 """
 from __future__ import annotations
 
@@ -121,14 +123,14 @@ class TwoStageEnd2End(nn.Module):
         scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
         target = torch.floor(torch.log2(scale / extractor.finest_scale + 1e-6))
         target = target.clamp(min=0, max=num_levels - 1)
-        out = None
-        for i in range(num_levels):
-            pooled = roi_align(extractor.roi_layers[i], feats[i], boxes, batch_idx)
-            if out is None:
-                out = pooled
-                continue
-            out = torch.where((target == i).reshape(-1, 1, 1, 1), pooled, out)
-        return out
+        pooled, order = [], []
+        for i in range(num_levels):       # each RoI pooled on its own level only
+            idx = torch.nonzero(target == i).reshape(-1)
+            pooled.append(roi_align(extractor.roi_layers[i], feats[i], boxes[idx],
+                                    batch_idx[idx]))
+            order.append(idx)
+        # back to the RoIs' order (mmdet writes each level's results into its rows)
+        return torch.cat(pooled)[torch.argsort(torch.cat(order))]
 
     def detections(self, proposals: Tensor, cls_score: Tensor, bbox_pred: Tensor
                    ) -> tuple[Tensor, Tensor]:
