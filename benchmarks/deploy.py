@@ -376,8 +376,12 @@ def latency_rows(name: str, cfg: Any, checkpoint: str | None, args: argparse.Nam
     return rows
 
 
-def ort_graph_files(name: str, work: Path, two_stage: bool) -> dict[str, Path]:
+def ort_graph_files(name: str, work: Path, two_stage: bool, end2end: bool = False
+                    ) -> dict[str, Path]:
     """The ONNX Runtime graphs :func:`latency_rows` wrote for ``name``: label → file."""
+    if end2end:
+        return {'FP32 ORT': work / f'{name}_e2e_fp32.onnx',
+                'INT8 ORT': work / f'{name}_e2e_w8a8_ort.onnx'}
     if two_stage:
         return {'FP32 ORT graph 1': work / f'{name}_fp32.onnx',
                 'FP32 ORT RoI graph': work / f'{name}_fp32_roi.onnx',
@@ -394,8 +398,10 @@ def ort_profile_rows(name: str, cfg: Any, args: argparse.Namespace, work: Path,
     from mmdet_regptq.deploy.detectors.two_stage import is_two_stage
 
     rows = []
-    for label, path in ort_graph_files(name, work, is_two_stage(cfg.model)).items():
-        prof = profile_ort(path, runs=args.ort_profile, threads=args.threads)
+    files = ort_graph_files(name, work, is_two_stage(cfg.model), args.end2end)
+    feeds = {'input': image_feed(cfg, args.size)} if args.end2end else None
+    for label, path in files.items():
+        prof = profile_ort(path, feeds, runs=args.ort_profile, threads=args.threads)
         ops = [dict(model=name, graph=label, **r) for r in prof.op_types]
         print_table(ops, f'ORT profile: {name} {label} ({path.name}), kernels '
                          f'{prof.total_ms:.1f} ms/run, {prof.runs} runs, {args.threads} threads')
