@@ -285,3 +285,25 @@ def test_yolov5_end2end_graph_gives_the_heads_predict_in_ort(single_thread, tmp_
     np.testing.assert_allclose(rows(ort_dets[0, :, :4], ort_dets[0, :, 4], ort_labels[0]),
                                rows(dets[0, :, :4], dets[0, :, 4], labels[0]), rtol=1e-4,
                                atol=1e-3)
+
+
+@pytest.mark.parametrize('name', ['retinanet', 'fcos'])
+def test_numpy_post_processor_gives_the_graphs_detections(float_model, name):
+    """The NumPy post-processor of the TVM artifacts (9 anchors per position on RetinaNet,
+    centerness on FCOS) on raw outputs = the end-to-end module on the same outputs."""
+    from mmdet_regptq.deploy.detectors.raw import RawDetector, raw_output_names
+    from mmdet_regptq.deploy.detectors.spec import dense_postprocess_spec
+    from mmdet_regptq.deploy.mmdeploy.end2end import end2end_graph
+    from mmdet_regptq.deploy.runtime.postprocess import DensePostProcessor
+
+    model = float_model(name)
+    x = model.data_preprocessor(_pipeline_data(model, IMAGES[1]), False)['inputs']
+    with torch.no_grad():
+        raw = dict(zip(raw_output_names(model, x), (t.numpy() for t in RawDetector(model)(x))))
+        dets, labels = end2end_graph(model, (192, 192))(x)
+    got_dets, got_labels = DensePostProcessor(*dense_postprocess_spec(model, (192, 192)))(raw)
+    assert len(got_dets) == dets.shape[1] > 0
+    np.testing.assert_array_equal(np.sort(got_labels), np.sort(labels[0].numpy()))
+    order, ref_order = np.lexsort(got_dets.T[::-1]), np.lexsort(dets[0].numpy().T[::-1])
+    np.testing.assert_allclose(got_dets[order], dets[0].numpy()[ref_order], rtol=1e-4,
+                               atol=1e-3)

@@ -87,6 +87,14 @@ def decode(coder: Mapping[str, Any], priors: np.ndarray, deltas: np.ndarray,
     return _clip(boxes, max_shape) if coder['clip_border'] else boxes
 
 
+def _top_k(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest values, largest first (a partition, then a sort of the
+    ``k``: a full argsort of a 512x512 RetinaNet's first level took 60 ms)."""
+    idx = np.argpartition(-values, k - 1)[:k] if 0 < k < values.size else \
+        np.arange(values.size)
+    return idx[np.argsort(-values[idx], kind='stable')]
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (_F32(1) / (_F32(1) + np.exp(-x))).astype(_F32)
 
@@ -110,21 +118,41 @@ class DensePostProcessor:
         self.priors = [np.asarray(p, _F32) for p in priors]
 
     def level(self, i: int, raw: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        """``(boxes, scores, labels, passed threshold)`` of level ``i``'s top ``nms_pre``.
+
+        With sigmoid scores the top-k runs on the logits in their stored ``[A * C, H, W]``
+        layout (sigmoid is monotonic; no transpose of the whole map), and the indices are
+        mapped to mmdet's (position, anchor, class) order.
+        """
         s = self.spec
-        scores = raw[f'raw0_{i}'][0].transpose(1, 2, 0).reshape(-1, s['cls_out_channels'])
-        scores = _sigmoid(scores) if s['use_sigmoid'] else _softmax(scores)[:, :-1]
-        deltas = raw[f'raw1_{i}'][0].transpose(1, 2, 0).reshape(-1, s['encode_size'])
-        flat = scores.reshape(-1)
+        logits = raw[f'raw0_{i}'][0]
+        classes = s['cls_out_channels']
+        anchors = logits.shape[0] // classes
+        hw = logits.shape[1] * logits.shape[2]
         nms_pre = int(self.cfg.get('nms_pre', -1))
-        k = flat.size if nms_pre <= 0 else min(nms_pre, flat.size)
-        idx = np.argsort(-flat, kind='stable')[:k]
-        top = flat[idx]
-        prior_idx, labels = np.divmod(idx, scores.shape[1])
-        boxes = decode(s['coder'], self.priors[i][prior_idx], deltas[prior_idx],
+        k = logits.size if nms_pre <= 0 else min(nms_pre, logits.size)
+        if s['use_sigmoid']:
+            flat = logits.reshape(-1)
+            stored = _top_k(flat, k)
+            top = _sigmoid(flat[stored])
+            channel, pos = np.divmod(stored, hw)
+            anchor, labels = np.divmod(channel, classes)
+        else:
+            scores = _softmax(logits.reshape(anchors, classes, hw).transpose(2, 0, 1)
+                              .reshape(-1, classes))[:, :-1]
+            flat = scores.reshape(-1)
+            idx = _top_k(flat, k)
+            top = flat[idx]
+            prior, labels = np.divmod(idx, classes - 1)
+            pos, anchor = np.divmod(prior, anchors)
+        size = s['encode_size']
+        deltas = raw[f'raw1_{i}'][0].reshape(anchors, size, hw)[anchor, :, pos]
+        boxes = decode(s['coder'], self.priors[i][pos * anchors + anchor], deltas,
                        s['input_shape'])
         passed = top > _F32(self.cfg.get('score_thr', 0.0))
         if s['score_factors']:
-            top = top * _sigmoid(raw[f'raw2_{i}'][0].reshape(-1))[prior_idx]
+            factor = raw[f'raw2_{i}'][0].reshape(-1, hw)[anchor, pos]
+            top = top * _sigmoid(factor)
         return boxes, top, labels, passed
 
     def __call__(self, raw: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
