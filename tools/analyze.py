@@ -19,14 +19,12 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mmdet_regptq.analysis import (CompareConfig, DetectorBench, NoiseConfig,  # noqa: E402
+from mmdet_regptq.analysis import (CompareConfig, DetectorBench, NoiseConfig,
                                    ProxyConfig, ScalesConfig, SensitivityConfig, WeightsConfig,
                                    load_detector, load_quantized_detector, run_compare,
                                    run_noise, run_scales, run_sensitivity, run_weights)
-from mmdet_regptq.analysis.scales import default_factors  # noqa: E402
-from mmdet_regptq.safe_load import checkpoint_problem  # noqa: E402
+from mmdet_regptq.analysis.scales import default_factors
+from mmdet_regptq.safe_load import checkpoint_problem
 
 logger = logging.getLogger('analyze')
 

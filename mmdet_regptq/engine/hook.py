@@ -66,7 +66,7 @@ class RegPTQHook(Hook):
     def __init__(self, quant: dict | None = None, method: Any = None, calib: dict | None = None,
                  quantized_checkpoint: str | None = None, save: bool = True,
                  on_val: bool = True, recalibrate: bool = False, strict: bool = True) -> None:
-        self.quant = {'w_bits': 4, 'a_bits': 4, **(quant or {})}
+        self.quant = dict(quant or {})   # defaults: QuantPolicy (engine.build_policy)
         check_quant(self.quant)
         self.method = method if method is not None else dict(type='RegPTQ')
         build_method(self.method)   # type, options and their ranges; the run builds its own

@@ -5,10 +5,11 @@ PTQ method over cached calibration batches) -> save (atomic ``quantized.pth``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -22,24 +23,19 @@ from mmdet_regptq.engine.validate import build_method, check_unmatched
 from mmdet_regptq.models.adapters import DetectorAdapter, find_adapter
 from mmdet_regptq.quant import QuantPolicy, quantize_model
 
-_POLICY_KEYS = ('w_bits', 'a_bits', 'first_layer_bits', 'first_layer', 'fp_layers',
-                'quantize_final', 'overrides', 'weight', 'act', 'fold_bn')
+def build_policy(quant: QuantPolicy | Mapping[str, Any] | None,
+                 adapter: DetectorAdapter | None = None) -> QuantPolicy:
+    """The hook's ``quant=dict(...)`` as a validated ``QuantPolicy`` (no model needed).
 
-
-def build_policy(quant: dict, adapter: DetectorAdapter) -> QuantPolicy:
-    """Translate the hook's ``quant=dict(...)`` into a ``QuantPolicy``.
-
-    The adapter's final prediction layers are kept FP unless ``quantize_final=True``;
-    user ``fp_layers`` are added to them.
+    Fields, defaults and checks are :meth:`QuantPolicy.from_cfg`'s. With an ``adapter``,
+    the detector's final prediction layers join ``final_layers`` (kept FP unless
+    ``quantize_final=True``).
     """
-    unknown = sorted(set(quant) - set(_POLICY_KEYS))
-    if unknown:
-        raise KeyError(f'quant: unknown field(s) {unknown}; allowed: {list(_POLICY_KEYS)}')
-    quant = dict(quant)
-    fp_layers = list(quant.pop('fp_layers', []))
-    if not quant.get('quantize_final', False):
-        fp_layers = adapter.fp_layer_patterns() + fp_layers
-    return QuantPolicy(fp_layers=fp_layers, **quant)
+    policy = QuantPolicy.from_cfg(quant)
+    if adapter is None:
+        return policy
+    return dataclasses.replace(
+        policy, final_layers=adapter.fp_layer_patterns() + policy.final_layers)
 
 
 def prepare_batches(adapter: DetectorAdapter, loader: Iterable[dict]) -> list[dict]:
@@ -111,10 +107,12 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
     model.eval()
     adapter = find_adapter(model)
     policy = build_policy(quant, adapter)
+    # the bits are recorded in the checkpoint meta and the resume fingerprint, given or not
+    quant = {'w_bits': policy.w_bits, 'a_bits': policy.a_bits, **quant}
     method_obj = build_method(method)
-    if hasattr(method_obj, 'set_layer_defaults'):  # Reg-PTQ: head / regression-branch regexes
-        method_obj.set_layer_defaults(head=adapter.head_layer_patterns(),
-                                      regression=adapter.regression_layer_patterns())
+    method_obj.set_layer_defaults(head=adapter.head_layer_patterns(),
+                                  regression=adapter.regression_layer_patterns())
+    method_obj.set_output_defaults(sigmoid=adapter.uses_sigmoid)   # PD-Quant's KL
     if not quantized_checkpoint:
         check_fp_weights(model)   # NaN/Inf in the loaded checkpoint: fail before any unit
     session = None
@@ -123,8 +121,9 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
     batches = prepare_batches(adapter, loader)
     # Reg-PTQ's FGIC on decoded predictions; other methods keep their default (output MSE).
     # Probed on the float model before swapping; not needed when a checkpoint is loaded.
-    global_loss = (build_global_loss(adapter, method_obj.fgic, batches[0], logger)
-                   if hasattr(method_obj, 'fgic') and not quantized_checkpoint else None)
+    fgic = method_obj.global_loss_config()
+    global_loss = (build_global_loss(adapter, fgic, batches[0], logger)
+                   if fgic is not None and not quantized_checkpoint else None)
     report = quantize_model(model, policy, example_forward=lambda m: adapter.forward(m, batches[0]))
     check_unmatched(report, quant, strict=strict, logger=logger)
     logger.info('quantized layers:\n' + report.table())
@@ -143,8 +142,7 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
     # data-parallel calibration: the main process (the one with the work_dir) decides
     quantized_checkpoint = calib_dist.from_main(quantized_checkpoint)
     if quantized_checkpoint:
-        if hasattr(method_obj, 'install_llaq'):  # Reg-PTQ: LLAQ layers carry their own state
-            method_obj.install_llaq(model)
+        method_obj.prepare_model(model)   # e.g. Reg-PTQ's LLAQ layers carry their own state
         load_quantized(model, quantized_checkpoint, expect=_describe(quant, method))
         result['loaded'] = quantized_checkpoint
         if session is not None:   # reused: a partial file of the same run is obsolete
