@@ -307,3 +307,17 @@ def test_numpy_post_processor_gives_the_graphs_detections(float_model, name):
     order, ref_order = np.lexsort(got_dets.T[::-1]), np.lexsort(dets[0].numpy().T[::-1])
     np.testing.assert_allclose(got_dets[order], dets[0].numpy()[ref_order], rtol=1e-4,
                                atol=1e-3)
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['python', '-m', 'mmdet_regptq.deploy.run', 'work', 'a.jpg'], True),
+    (['python', '-X', 'importtime', '-W', 'ignore', '-m', 'mmdet_regptq.deploy.run'], True),
+    (['python', '-m' + 'mmdet_regptq.deploy.run', 'work'], True),
+    (['python', '-m', 'pytest', 'tests'], False),
+    (['python', 'tools/deploy.py', '-m', 'mmdet_regptq.deploy.run'], False),
+    (['python', '-c', 'import mmdet_regptq'], False)])
+def test_only_the_runtime_entry_skips_the_torch_imports(monkeypatch, argv, expected):
+    from mmdet_regptq._runtime_entry import runtime_only
+
+    monkeypatch.setattr(sys, 'orig_argv', argv)
+    assert runtime_only() is expected
