@@ -18,7 +18,8 @@ def parse_bits(text: str) -> tuple[int, int]:
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:
-    """``QDrop`` -> ('QDrop', 'QDrop', {}); ``L=RegPTQ{"llaq": false}`` -> (L, RegPTQ, {...}).
+    """``QDrop`` -> ('QDrop', 'QDrop', {}); ``L=RegPTQ{"schedule": {"fisher": false}}`` ->
+    (L, RegPTQ, {...}).
 
     Returns ``(label, registered method name, options)``; the options go into the method's
     config beside ``type``.

@@ -13,8 +13,8 @@ def ablation(load_script):
 
 def test_variant_specs_parse_to_label_type_and_options(ablation):
     assert parse_method('QDrop') == ('QDrop', 'QDrop', {})
-    assert parse_method('R-k1=RegPTQ{"llaq_cfg": {"k_candidates": [1.0]}}') == (
-        'R-k1', 'RegPTQ', {'llaq_cfg': {'k_candidates': [1.0]}})
+    assert parse_method('R-k1=RegPTQ{"llaq": {"quantizer": {"k_candidates": [1.0]}}}') == (
+        'R-k1', 'RegPTQ', {'llaq': {'quantizer': {'k_candidates': [1.0]}}})
     labels = [parse_method(v)[0] for v in ablation.VARIANTS]
     assert len(set(labels)) == len(labels)
 

@@ -10,7 +10,7 @@ from calib_toy import forward_fn, make_batches, make_float, make_quant
 
 from mmdet_regptq.calib import (ExperimentalConfig, FGICConfig, LLAQConfig, PTQMethod, QDrop,
                                 RegPTQ, RegPTQConfig, ScheduleConfig, build_method, output_mse)
-from mmdet_regptq.calib.methods.regptq_config import FLAT_OPTIONS
+from mmdet_regptq.calib.methods.regptq_config import FLAT_OPTIONS, RenamedOptionError
 from mmdet_regptq.errors import UnknownFieldError
 from mmdet_regptq.quant import LLAQuantizer, SEARCH_K, iter_quant_modules
 
@@ -33,12 +33,6 @@ CHANGED = dict(
     head_layers=[r'head\..*'], reg_layers=['head.cls'], init_scale_method='mse', init_p=2.0)
 
 
-def _quiet(**options):
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', FutureWarning)
-        return RegPTQ(**options)
-
-
 def test_defaults_resolve_to_the_settings_reg_ptq_computed_with():
     method = RegPTQ()
     assert method.config.as_flat() == DEFAULTS
@@ -52,26 +46,25 @@ def test_defaults_resolve_to_the_settings_reg_ptq_computed_with():
 
 
 @pytest.mark.parametrize('old', sorted(FLAT_OPTIONS))
-def test_each_flat_spelling_maps_onto_its_group_field_with_a_warning(old):
+def test_each_flat_spelling_is_refused_naming_its_group_field(old):
     group, name = FLAT_OPTIONS[old]
     value = CHANGED[old]
-    with pytest.warns(FutureWarning, match=rf'{old}= -> {group}=dict\({name}=\.\.\.\)'):
-        flat = RegPTQ(**{old: value})
+    with pytest.raises(RenamedOptionError, match=rf'{old}= -> {group}=dict\({name}='):
+        RegPTQ(**{old: value})
+    with pytest.raises(RenamedOptionError, match=rf'{old}= -> {group}=dict\({name}='):
+        build_method(dict(type='RegPTQ', **{old: value}))
     expected = value if old != 'llaq' else 'head'
-    assert getattr(getattr(flat.config, group), name) == expected
-    assert flat.config.as_flat() == {**DEFAULTS, old: value}
     with warnings.catch_warnings():
         warnings.simplefilter('error')   # the grouped spelling warns about nothing
         grouped = RegPTQ(**{group: {name: expected}})
-    assert grouped.config == flat.config
+    assert grouped.config.as_flat() == {**DEFAULTS, old: value}
 
 
 @pytest.mark.parametrize('value,target', [(True, 'reg'), (False, None), ('head', 'head')])
-def test_llaq_as_bool_or_string_is_the_flat_spelling_of_the_target(value, target):
-    with pytest.warns(FutureWarning, match=r'llaq= -> llaq=dict\(target='):
-        method = RegPTQ(llaq=value)
-    assert method.llaq.target == target
-    assert method.config.as_flat()['llaq'] == (False if target is None else target)
+def test_llaq_as_bool_or_string_is_refused_naming_the_target(value, target):
+    with pytest.raises(RenamedOptionError, match=rf"llaq= -> llaq=dict\(target={target!r}\)"):
+        RegPTQ(llaq=value)
+    assert RegPTQ(llaq=dict(target=target)).llaq.target == target
 
 
 def test_every_group_takes_its_dataclass_or_a_dict():
@@ -86,15 +79,9 @@ def test_every_group_takes_its_dataclass_or_a_dict():
     assert from_dicts.fgic is from_dicts.config.fgic and from_dicts.tail_interval == 8
 
 
-def test_one_option_set_two_ways_is_an_error():
-    with pytest.raises(ValueError, match=r'theta_c= and fgic\.theta_c are the same option'):
-        _quiet(theta_c=1e-3, fgic=dict(theta_c=2e-3))
-    with pytest.raises(ValueError, match=r'theta_c= cannot be combined with a built '
-                                         r'fgic=FGICConfig'):
-        _quiet(theta_c=1e-3, fgic=FGICConfig())
-    # different fields of one group merge
-    merged = _quiet(theta_c=1e-3, fgic=dict(theta_i=0.2))
-    assert merged.fgic == FGICConfig(theta_c=1e-3, theta_i=0.2)
+def test_a_flat_option_beside_its_group_is_still_refused():
+    with pytest.raises(RenamedOptionError, match=r'theta_c= -> fgic=dict\(theta_c=0\.001\)'):
+        RegPTQ(theta_c=1e-3, fgic=dict(theta_i=0.2))
 
 
 @pytest.mark.parametrize('options,pattern', [
@@ -159,8 +146,9 @@ def test_build_method_validates_options_without_a_model():
         build_method(dict(type='RegPTQ2'))
     with pytest.raises(ValueError, match=r'RegPTQ experimental: fisher_share=0'):
         build_method(dict(type='RegPTQ', experimental=dict(fisher_share=0)))
-    with pytest.warns(FutureWarning, match=r'global_interval= -> schedule='):   # flat: works
-        assert build_method(dict(type='RegPTQ', global_interval=1)).tail_interval == 1
+    with pytest.raises(RenamedOptionError, match=r'global_interval= -> schedule='):
+        build_method(dict(type='RegPTQ', global_interval=1))
+    assert build_method(dict(type='RegPTQ', schedule=dict(global_interval=1))).tail_interval == 1
     assert 'lr_llaq' not in RegPTQ.options() and RegPTQ.legacy_options['lr_llaq'] == 'llaq.lr'
     with pytest.raises(KeyError, match=r"\['global_intervall'\] for RegPTQ; allowed: .*; did "
                                        r"you mean 'global_interval' \(schedule\.global_interval\)"):
@@ -201,22 +189,25 @@ def test_reg_ptq_engine_interface():
 
 
 @pytest.mark.parametrize('w_bits', [2, 4])
-def test_flat_and_grouped_spellings_calibrate_identically(w_bits):
+def test_dicts_and_built_groups_calibrate_identically(w_bits):
     """Non-default values in every group: the same state, bit for bit."""
     float_model, batches = make_float(), make_batches(2)
-    flat = dict(llaq='reg', reg_layers=['head.cls'], global_interval=3, fisher_share=2,
-                local_draw='call', lr_llaq=2e-3, llaq_cfg=dict(k_candidates=(1.0, 2.0)),
-                global_weight=0.5, init_p=2.0)
+    built = dict(llaq=LLAQConfig(target='reg', reg_layers=['head.cls'], lr=2e-3,
+                                 quantizer=dict(k_candidates=(1.0, 2.0))),
+                 schedule=ScheduleConfig(global_interval=3, init_p=2.0),
+                 experimental=ExperimentalConfig(fisher_share=2, local_draw='call',
+                                                 global_weight=0.5))
     grouped = dict(llaq=dict(target='reg', reg_layers=['head.cls'], lr=2e-3,
                              quantizer=dict(k_candidates=(1.0, 2.0))),
                    schedule=dict(global_interval=3, init_p=2.0),
                    experimental=dict(fisher_share=2, local_draw='call', global_weight=0.5))
     states = []
-    for options in (flat, grouped):
+    for options in (built, grouped):
         model = make_quant(float_model, w_bits, 4)
         torch.manual_seed(0)
-        _quiet(iters=6, progress=False, log_interval=0, **options).calibrate(
+        RegPTQ(iters=6, progress=False, log_interval=0, **options).calibrate(
             model, batches, forward_fn, global_loss=output_mse)
         states.append(model.state_dict())
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+

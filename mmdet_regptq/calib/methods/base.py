@@ -85,7 +85,7 @@ class PTQMethod:
     trains: ClassVar[bool] = True
     #: whether the weight quantizers are swapped for AdaRound ones
     adaround: ClassVar[bool] = True
-    #: older flat spellings the constructor still maps (with a warning) → the new spelling
+    #: flat spellings of earlier releases, refused with their new spelling → the new spelling
     legacy_options: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, *, iters: int = 2000, warmup: float = 0.2, round_weight: float = 0.01,

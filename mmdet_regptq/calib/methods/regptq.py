@@ -51,8 +51,8 @@ class RegPTQ(QDrop):
             being measured (``llaq_rounding``, ``global_weight``, ``fisher_share``,
             ``local_draw``).
         **kwargs: see :class:`QDrop` / :class:`PTQMethod`. The flat spellings of the
-            group fields (``theta_c=...``, ``llaq='head'``) map onto them with a
-            ``FutureWarning`` (:data:`~.regptq_config.FLAT_OPTIONS`).
+            group fields of earlier releases (``theta_c=...``, ``llaq='head'``) raise
+            :class:`~.regptq_config.RenamedOptionError` naming the grouped spelling.
     """
 
     legacy_options = {old: f'{group}.{name}' for old, (group, name) in FLAT_OPTIONS.items()}
@@ -64,7 +64,7 @@ class RegPTQ(QDrop):
                  **kwargs: Any) -> None:
         flat = {name: kwargs.pop(name) for name in list(kwargs) if name in FLAT_OPTIONS}
         config = RegPTQConfig.build(fgic=fgic, llaq=llaq, schedule=schedule,
-                                    experimental=experimental, flat=flat)
+                                    experimental=experimental, **flat)
         super().__init__(**kwargs)
         self.fgic: FGICConfig = config.fgic
         self.llaq: LLAQConfig = config.llaq

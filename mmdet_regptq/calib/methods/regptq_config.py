@@ -12,14 +12,14 @@ here and nowhere else.
 - ``experimental`` (:class:`ExperimentalConfig`): options beyond the paper whose value is
   still being measured (``docs/``); their names and defaults may change.
 
-The flat keyword spellings (``RegPTQ(theta_c=1e-3, llaq='head')``) keep working: each maps
-onto one group field (:data:`FLAT_OPTIONS`) and raises a ``FutureWarning`` that names the
-grouped spelling. Setting a field both ways is an error.
+The flat keyword spellings of earlier releases (``RegPTQ(theta_c=1e-3, llaq='head')``) are
+refused with a :class:`RenamedOptionError` that names the grouped spelling of each
+(:data:`FLAT_OPTIONS`), so a config written for them fails at load instead of running with
+a changed meaning.
 """
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence, TypeVar
 
@@ -30,7 +30,7 @@ from ..fgic import FGICConfig
 from ..reconstruct import check_local_draw
 
 __all__ = ['LLAQConfig', 'ScheduleConfig', 'ExperimentalConfig', 'RegPTQConfig',
-           'FGICConfig', 'FLAT_OPTIONS', 'LLAQ_TARGETS', 'LLAQ_ROUNDING',
+           'FGICConfig', 'FLAT_OPTIONS', 'RenamedOptionError', 'LLAQ_TARGETS', 'LLAQ_ROUNDING',
            'AUTO_LEARNED_MAX_BITS']
 
 #: ``llaq.target`` → the :class:`LLAQConfig` field holding the target layer regexes.
@@ -203,6 +203,21 @@ FLAT_OPTIONS: dict[str, tuple[str, str]] = {
 T = TypeVar('T')
 
 
+class RenamedOptionError(ValueError):
+    """A flat Reg-PTQ option of earlier releases; the message names its grouped spelling."""
+
+    def __init__(self, flat: Mapping[str, Any]) -> None:
+        moved = []
+        for old, value in flat.items():
+            group, name = FLAT_OPTIONS[old]
+            if old == 'llaq':
+                value = 'reg' if value is True else None if value is False else value
+            moved.append(f'{old}= -> {group}=dict({name}={value!r})')
+        super().__init__('RegPTQ: option(s) renamed; write ' + ', '.join(moved))
+
+
+
+
 def build_group(cls: type[T], value: T | Mapping[str, Any] | None, group: str) -> T:
     """``cls`` from a dict of its fields (or ``None``: the defaults); an instance passes
     through. Errors are ``ValueError`` naming ``group`` and the field."""
@@ -233,45 +248,25 @@ class RegPTQConfig:
     experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)
 
     @classmethod
-    def build(cls, *, flat: Mapping[str, Any] | None = None, **groups: Any) -> RegPTQConfig:
-        """From the groups (dataclasses or dicts) and flat spellings (:data:`FLAT_OPTIONS`).
+    def build(cls, **groups: Any) -> RegPTQConfig:
+        """From the groups, each a dataclass, a dict of its fields or ``None`` (defaults).
 
-        A flat option is merged into its group's dict; giving the same field both ways,
-        or flat options for a group passed as a built object, raises ``ValueError``.
-        ``llaq`` given as a bool or a string is the flat spelling of ``llaq.target``.
+        Raises:
+            RenamedOptionError: a flat spelling (:data:`FLAT_OPTIONS`) was given, or
+                ``llaq`` as a bool / string (the flat spelling of ``llaq.target``).
+            UnknownFieldError: a name that is neither a group nor a flat spelling.
         """
-        flat = dict(flat or {})
-        llaq = groups.get('llaq')
-        if isinstance(llaq, (bool, str)):
-            flat['llaq'] = groups.pop('llaq')
+        flat = {name: groups.pop(name) for name in list(groups)
+                if name in FLAT_OPTIONS and (name != 'llaq'
+                                             or isinstance(groups[name], (bool, str)))}
+        if flat:
+            raise RenamedOptionError(flat)
         unknown = sorted(set(groups) - set(_GROUPS))
         if unknown:
             raise UnknownFieldError(f'RegPTQ: unknown option group(s) {unknown}; allowed: '
                                     f'{list(_GROUPS)}')
-        merged = {name: groups.get(name) for name in _GROUPS}
-        for old, value in flat.items():
-            if old not in FLAT_OPTIONS:
-                raise UnknownFieldError(f'RegPTQ: unknown option {old!r}; allowed groups: '
-                                        f'{list(_GROUPS)}')
-            group, name = FLAT_OPTIONS[old]
-            if old == 'llaq':
-                value = 'reg' if value is True else None if value is False else value
-            given = merged[group]
-            if isinstance(given, _GROUPS[group]):
-                raise ValueError(f'RegPTQ: {old}= cannot be combined with a built {group}='
-                                 f'{type(given).__name__}; set {group}.{name} there')
-            given = dict(given or {})
-            if name in given:
-                raise ValueError(f'RegPTQ: {old}= and {group}.{name} are the same option; '
-                                 f'set {group}=dict({name}=...) only')
-            merged[group] = {**given, name: value}
-        if flat:
-            moved = ', '.join(f'{old}= -> {FLAT_OPTIONS[old][0]}=dict('
-                              f'{FLAT_OPTIONS[old][1]}=...)' for old in flat)
-            warnings.warn(f'RegPTQ: flat options are deprecated; use the groups ({moved})',
-                          FutureWarning, stacklevel=3)
-        return cls(**{name: build_group(_GROUPS[name], value, name)
-                      for name, value in merged.items()})
+        return cls(**{name: build_group(group, groups.get(name), name)
+                      for name, group in _GROUPS.items()})
 
     def as_flat(self) -> dict[str, Any]:
         """Every option under its flat spelling (:data:`FLAT_OPTIONS`; ``llaq`` is the
