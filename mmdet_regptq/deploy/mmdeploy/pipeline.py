@@ -349,6 +349,7 @@ def evaluate(deploy_cfg: Any, model_cfg: Any, backend_files: Sequence[str], *,
     from mmdeploy.utils import load_config
 
     deploy_cfg, model_cfg = load_config(deploy_cfg, model_cfg)
+    model_cfg.test_dataloader.batch_size = 1   # the deployed graphs are static, batch 1
     task_processor = build_task_processor(model_cfg, deploy_cfg, device)
     backend_model = task_processor.build_backend_model(list(backend_files))
     runner = task_processor.build_test_runner(backend_model, str(work_dir))
