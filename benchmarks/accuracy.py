@@ -9,7 +9,8 @@ calibrating in ``before_test``. Each run is a subprocess, so its peak RSS is its
 
 ``--detectors yolov5n`` runs the official Ultralytics YOLOv5n (read from the real-data
 folder ``../shared/realdata`` or ``$REGPTQ_REALDATA``, converted once into ``--out``) on 64
-real COCO val images, calibrated on 128 COCO train images (docs/results/yolov5.md).
+real COCO val images, calibrated on a seeded subset (``--num-images``) of 128 COCO train
+images (docs/results/yolov5.md).
 
 A method is a registered name (``QDrop``) or ``LABEL=TYPE{json options}`` for a variant,
 e.g. ``'RegPTQ-noGlobal=RegPTQ{"schedule": {"global_loss": false}}'``
