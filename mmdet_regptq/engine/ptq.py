@@ -196,10 +196,19 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
     return result
 
 
+def _plain(value: Any) -> Any:
+    """ConfigDict / tuples / other objects -> what ``torch.load(weights_only=True)`` reads."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
 def _describe(quant: dict, method: Any) -> dict:
     """What must match between a saved quantized checkpoint and the model it loads into."""
     name = method.get('type') if isinstance(method, dict) else type(method).__name__
-    return {'quant': dict(quant), 'method': name}
+    return {'quant': _plain(quant), 'method': name}
 
 
 def _method_options(method: Any) -> dict:
@@ -207,14 +216,7 @@ def _method_options(method: Any) -> dict:
     the same options, e.g. LLAQ's ``power_of_two``); empty for a method object."""
     if not isinstance(method, dict):
         return {}
-
-    def plain(value: Any) -> Any:   # ConfigDict / tuples -> what torch.load(weights_only) reads
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-    return {'method_cfg': plain(method)}
+    return {'method_cfg': _plain(method)}
 
 
 def _chain(callbacks: list[Callable[..., None]]) -> Callable[..., None] | None:
