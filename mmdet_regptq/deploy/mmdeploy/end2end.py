@@ -33,8 +33,8 @@ from mmdet_regptq.deploy.detectors.two_stage import is_two_stage
 from mmdet_regptq.deploy.detectors.two_stage_graph import TwoStageEnd2End
 from mmdet_regptq.deploy.detectors.yolov5_graph import YOLOv5End2End, is_yolov5
 from mmdet_regptq.deploy.mmdeploy.pipeline import (DeployResult, PreparedExport,
-                                                   apply_onnx_format, export_detector,
-                                                   prepare_export)
+                                                   apply_onnx_format, convert_to_backend,
+                                                   export_detector, prepare_export)
 from mmdet_regptq.deploy.onnx.export import export_onnx
 
 __all__ = ['is_end2end', 'export_end2end', 'end2end_graph', 'REFERENCE_FILE', 'TVM_BACKENDS']
@@ -162,24 +162,13 @@ def deploy_end2end(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img:
                    model: torch.nn.Module | None = None) -> DeployResult:
     """``export_end2end`` → ``to_backend`` → the torch-free runtime checked against the
     fake-quant model's detections on the export image."""
-    from mmdeploy.apis.utils import to_backend
-    from mmdeploy.backend.base import get_backend_manager
     from mmdeploy.utils import get_backend, load_config
 
     deploy_cfg, model_cfg = load_config(deploy_cfg, model_cfg)
     result = export_end2end(deploy_cfg, model_cfg, checkpoint, img, work_dir, device,
                             model=model)
-    backend = get_backend(deploy_cfg).value
-    manager = get_backend_manager(backend)
-    if backend == 'onnxruntime':
-        result.backend_files = list(result.onnx_files)
-    elif manager is None or not manager.is_available():
-        result.notes.append(f'backend {backend!r} is not installed here: stopping at the '
-                            f'ONNX model {result.onnx_file}')
+    if not convert_to_backend(result, deploy_cfg, work_dir, device):
         return result
-    else:
-        result.backend_files = list(to_backend(backend, list(result.onnx_files),
-                                               str(work_dir), deploy_cfg=deploy_cfg,
-                                               device=device))
+    backend = get_backend(deploy_cfg).value
     result.notes.append(f'{backend}: {check_end2end(work_dir)}')
     return result

@@ -274,6 +274,30 @@ def export_detector(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img
     return result
 
 
+
+def convert_to_backend(result: DeployResult, deploy_cfg: Any, work_dir: str | Path,
+                       device: str) -> bool:
+    """Fill ``result.backend_files`` from its ONNX files with mmdeploy's ``to_backend``
+    (ONNX Runtime runs the ONNX files as they are). False, with a note, when the config's
+    backend is not installed here."""
+    from mmdeploy.apis.utils import to_backend
+    from mmdeploy.backend.base import get_backend_manager
+    from mmdeploy.utils import get_backend
+
+    backend = get_backend(deploy_cfg).value
+    manager = get_backend_manager(backend)
+    if backend == 'onnxruntime':
+        result.backend_files = list(result.onnx_files)
+    elif manager is None or not manager.is_available():
+        result.notes.append(f'backend {backend!r} is not installed here: stopping at the '
+                            f'ONNX model(s) {", ".join(result.onnx_files)}')
+        return False
+    else:
+        result.backend_files = list(to_backend(backend, list(result.onnx_files),
+                                               str(work_dir), deploy_cfg=deploy_cfg,
+                                               device=device))
+    return True
+
 def deploy(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any, *,
            work_dir: str | Path, device: str = 'cpu', test_img: Any = None,
            model: torch.nn.Module | None = None) -> DeployResult:
@@ -284,8 +308,6 @@ def deploy(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any, *,
     file is the result and ``notes`` says so.
     """
     from mmdeploy.apis import build_task_processor
-    from mmdeploy.apis.utils import to_backend
-    from mmdeploy.backend.base import get_backend_manager
     from mmdeploy.utils import get_backend, load_config
 
     from mmdet_regptq.deploy.mmdeploy.end2end import deploy_end2end, is_end2end
@@ -296,18 +318,9 @@ def deploy(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img: Any, *,
                               device=device, model=model)
     result = export_detector(deploy_cfg, model_cfg, checkpoint, img, work_dir, device,
                              model=model)
-    backend = get_backend(deploy_cfg).value
-    manager = get_backend_manager(backend)
-    if backend == 'onnxruntime':
-        result.backend_files = list(result.onnx_files)
-    elif manager is None or not manager.is_available():
-        result.notes.append(f'backend {backend!r} is not installed here: stopping at the '
-                            f'ONNX model(s) {", ".join(result.onnx_files)}')
+    if not convert_to_backend(result, deploy_cfg, work_dir, device):
         return result
-    else:
-        result.backend_files = list(to_backend(backend, list(result.onnx_files),
-                                               str(work_dir), deploy_cfg=deploy_cfg,
-                                               device=device))
+    backend = get_backend(deploy_cfg).value
     task_processor = build_task_processor(model_cfg, deploy_cfg, device)
     backend_model = task_processor.build_backend_model(result.backend_files)
     stored = np.load(Path(work_dir) / 'reference_outputs.npz')
