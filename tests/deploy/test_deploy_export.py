@@ -8,7 +8,7 @@ from onnx import TensorProto, numpy_helper
 
 from mmdet_regptq.deploy import export_mode, export_onnx
 from mmdet_regptq.deploy.onnx.verify import (max_abs_diff, onnx_code_names, ort_run,
-                                        teacher_forced_codes)
+                                             teacher_forced_codes, torch_codes)
 
 from deploy_toy import make_quantized
 
@@ -98,3 +98,13 @@ def test_int8_carriers_without_int4(tmp_path, single_thread):
     out = ort_run(proto, {'input': x.numpy()}, extra_outputs=list(codes.values()))
     lsb = teacher_forced_codes(model, (x,), {k: out[v] for k, v in codes.items()})
     assert max(d.max_lsb for d in lsb) <= 1
+
+
+def test_torch_codes_key_every_quantized_tensor_as_the_export(w4a4):
+    model, x, path, _ = w4a4
+    codes = torch_codes(model, (x,))
+    assert set(codes) == set(onnx_code_names(onnx.load(str(path))))
+    assert all(c.dtype.kind in 'iu' for c in codes.values())
+    # forcing the model's own codes back in changes none of them
+    lsb = teacher_forced_codes(model, (x,), codes)
+    assert len(lsb) == len(codes) and max(d.max_lsb for d in lsb) == 0

@@ -10,7 +10,7 @@ within 1 LSB.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -33,36 +33,50 @@ class CodeDiff:
     mismatch: float
 
 
-@torch.no_grad()
-def torch_codes(model: nn.Module, args: Sequence[Tensor]) -> dict[str, np.ndarray]:
-    """Integer codes of every enabled input quantizer, keyed as in the export
-    (``<layer>.<slot>.q`` for the first call, ``.q<k>`` for call ``k`` of a shared layer)."""
-    codes: dict[str, np.ndarray] = {}
-    calls: dict[str, int] = {}
-    handles = []
+def _code_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(<layer>.<slot>, quantizer)`` of every enabled input quantizer with integer codes."""
     for name, layer in iter_quant_modules(model):
         if not layer.quant_input:
             continue
         for slot, quantizer in layer.input_quantizers().items():
-            if quantizer is None or not quantizer.enabled or not hasattr(quantizer, 'to_int'):
-                continue
-            key = f'{name}.{slot}'
+            if quantizer is not None and quantizer.enabled and hasattr(quantizer, 'to_int'):
+                yield f'{name}.{slot}', quantizer
 
-            def hook(mod: nn.Module, inputs: tuple, output: Any, key: str = key) -> None:
-                k = calls[key] = calls.get(key, 0) + 1
-                prefix = f'{key}.q' if k == 1 else f'{key}.q{k - 1}'
-                codes[prefix] = mod.to_int(inputs[0]).cpu().numpy()
-            handles.append(quantizer.register_forward_hook(hook))
+
+@torch.no_grad()
+def _run_with_code_hooks(model: nn.Module, args: Sequence[Tensor],
+                         on_call: Callable[[str, nn.Module, Tensor, Tensor], Any]) -> None:
+    """Run ``model(*args)`` once with ``on_call(prefix, quantizer, input, output)`` hooked
+    on every code quantizer; ``prefix`` is keyed as in the export (``<layer>.<slot>.q`` for
+    the first call, ``.q<k>`` for call ``k`` of a shared layer); what ``on_call`` returns
+    replaces the quantizer's output (``None`` keeps it)."""
+    calls: dict[str, int] = {}
+    handles = []
+    for key, quantizer in _code_quantizers(model):
+        def hook(mod: nn.Module, inputs: tuple, output: Tensor, key: str = key) -> Any:
+            k = calls[key] = calls.get(key, 0) + 1
+            prefix = f'{key}.q' if k == 1 else f'{key}.q{k - 1}'
+            return on_call(prefix, mod, inputs[0], output)
+        handles.append(quantizer.register_forward_hook(hook))
     try:
         model.eval()
         model(*args)
     finally:
         for h in handles:
             h.remove()
+
+
+def torch_codes(model: nn.Module, args: Sequence[Tensor]) -> dict[str, np.ndarray]:
+    """Integer codes of every enabled input quantizer, keyed as in the export
+    (``<layer>.<slot>.q`` for the first call, ``.q<k>`` for call ``k`` of a shared layer)."""
+    codes: dict[str, np.ndarray] = {}
+
+    def record(prefix: str, mod: nn.Module, x: Tensor, output: Tensor) -> None:
+        codes[prefix] = mod.to_int(x).cpu().numpy()
+    _run_with_code_hooks(model, args, record)
     return codes
 
 
-@torch.no_grad()
 def teacher_forced_codes(model: nn.Module, args: Sequence[Tensor],
                          deployed: Mapping[str, np.ndarray]) -> list[CodeDiff]:
     """Per-tensor LSB agreement without error propagation.
@@ -79,36 +93,19 @@ def teacher_forced_codes(model: nn.Module, args: Sequence[Tensor],
         deployed: prefix (``<layer>.<slot>.q[k]``) → codes, e.g. from ORT extra outputs.
     """
     diffs: list[CodeDiff] = []
-    calls: dict[str, int] = {}
-    handles = []
-    for name, layer in iter_quant_modules(model):
-        if not layer.quant_input:
-            continue
-        for slot, quantizer in layer.input_quantizers().items():
-            if quantizer is None or not quantizer.enabled or not hasattr(quantizer, 'to_int'):
-                continue
-            key = f'{name}.{slot}'
 
-            def hook(mod: nn.Module, inputs: tuple, output: Tensor, key: str = key) -> Tensor:
-                k = calls[key] = calls.get(key, 0) + 1
-                prefix = f'{key}.q' if k == 1 else f'{key}.q{k - 1}'
-                if prefix not in deployed:
-                    return output
-                own = mod.to_int(inputs[0])
-                forced = torch.as_tensor(np.asarray(deployed[prefix]).astype(np.int64),
-                                         device=own.device).reshape(own.shape)
-                delta = (own.long() - forced).abs()
-                diffs.append(CodeDiff(prefix, int(delta.max()), float((delta > 0).float().mean())))
-                params = mod.quant_params()
-                return ((forced.to(output.dtype) - params['zero_point'].to(output.dtype))
-                        * params['scale'].to(output.dtype))
-            handles.append(quantizer.register_forward_hook(hook))
-    try:
-        model.eval()
-        model(*args)
-    finally:
-        for h in handles:
-            h.remove()
+    def force(prefix: str, mod: nn.Module, x: Tensor, output: Tensor) -> Tensor | None:
+        if prefix not in deployed:
+            return None
+        own = mod.to_int(x)
+        forced = torch.as_tensor(np.asarray(deployed[prefix]).astype(np.int64),
+                                 device=own.device).reshape(own.shape)
+        delta = (own.long() - forced).abs()
+        diffs.append(CodeDiff(prefix, int(delta.max()), float((delta > 0).float().mean())))
+        params = mod.quant_params()
+        return ((forced.to(output.dtype) - params['zero_point'].to(output.dtype))
+                * params['scale'].to(output.dtype))
+    _run_with_code_hooks(model, args, force)
     return diffs
 
 
