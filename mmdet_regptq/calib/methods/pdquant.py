@@ -39,6 +39,7 @@ from ..capture import GradLoss
 from ..losses import PredictionKL, ReconLoss
 from ..trace import removing
 from ..units import ReconUnit
+from .base import check_int
 from .qdrop import QDrop
 
 __all__ = ['PDQuant', 'distribution_correction']
@@ -75,8 +76,7 @@ class PDQuant(QDrop):
                             ('lambda_c', lambda_c), ('dc_lr', dc_lr)):
             if not value > 0:
                 raise ValueError(f'{name}={value!r} must be > 0')
-        if isinstance(dc_iters, bool) or not isinstance(dc_iters, int) or dc_iters < 0:
-            raise ValueError(f'dc_iters={dc_iters!r} must be an int >= 0')
+        check_int('dc_iters', dc_iters, 0)
         if sigmoid is not None and not isinstance(sigmoid, bool):
             raise ValueError(f'sigmoid={sigmoid!r} must be True, False or None')
         self.temperature = temperature
