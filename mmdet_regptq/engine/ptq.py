@@ -17,8 +17,8 @@ from torch import nn
 from mmdet_regptq.calib import FGICLoss, output_mse
 from mmdet_regptq.calib import dist as calib_dist
 from mmdet_regptq.engine.checkpoint import check_fp_weights, load_quantized, save_quantized
-from mmdet_regptq.engine.resume import (CalibrationResume, fingerprint, sigterm_as_exception,
-                                        weights_digest)
+from mmdet_regptq.engine.resume import (CalibrationResume, fingerprint, plain_data,
+                                        sigterm_as_exception, weights_digest)
 from mmdet_regptq.engine.validate import build_method, check_unmatched
 from mmdet_regptq.models.adapters import DetectorAdapter, find_adapter
 from mmdet_regptq.quant import QuantPolicy, quantize_model
@@ -196,19 +196,10 @@ def quantize_detector(model: nn.Module, loader: Iterable[dict], *, quant: dict,
     return result
 
 
-def _plain(value: Any) -> Any:
-    """ConfigDict / tuples / other objects -> what ``torch.load(weights_only=True)`` reads."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
 def _describe(quant: dict, method: Any) -> dict:
     """What must match between a saved quantized checkpoint and the model it loads into."""
     name = method.get('type') if isinstance(method, dict) else type(method).__name__
-    return {'quant': _plain(quant), 'method': name}
+    return {'quant': plain_data(quant), 'method': name}
 
 
 def _method_options(method: Any) -> dict:
@@ -216,7 +207,7 @@ def _method_options(method: Any) -> dict:
     the same options, e.g. LLAQ's ``power_of_two``); empty for a method object."""
     if not isinstance(method, dict):
         return {}
-    return {'method_cfg': _plain(method)}
+    return {'method_cfg': plain_data(method)}
 
 
 def _chain(callbacks: list[Callable[..., None]]) -> Callable[..., None] | None:

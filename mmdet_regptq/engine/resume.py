@@ -95,21 +95,24 @@ def fingerprint(*, quant: dict, method: Any, seed: int, batches: Sequence[dict],
             digest.update(str((tuple(t.shape), str(t.dtype))).encode())
             digest.update(t.numpy().tobytes())
     return {
-        'quant': _jsonable(quant), 'method': _describe_method(method), 'seed': int(seed),
+        'quant': plain_data(quant), 'method': _describe_method(method), 'seed': int(seed),
         'config': config, 'num_batches': len(batches), 'data_sha256': digest.hexdigest(),
         'layers_sha256': hashlib.sha256(repr(list(layers)).encode()).hexdigest(),
         'weights_sha256': weights}
 
 
-def _jsonable(obj: Any) -> Any:
+def plain_data(obj: Any) -> Any:
+    """``obj`` as JSON data (dicts with str keys, lists, str / numbers / bools / None; any
+    other object as its ``str``): what a fingerprint compares and what
+    ``torch.load(weights_only=True)`` reads back from a checkpoint's meta."""
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 def _describe_method(method: Any) -> Any:
     if isinstance(method, dict):
-        return _jsonable(method)
+        return plain_data(method)
     return {'type': type(method).__name__,
-            'vars': _jsonable({k: v for k, v in vars(method).items() if not k.startswith('_')})}
+            'vars': plain_data({k: v for k, v in vars(method).items() if not k.startswith('_')})}
 
 
 def _differences(a: dict, b: dict) -> list[str]:
