@@ -28,13 +28,15 @@ def test_tvm_int4_compiles_and_matches(w4a4, tmp_path):
     # every layer's partial sums are integers below 2^24 here: exact in float32 lanes
     assert set(meta['accumulate'].values()) == {'float32'} and meta['scheduled']
     # on an AVX-512 VNNI CPU every conv runs the vpdpbusd kernel (the uint8 first layer
-    # with its zero points through the split-weight form); weight layouts are lifted
+    # with its zero points through the split-weight form), on an AVX2 CPU the vpmaddubsw
+    # kernel; weight layouts are lifted
     from mmdet_regptq.deploy.tvm.build import host_target
-    from mmdet_regptq.deploy.tvm.vnni import has_vnni
+    from mmdet_regptq.deploy.tvm.vnni import int8_kernel
     # (the three convs, one of them grouped, at batch 2, and the Linear as a 1x1 conv)
-    kinds = list(meta['kernels'].values())
-    assert kinds.count('vnni_int8') == (4 if has_vnni(host_target()) else 0)
-    assert kinds.count('float32_accumulate') == len(kinds) - kinds.count('vnni_int8')
+    fast = {'vnni': ['vnni_int8'] * 4, 'avx2': ['avx2_int8'] * 3 + ['avx2_int8_split'],
+            'generic': []}[int8_kernel(host_target())]
+    kinds = sorted(meta['kernels'].values())
+    assert [k for k in kinds if k != 'float32_accumulate'] == fast
     assert meta['transform_params']
     stored = np.load(files[1])
     packed = [stored[f'w{i}.words'] for i, w in enumerate(meta['weights']) if w['bits'] == 4]
@@ -59,7 +61,7 @@ def test_llaq_layer_deploys_as_int8_shifts(tmp_path, single_thread, capsys, load
     from mmdet_regptq.deploy import export_onnx
     from mmdet_regptq.deploy.tvm.build import build_artifact, host_target
     from mmdet_regptq.deploy.tvm.runner import TvmRunner
-    from mmdet_regptq.deploy.tvm.vnni import has_vnni
+    from mmdet_regptq.deploy.tvm.vnni import int8_kernel
     from mmdet_regptq.deploy.onnx.verify import onnx_code_names, teacher_forced_codes
     from mmdet_regptq.quant import LLAQuantizer
 
@@ -82,7 +84,8 @@ def test_llaq_layer_deploys_as_int8_shifts(tmp_path, single_thread, capsys, load
     assert len(shift) == 1 and shift[0]['bits'] == 4 and shift[0]['shape'] == [8, 16, 1, 1]
     assert integer.layers['/c3/Conv_output_0'] == ('int8', 'int8 shift')
     kernel = meta['kernels'][shift[0]['name']]
-    assert kernel == ('vnni_int8' if has_vnni(host_target()) else 'float32_accumulate')
+    assert kernel == {'vnni': 'vnni_int8', 'avx2': 'avx2_int8',
+                      'generic': 'float32_accumulate'}[int8_kernel(host_target())]
     out = TvmRunner(tmp_path / 'art')({'input': x})
     with torch.no_grad():
         ref = model(x)

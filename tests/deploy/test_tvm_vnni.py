@@ -149,9 +149,9 @@ def test_matmul_integer_runs_on_the_vnni_kernel_bit_exact(m, k, n):
         [helper.make_tensor_value_info('y', TensorProto.INT32, [m, n])],
         [numpy_helper.from_array(b, 'b')])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
-    used: list = []
-    executable = compile_onnx(model, {'a': [m, k]}, used_vnni=used)
+    used: dict = {}
+    executable = compile_onnx(model, {'a': [m, k]}, used=used)
     vm = relax.VirtualMachine(executable, tvm.cpu())
     out = vm['main'](tvm.runtime.tensor(a)).numpy()
-    assert used, 'MatMulInteger did not take the VNNI kernel'
+    assert list(used.values()) == ['vnni'], 'MatMulInteger did not take the VNNI kernel'
     assert np.array_equal(out.astype(np.int64), a.astype(np.int64) @ b.astype(np.int64))

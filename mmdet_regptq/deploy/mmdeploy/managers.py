@@ -115,18 +115,23 @@ class _TVMManagerBase(BaseBackendManager):
         """Compile every ONNX file into ``work_dir/<stem>_<backend>/`` (module doc)."""
         import onnx
 
-        from mmdet_regptq.deploy.tvm.build import build_artifact, host_target
+        from mmdet_regptq.deploy.mmdeploy.options import regptq_options
+        from mmdet_regptq.deploy.tvm.build import build_artifact, deploy_target
 
         if device != 'cpu':
             raise NotImplementedError(f'{cls.backend_name}: device={device!r}; only cpu')
         backend_cfg = dict((deploy_cfg or {}).get('backend_config', {}) or {})
-        target = host_target(backend_cfg.get('mcpu'))
+        # backend_config.mcpu (an LLVM CPU name) or regptq.target_cpu ('host' / 'avx2' /
+        # 'vnni'): the CPU the artifact is compiled for, which picks its int8 kernel
+        target = deploy_target(backend_cfg.get('mcpu'),
+                               regptq_options(deploy_cfg).get('target_cpu', 'host'))
         files: list[str] = []
         for ir_file in ir_files:
             out_dir = Path(work_dir) / f'{Path(ir_file).stem}_{cls.backend_name}'
             built, report = build_artifact(onnx.load(ir_file), out_dir,
                                            integer=backend_cfg.get('integer', cls.integer),
-                                           target=target)
+                                           target=target,
+                                           kernel=backend_cfg.get('int8_kernel', 'auto'))
             if report is not None:
                 logger.info('%s: %s', cls.backend_name, report.summary())
             files += built

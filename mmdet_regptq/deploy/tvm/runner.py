@@ -12,11 +12,22 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mmdet_regptq.deploy.tvm.avx2 import MAX_WEIGHT as AVX2_MAX_WEIGHT
 from mmdet_regptq.deploy.tvm.packed import unpack_weight
 
-__all__ = ['TvmRunner', 'ARTIFACT_FILES']
+__all__ = ['TvmRunner', 'ARTIFACT_FILES', 'check_avx2_weight']
 
 ARTIFACT_FILES = ('model.so', 'weights.npz', 'meta.json')
+
+
+def check_avx2_weight(name: str, value: np.ndarray) -> None:
+    """Refuse a weight the AVX2 kernel would compute wrongly (``|w| > 64`` saturates its
+    int16 pair sums): a ``weights.npz`` that does not match the build."""
+    peak = int(np.abs(value.astype(np.int64)).max(initial=0))
+    if peak > AVX2_MAX_WEIGHT:
+        raise ValueError(f'weight {name}: max |w| = {peak} > {AVX2_MAX_WEIGHT}, but the '
+                         'artifact runs it on the AVX2 kernel (exact only within +-64); '
+                         'rebuild the artifact from these weights')
 
 
 class TvmRunner:
@@ -37,9 +48,12 @@ class TvmRunner:
         lib = tvm.runtime.load_module(str(directory / 'model.so'))
         self.vm = relax.VirtualMachine(lib, self.device)
         stored = np.load(directory / 'weights.npz')
+        kernels = self.meta.get('kernels') or {}
         self.weights = []
         for i, wmeta in enumerate(self.meta['weights']):
             value = unpack_weight(stored[f'w{i}.words'], stored[f'w{i}.zero_point'], wmeta)
+            if kernels.get(wmeta['name']) == 'avx2_int8':
+                check_avx2_weight(wmeta['name'], value)
             self.weights.append(tvm.runtime.tensor(value, self.device))
         if self.meta.get('transform_params'):
             # weight layout changes (e.g. the VNNI blocking), once, at load

@@ -26,28 +26,64 @@ Register tile: ``TK`` blocks of 16 output channels x ``TX`` output columns, one 
 accumulator each (<= 24); the ``N * K/16/TK * OH`` tiles run in parallel; each tile writes
 its accumulators back to NCHW minus the shift. Grouped convolutions run one kernel per
 group.
+
+The emitters below take ``isa``: ``'vnni'`` (this kernel) or ``'avx2'`` (the same
+convolution with ``vpmaddubsw`` + ``vpmaddwd`` on 256-bit vectors, ``tvm/avx2.py``, for
+x86 CPUs without VNNI; exact for weights ``|w| <= 64``). :func:`int8_kernel` picks one from
+the compile target.
 """
 from __future__ import annotations
 
 import functools
 from typing import Any
 
+from mmdet_regptq.deploy.tvm.avx2 import LANES as AVX2_LANES
+from mmdet_regptq.deploy.tvm.avx2 import conv_avx2_kernel
 from mmdet_regptq.deploy.tvm.schedule import largest_divisor
 
-__all__ = ['has_vnni', 'conv_vnni_kernel', 'emit_conv_vnni', 'emit_conv_vnni_wide',
-           'emit_matmul_vnni', 'vnni_applicable']
+__all__ = ['has_vnni', 'has_avx2', 'int8_kernel', 'INT8_KERNELS', 'conv_vnni_kernel',
+           'emit_conv_vnni', 'emit_conv_vnni_wide', 'emit_matmul_vnni', 'vnni_applicable']
+
+#: The integer convolution kernels a build can select (``'auto'``: from the target).
+INT8_KERNELS = ('auto', 'vnni', 'avx2', 'generic')
 
 _MAX_ACCUMULATORS = 24
 
 
-def has_vnni(target: Any) -> bool:
-    """Whether ``target`` (an llvm target) has AVX-512 VNNI."""
+def _has_feature(target: Any, feature: str) -> bool:
     from tvm.target import codegen
 
     try:
-        return bool(codegen.target_has_features('avx512vnni', target))
+        return bool(codegen.target_has_features(feature, target))
     except Exception:  # noqa: BLE001 - not an llvm target / no LLVM
         return False
+
+
+def has_vnni(target: Any) -> bool:
+    """Whether ``target`` (an llvm target) has AVX-512 VNNI."""
+    return _has_feature(target, 'avx512vnni')
+
+
+def has_avx2(target: Any) -> bool:
+    """Whether ``target`` (an llvm target) has AVX2."""
+    return _has_feature(target, 'avx2')
+
+
+def int8_kernel(target: Any, requested: str = 'auto') -> str:
+    """The integer convolution kernel for ``target`` (its ``mcpu``, not the machine that
+    compiles): ``'vnni'`` with AVX-512 VNNI, else ``'avx2'`` with AVX2, else ``'generic'``
+    (``tvm/schedule.py``). ``requested`` other than ``'auto'`` forces one; a kernel the
+    target cannot execute is refused."""
+    if requested not in INT8_KERNELS:
+        raise ValueError(f'kernel={requested!r}: expected one of {INT8_KERNELS}')
+    if requested == 'auto':
+        return 'vnni' if has_vnni(target) else 'avx2' if has_avx2(target) else 'generic'
+    needs = {'vnni': has_vnni, 'avx2': has_avx2}.get(requested)
+    if needs is not None and not needs(target):
+        raise ValueError(f'kernel={requested!r} needs a target with '
+                         f'{"AVX-512 VNNI" if requested == "vnni" else "AVX2"}; '
+                         f'target {target} has none')
+    return requested
 
 
 def _out_size(size: int, pad_sum: int, kernel: int, stride: int, dilation: int) -> int:
@@ -170,8 +206,11 @@ def _pads(value: Any) -> list[int]:
 
 
 def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
-                   dilations: Any, groups: int = 1, x_zero_point: int | None = None) -> Any:
-    """Relax: int32 ``conv2d(x, w)`` (NCHW / OIHW, int8 operands) through the VNNI kernel.
+                   dilations: Any, groups: int = 1, x_zero_point: int | None = None,
+                   isa: str = 'vnni') -> Any:
+    """Relax: int32 ``conv2d(x, w)`` (NCHW / OIHW, int8 operands) through the VNNI kernel
+    (``isa='vnni'``) or the AVX2 kernel (``isa='avx2'``: ``w`` must be within
+    ``|w| <= 64``, which the caller checks: ``avx2.weights_fit_avx2``).
 
     Args:
         bb: the frontend's BlockBuilder.
@@ -193,7 +232,7 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
         ws = bb.normalize(relax.op.split(w, groups, axis=0))
         parts = [bb.normalize(emit_conv_vnni(
             bb, bb.normalize(relax.TupleGetItem(xs, g)), bb.normalize(relax.TupleGetItem(ws, g)),
-            strides, pads, dilations, 1, x_zero_point)) for g in range(groups)]
+            strides, pads, dilations, 1, x_zero_point, isa)) for g in range(groups)]
         return relax.op.concat(parts, axis=1)
 
     n, c, h, wd = (int(d) for d in x.ty.shape)
@@ -201,20 +240,25 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
     sh, sw = _pair(strides)
     dh, dw = _pair(dilations)
     pt, pl, pb, pr = _pads(pads)
-    cp, kp = -(-c // 4) * 4, -(-k // 16) * 16
+    if isa not in ('vnni', 'avx2'):
+        raise ValueError(f"isa={isa!r}: expected 'vnni' or 'avx2'")
+    lanes = 16 if isa == 'vnni' else AVX2_LANES
+    cp, kp = -(-c // 4) * 4, -(-k // lanes) * lanes
     w_padded = relax.op.nn.pad(w, [0, kp - k, 0, cp - c, 0, 0, 0, 0], pad_value=0.0)
     weight = bb.normalize(relax.op.permute_dims(
-        relax.op.reshape(w_padded, (kp // 16, 16, cp // 4, 4, kh, kw)), [0, 2, 4, 5, 1, 3]))
+        relax.op.reshape(w_padded, (kp // lanes, lanes, cp // 4, 4, kh, kw)),
+        [0, 2, 4, 5, 1, 3]))
     unsigned = str(x.ty.dtype) == 'uint8'
     offset = int(x_zero_point) if unsigned else 128
     shift = bb.normalize(relax.op.multiply(
         relax.op.sum(relax.op.astype(w, 'int32'), axis=[1, 2, 3]),
         relax.const(offset, 'int32')))
     pads4 = (pt, pl, pb, pr)
-    kernel = conv_vnni_kernel(n, c, h, wd, k, kh, kw, pads4, (sh, sw), (dh, dw),
-                              'uint8' if unsigned else 'int8', offset if unsigned else 0)
+    build_kernel = conv_vnni_kernel if isa == 'vnni' else conv_avx2_kernel
+    kernel = build_kernel(n, c, h, wd, k, kh, kw, pads4, (sh, sw), (dh, dw),
+                          'uint8' if unsigned else 'int8', offset if unsigned else 0)
     out_h, out_w = _out_size(h, pt + pb, kh, sh, dh), _out_size(wd, pl + pr, kw, sw, dw)
-    prefix = f'conv_vnni_u8z{offset}_' if unsigned else 'conv_vnni_'
+    prefix = f'conv_{isa}_u8z{offset}_' if unsigned else f'conv_{isa}_'
     name = (f'{prefix}n{n}_c{c}_k{k}_{h}x{wd}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_'
             f'p{"_".join(map(str, pads4))}')
     gv = bb.add_func(kernel.with_attr('global_symbol', name), name)
@@ -223,13 +267,14 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
 
 
 def emit_conv_vnni_wide(bb: Any, x: Any, w: Any, strides: Any, pads: Any, dilations: Any,
-                        groups: int, x_zero_point: int) -> Any:
+                        groups: int, x_zero_point: int, isa: str = 'vnni') -> Any:
     """Relax: int32 ``conv2d(x - z_x, w)`` for uint8 codes ``x`` and centred 8-bit weights
     ``w`` in ``[-255, 255]`` (int16; the 8-bit first layer), on the VNNI kernel.
 
     ``w`` does not fit int8, so it is split exactly as ``w = 16 * hi + lo`` with
     ``lo = w & 15`` in ``[0, 15]`` and ``hi = w >> 4`` in ``[-16, 15]``; one kernel call
-    computes both halves as ``2K`` output channels, combined as ``16 * hi_part + lo_part``.
+    computes both halves as ``2K`` output channels, combined as ``16 * hi_part + lo_part``
+    (both halves within ``|w| <= 16``: exact on the AVX2 kernel too).
     """
     from tvm import relax
 
@@ -247,7 +292,7 @@ def emit_conv_vnni_wide(bb: Any, x: Any, w: Any, strides: Any, pads: Any, dilati
         both = relax.op.concat([hi, lo], axis=0)
     both = bb.normalize(relax.op.astype(both, 'int8'))
     acc = bb.normalize(emit_conv_vnni(bb, x, both, strides, pads, dilations, groups,
-                                      x_zero_point))
+                                      x_zero_point, isa))
     if groups > 1:
         per = k // groups
         outs = []
@@ -264,7 +309,7 @@ def emit_conv_vnni_wide(bb: Any, x: Any, w: Any, strides: Any, pads: Any, dilati
     return relax.op.add(relax.op.multiply(h_part, relax.const(16, 'int32')), l_part)
 
 
-def emit_matmul_vnni(bb: Any, a: Any, b: Any) -> Any:
+def emit_matmul_vnni(bb: Any, a: Any, b: Any, isa: str = 'vnni') -> Any:
     """Relax: int32 ``a @ b`` (``[M, K]`` x ``[K, N]``, int8) through the VNNI kernel.
 
     A matrix product is a 1x1 convolution of a ``1 x M`` image with ``K`` channels: the
@@ -279,5 +324,5 @@ def emit_matmul_vnni(bb: Any, a: Any, b: Any) -> Any:
     n = int(b.ty.shape[1])
     x = bb.normalize(relax.op.reshape(relax.op.permute_dims(a, [1, 0]), (1, k, 1, m)))
     w = bb.normalize(relax.op.reshape(relax.op.permute_dims(b, [1, 0]), (n, k, 1, 1)))
-    acc = bb.normalize(emit_conv_vnni(bb, x, w, 1, 0, 1))
+    acc = bb.normalize(emit_conv_vnni(bb, x, w, 1, 0, 1, isa=isa))
     return relax.op.permute_dims(relax.op.reshape(acc, (n, m)), [1, 0])

@@ -1,0 +1,154 @@
+"""A u8 x s8 -> int32 convolution for TVM on x86 CPUs with AVX2 but without AVX-512 VNNI.
+
+Without VNNI, TVM's generic lowering of an integer convolution (``tvm/schedule.py``) was
+2.2x slower than FP32 ONNX Runtime on an AVX2-only AMD EPYC. This kernel computes the same
+int32 convolution as ``tvm/vnni.py``'s, with AVX2's two-step form of ``vpdpbusd``:
+
+- ``vpmaddubsw`` (``llvm.x86.avx2.pmadd.ub.sw``): 32 unsigned x signed byte products,
+  neighbours added in pairs into 16 **int16** lanes (signed saturation);
+- ``vpmaddwd`` (``llvm.x86.avx2.pmadd.wd``) with a vector of ones: the int16 pairs added
+  into 8 int32 lanes, then added to the int32 accumulator.
+
+Exactness: the unsigned operand is the activation code + 128 (``[0, 255]``), the signed
+one the centred weight. A pair sum is at most ``2 * 255 * max|w|`` in magnitude, so it
+fits int16 (``|s| <= 32767``) without saturating whenever ``max|w| <= 64``
+(:data:`MAX_WEIGHT`: 32640): every 4-bit weight (``|w| <= 8``, or 15 centred asymmetric),
+every LLAQ power of two of a 4-bit grid (``<= 64``), and both halves of the split 8-bit
+first layer (``|w| <= 16``). Then the result equals the int32 convolution bit for bit.
+Wider weights (8-bit grids) could saturate; the converter (``tvm/build.py``) checks each
+layer's weights at build time and gives such layers the generic schedule, and the runner
+checks again when it loads the weights.
+
+Layout and tiling are ``tvm/vnni.py``'s with 256-bit vectors: the padded uint8 input
+``[N * C/4, H+pads, W+pads, 4]`` built inside in parallel, the weight
+``[K/8, C/4, kh, kw, 8, 4]`` int8 (lifted out of the inference), ``TK`` blocks of 8
+output channels x ``TX`` output columns of accumulators (<= 10 of the 16 ymm registers:
+the others hold the ones, a broadcast input, the weights and the int16 pair sums).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from mmdet_regptq.deploy.tvm.schedule import largest_divisor
+
+__all__ = ['MAX_WEIGHT', 'conv_avx2_kernel', 'weights_fit_avx2']
+
+#: The largest weight magnitude whose u8 x s8 pair sums cannot saturate int16:
+#: ``2 * 255 * 64 = 32640 <= 32767``.
+MAX_WEIGHT = 64
+_MAX_ACCUMULATORS = 10
+LANES = 8
+
+
+def weights_fit_avx2(max_abs_weight: int | None) -> bool:
+    """Whether weights of magnitude ``<= max_abs_weight`` are exact on the AVX2 kernel
+    (None: unknown, so not)."""
+    return max_abs_weight is not None and 0 <= max_abs_weight <= MAX_WEIGHT
+
+
+def _out_size(size: int, pad_sum: int, kernel: int, stride: int, dilation: int) -> int:
+    return (size + pad_sum - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _tiles(k_blocks: int, out_w: int) -> tuple[int, int]:
+    tk = 2 if k_blocks % 2 == 0 else 1
+    tx = largest_divisor(out_w, min(8, _MAX_ACCUMULATORS // tk))
+    return tk, tx
+
+
+@functools.lru_cache(maxsize=None)
+def conv_avx2_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
+                     pads: tuple[int, int, int, int], stride: tuple[int, int],
+                     dilation: tuple[int, int], input_dtype: str = 'int8',
+                     pad_code: int = 0) -> Any:
+    """The PrimFunc ``(x, packed weight, shift, out)`` for one shape (the arguments and
+    the result as in :func:`mmdet_regptq.deploy.tvm.vnni.conv_vnni_kernel`, the weight
+    blocked by 8 output channels: ``[K/8, C/4, kh, kw, 8, 4]``)."""
+    from tvm.script import tirx as T
+
+    pt, pl, pb, pr = pads
+    sh, sw = stride
+    dh, dw = dilation
+    CB, KO = -(-c // 4), -(-k // LANES)
+    HP, WP = h + pt + pb, w + pl + pr
+    OH, OW = _out_size(h, pt + pb, kh, sh, dh), _out_size(w, pl + pr, kw, sw, dw)
+    TK, TX = _tiles(KO, OW)
+    XO, PER_IMAGE = OW // TX, KO // TK * OH
+    TILES, ROWS = n * PER_IMAGE, n * CB * HP
+    N, C, H, W, K, KH, KW, PT, PL = n, c, h, w, k, kh, kw, pt, pl
+    IN_DTYPE = input_dtype
+    SHIFT, PAD = (128, 128) if input_dtype == 'int8' else (0, pad_code)
+
+    @T.prim_func(s_tir=True)
+    def conv_avx2(x: T.Buffer((N, C, H, W), IN_DTYPE),
+                  weight: T.Buffer((KO, CB, KH, KW, 8, 4), 'int8'),
+                  shift: T.Buffer((K,), 'int32'),
+                  out: T.Buffer((N, K, OH, OW), 'int32')):
+        T.func_attr({'tirx.noalias': True, 'regptq_scheduled': True})
+        data = T.alloc_buffer((N * CB, HP, WP, 4), 'uint8')
+        for row in T.parallel(ROWS):
+            with T.sblock('avx2_pack'):
+                vr = T.axis.spatial(ROWS, row)
+                T.reads(x[0:N, 0:C, 0:H, 0:W])
+                T.writes(data[vr // HP, vr % HP, 0:WP, 0:4])
+                for ci, col in T.grid(4, WP):          # read x along its rows
+                    data[vr // HP, vr % HP, col, ci] = T.Select(
+                        (vr // HP) % CB * 4 + ci < C and vr % HP >= PT and vr % HP < H + PT
+                        and col >= PL and col < W + PL,
+                        T.Cast('uint8', T.Cast('int32', x[
+                            vr // HP // CB, T.min((vr // HP) % CB * 4 + ci, C - 1),
+                            T.max(T.min(vr % HP - PT, H - 1), 0),
+                            T.max(T.min(col - PL, W - 1), 0)]) + SHIFT),
+                        T.uint8(PAD))
+        for t in T.parallel(TILES):
+            with T.sblock('avx2_tile'):
+                vt = T.axis.spatial(TILES, t)
+                T.reads(data[0:N * CB, 0:HP, 0:WP, 0:4], weight[0:KO, 0:CB, 0:KH, 0:KW, 0:8, 0:4],
+                        shift[0:K])
+                T.writes(out[0:N, 0:K, 0:OH, 0:OW])
+                acc = T.alloc_buffer((TK, TX * 8), 'int32', scope='local')
+                image = vt // PER_IMAGE                  # the tile: image, channel block, row
+                k_block = vt % PER_IMAGE // OH * TK
+                y = vt % OH
+                for xo in T.serial(XO):
+                    for a in T.unroll(TK):
+                        for b in T.unroll(TX):
+                            acc[a, T.ramp(b * 8, 1, 8)] = T.broadcast(T.int32(0), 8)
+                    for cb in T.serial(CB):
+                        for qy in T.serial(KH):
+                            for qx in T.serial(KW):
+                                for a in T.unroll(TK):
+                                    for b in T.unroll(TX):
+                                        acc[a, T.ramp(b * 8, 1, 8)] = acc[
+                                            a, T.ramp(b * 8, 1, 8)] + T.call_llvm_pure_intrin(
+                                            T.llvm_lookup_intrinsic_id('llvm.x86.avx2.pmadd.wd'),
+                                            T.call_llvm_pure_intrin(
+                                                T.llvm_lookup_intrinsic_id(
+                                                    'llvm.x86.avx2.pmadd.ub.sw'),
+                                                T.reinterpret(T.broadcast(T.reinterpret(
+                                                    data.vload([image * CB + cb,
+                                                                y * sh + qy * dh,
+                                                                (xo * TX + b) * sw + qx * dw, 0],
+                                                               'uint8x4'),
+                                                    dtype='int32'), 8), dtype='int8x32'),
+                                                weight.vload([k_block + a, cb, qy, qx, 0, 0],
+                                                             'int8x32'),
+                                                dtype='int16x16'),
+                                            T.broadcast(T.int16(1), 16),
+                                            dtype='int32x8')
+                    # write-back transposed in registers: per output channel one vector
+                    # of TX neighbouring columns (a contiguous NCHW store)
+                    for a in T.unroll(TK):
+                        for ki in T.unroll(8):
+                            if (k_block + a) * 8 + ki < K:
+                                if TX > 1:
+                                    out[image, (k_block + a) * 8 + ki, y,
+                                        T.ramp(xo * TX, 1, TX)] = (
+                                        acc[a, T.ramp(ki, 8, TX)]
+                                        - T.broadcast(shift[(k_block + a) * 8 + ki], TX))
+                                else:
+                                    out[image, (k_block + a) * 8 + ki, y, xo] = (
+                                        acc[a, ki] - shift[(k_block + a) * 8 + ki])
+
+    return conv_avx2

@@ -1,0 +1,205 @@
+"""The AVX2 int8 convolution of the TVM backend (CPUs without AVX-512 VNNI): chosen from the
+target CPU, bit-exact against an int64 reference, refused for weights that could saturate
+its int16 pair sums, and a whole W4A4 model built for ``haswell`` equal to the fake-quant
+model. Built for ``haswell`` (AVX2), the code runs on any AVX2 CPU, VNNI or not."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmdet_regptq.deploy.tvm.build import host_target
+from mmdet_regptq.deploy.tvm.vnni import has_avx2
+
+needs_avx2 = pytest.mark.skipif(not has_avx2(host_target()), reason='this CPU has no AVX2')
+
+SHAPES = [
+    # N, C, K, H, W, kernel, stride, dilation, pads (top, left, bottom, right), groups
+    (1, 64, 64, 16, 16, 3, 1, 1, (1, 1, 1, 1), 1),
+    (2, 3, 40, 17, 13, 3, 2, 1, (1, 1, 1, 1), 1),
+    (1, 20, 12, 9, 11, 1, 1, 1, (0, 0, 0, 0), 1),
+    (1, 16, 18, 12, 12, 3, 1, 2, (2, 2, 2, 2), 1),
+    (2, 8, 16, 10, 10, 3, 2, 1, (0, 1, 1, 0), 1),
+    (1, 16, 8, 7, 7, 3, 1, 1, (1, 1, 1, 1), 4),
+]
+
+
+def _target(mcpu):
+    import tvm
+
+    return tvm.target.Target({'kind': 'llvm', 'mcpu': mcpu})
+
+
+def _conv_module(n, c, k, h, w, kernel, stride, dilation, pads, groups, isa='avx2'):
+    """A Relax module ``main(x, w)``: one convolution through ``emit_conv_vnni(isa=...)``."""
+    from tvm import relax
+
+    from mmdet_regptq.deploy.tvm.vnni import emit_conv_vnni
+
+    bb = relax.BlockBuilder()
+    x = relax.Var('x', relax.TensorType((n, c, h, w), 'int8'))
+    wv = relax.Var('w', relax.TensorType((k, c // groups, kernel, kernel), 'int8'))
+    with bb.function('main', [x, wv]):
+        with bb.dataflow():
+            y = bb.emit(emit_conv_vnni(bb, x, wv, stride, list(pads), dilation, groups,
+                                       isa=isa))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _build(module, target):
+    import tvm
+
+    from mmdet_regptq.deploy.tvm.schedule import cpu_pipeline
+
+    return tvm.compile(module, target=target, relax_pipeline=cpu_pipeline(target))
+
+
+def _reference(x, weight, stride, dilation, pads, groups):
+    padded = torch.nn.functional.pad(torch.from_numpy(x).double(),
+                                     (pads[1], pads[3], pads[0], pads[2]))
+    return torch.nn.functional.conv2d(padded, torch.from_numpy(weight).double(), stride=stride,
+                                      dilation=dilation, groups=groups).numpy().astype(np.int64)
+
+
+def _run_conv(shape, x, weight, isa='avx2'):
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(_build(_conv_module(*shape, isa=isa), _target('haswell')),
+                              tvm.cpu())
+    return vm['main'](tvm.runtime.tensor(x), tvm.runtime.tensor(weight)).numpy()
+
+
+@pytest.mark.parametrize('mcpu,kernel', [
+    ('haswell', 'avx2'), ('znver2', 'avx2'), ('skylake-avx512', 'avx2'),
+    ('cascadelake', 'vnni'), ('znver4', 'vnni'), ('x86-64', 'generic'), ('nehalem', 'generic')])
+def test_int8_kernel_is_chosen_from_the_target_cpu(mcpu, kernel):
+    from mmdet_regptq.deploy.tvm.vnni import int8_kernel
+
+    assert int8_kernel(host_target(mcpu)) == kernel
+
+
+def test_kernel_and_target_options_are_checked():
+    from mmdet_regptq.deploy.tvm.build import deploy_target
+    from mmdet_regptq.deploy.tvm.vnni import int8_kernel
+
+    with pytest.raises(ValueError, match='needs a target with AVX-512 VNNI'):
+        int8_kernel(host_target('haswell'), 'vnni')
+    with pytest.raises(ValueError, match='needs a target with AVX2'):
+        int8_kernel(host_target('nehalem'), 'avx2')
+    with pytest.raises(ValueError, match="kernel='sse'.*'auto', 'vnni', 'avx2', 'generic'"):
+        int8_kernel(host_target('haswell'), 'sse')
+    assert int8_kernel(host_target('cascadelake'), 'generic') == 'generic'
+    with pytest.raises(ValueError, match="mcpu='haswel' is not a CPU LLVM knows.*haswell"):
+        host_target('haswel')
+    assert str(deploy_target(None, 'avx2').attrs['mcpu']) == 'haswell'
+    assert str(deploy_target('znver2').attrs['mcpu']) == 'znver2'
+    with pytest.raises(ValueError, match="target_cpu='arm'; allowed: 'host', 'avx2', 'vnni'"):
+        deploy_target(None, 'arm')
+    with pytest.raises(ValueError, match='both name the target CPU'):
+        deploy_target('znver2', 'vnni')
+
+
+def test_avx2_kernel_lowers_to_vpmaddubsw_on_ymm_registers():
+    """Cross-compiled for ``haswell``: ``vpmaddubsw`` + ``vpmaddwd`` on 256-bit registers,
+    no AVX-512 instruction (so it runs on an AVX2-only CPU)."""
+    executable = _build(_conv_module(*SHAPES[0]), _target('haswell'))
+    asm = ''.join(m.inspect_source('asm') for m in executable.mod.imports)
+    assert asm.count('vpmaddubsw') >= 8 and asm.count('vpmaddwd') >= 8
+    assert 'ymm' in asm and 'zmm' not in asm and 'vpdpbusd' not in asm
+
+
+@needs_avx2
+@pytest.mark.parametrize('shape', SHAPES,
+                         ids=[f'n{s[0]}c{s[1]}k{s[2]}s{s[6]}d{s[7]}g{s[9]}' for s in SHAPES])
+def test_avx2_conv_is_bit_exact(shape):
+    """Activations over the whole int8 range, weights over the kernel's ``[-64, 64]``; the
+    largest pair sums (``2 * 255 * 64``, both signs) included."""
+    n, c, k, h, w, kernel, stride, dilation, pads, groups = shape
+    rng = np.random.default_rng(0)
+    x = rng.integers(-128, 128, (n, c, h, w)).astype(np.int8)
+    weight = rng.integers(-64, 65, (k, c // groups, kernel, kernel)).astype(np.int8)
+    x[0, :, :2, :2] = 127                               # code + 128 = 255 in every channel
+    weight[0, :, 0, 0], weight[-1, :, 0, 0] = 64, -64
+    out = _run_conv(shape, x, weight)
+    ref = _reference(x, weight, stride, dilation, pads, groups)
+    assert out.dtype == np.int32 and out.shape == ref.shape
+    assert np.array_equal(out.astype(np.int64), ref)
+
+
+@needs_avx2
+def test_weights_that_could_saturate_take_the_generic_schedule():
+    """``|w| > 64``: the kernel's int16 pair sums would saturate (shown on the kernel
+    itself), so ``compile_onnx`` gives that layer the generic schedule — exact — and keeps
+    the AVX2 kernel for a layer within ``[-64, 64]``."""
+    import onnx
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
+
+    from mmdet_regptq.deploy.tvm.build import compile_onnx
+
+    shape = (1, 8, 16, 6, 6, 3, 1, 1, (1, 1, 1, 1), 1)
+    rng = np.random.default_rng(2)
+    x = rng.integers(-128, 128, (1, 8, 6, 6)).astype(np.int8)
+    x[0, :, 2:4, 2:4] = 127
+    wide = rng.integers(-128, 128, (16, 8, 3, 3)).astype(np.int8)
+    wide[:4] = 127
+    ref = _reference(x, wide, 1, 1, (1, 1, 1, 1), 1)
+    forced = _run_conv(shape, x, wide).astype(np.int64)
+    assert not np.array_equal(forced, ref), 'expected int16 saturation on the AVX2 kernel'
+
+    narrow = np.clip(wide, -64, 64).astype(np.int8)
+    for weight, kernels in ((wide, []), (narrow, ['avx2'])):
+        graph = helper.make_graph(
+            [helper.make_node('ConvInteger', ['x', 'w'], ['y'], pads=[1, 1, 1, 1],
+                              kernel_shape=[3, 3])], 'conv',
+            [helper.make_tensor_value_info('x', TensorProto.INT8, list(x.shape))],
+            [helper.make_tensor_value_info('y', TensorProto.INT32, [1, 16, 6, 6])],
+            [numpy_helper.from_array(weight, 'w')])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
+        used: dict = {}
+        executable = compile_onnx(model, {'x': list(x.shape)}, target=host_target('haswell'),
+                                  used=used)
+        out = relax.VirtualMachine(executable, tvm.cpu())['main'](tvm.runtime.tensor(x))
+        assert list(used.values()) == kernels
+        assert np.array_equal(out.numpy().astype(np.int64),
+                              _reference(x, weight, 1, 1, (1, 1, 1, 1), 1))
+
+
+@needs_avx2
+def test_w4a4_model_built_for_avx2_matches_the_fake_quant_model(w4a4, tmp_path):
+    """The tiny W4A4 net through mmdeploy's ``to_backend`` with ``mcpu='haswell'``: every
+    integer layer (8-bit first layer split in two halves, a grouped conv, the Linear) on
+    the AVX2 kernel, outputs equal to the fake-quant model's; a ``weights.npz`` whose values
+    no longer fit the kernel is refused at load."""
+    from mmdeploy.apis.utils import to_backend
+
+    import mmdet_regptq.deploy  # noqa: F401  (registers tvm_int4)
+    from mmdet_regptq.deploy.onnx.verify import max_abs_diff
+    from mmdet_regptq.deploy.tvm.runner import TvmRunner
+
+    model, x, path, _ = w4a4
+    deploy_cfg = dict(backend_config=dict(type='tvm_int4', mcpu='haswell'))
+    files = to_backend('tvm_int4', [str(path)], str(tmp_path), deploy_cfg=deploy_cfg)
+    meta = json.loads(Path(files[2]).read_text())
+    assert meta['int8_kernel'] == 'avx2' and '"mcpu":"haswell"' in meta['target']
+    assert sorted(meta['kernels'].values()) == ['avx2_int8'] * 3 + ['avx2_int8_split']
+    out = TvmRunner(Path(files[0]).parent)({'input': x})
+    with torch.no_grad():
+        ref = model(x)
+    assert max_abs_diff(ref, [out['feat'], out['logits']]) < 1e-4
+
+    stored = dict(np.load(files[1]))
+    first_avx2 = next(i for i, w in enumerate(meta['weights'])
+                      if meta['kernels'][w['name']] == 'avx2_int8')
+    stored[f'w{first_avx2}.zero_point'] = stored[f'w{first_avx2}.zero_point'] + 100
+    np.savez(files[1], **stored)
+    with pytest.raises(ValueError, match=r'max \|w\| = .* > 64, but the artifact runs it on '
+                                         'the AVX2 kernel'):
+        TvmRunner(Path(files[0]).parent)
