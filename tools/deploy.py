@@ -2,7 +2,7 @@
 ``tools/deploy.py``, which the mmdeploy 1.3.1 wheel does not ship.
 
     python tools/deploy.py DEPLOY_CFG MODEL_CFG CHECKPOINT IMG [--work-dir DIR]
-        [--device cpu] [--test-img IMG] [--eval]
+        [--device cpu] [--test-img IMG] [--eval] [--target-cpu {host,avx2,vnni}]
 
 CHECKPOINT is a float checkpoint (FP32 deployment) or the ``quantized.pth`` written by
 ``RegPTQHook`` / ``quantize_detector`` (its meta holds the policy and method; the model is
@@ -11,6 +11,8 @@ quantized the same way and the calibrated state loaded). The deploy config's
 backends). Steps: export (raw head outputs, Q/DQ) → ``mmdeploy.apis.utils.to_backend`` →
 the backend model on the export image vs PyTorch (max |diff| of the raw outputs) → with
 ``--test-img`` a prediction, with ``--eval`` AP on the model config's test set.
+``--target-cpu`` sets the deploy config's ``regptq.target_cpu`` (ONNX Runtime INT8: the CPU
+the model will run on; ``avx2`` when it may lack AVX-512 VNNI, see docs/deploy.md).
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--test-img', default=None, help='image to run the backend model on')
     parser.add_argument('--eval', action='store_true',
                         help="evaluate the backend model on the model config's test set")
+    parser.add_argument('--target-cpu', default=None, choices=['host', 'avx2', 'vnni'],
+                        help="ONNX Runtime INT8: the CPU the model will run on (overrides "
+                             "regptq.target_cpu; 'avx2': any x86 CPU, also without VNNI)")
     parser.add_argument('--log-level', default='INFO',
                         choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'])
     return parser.parse_args(argv)
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f'deploy.py: error: {problem}', file=sys.stderr)
         return 2
     deploy_cfg, model_cfg = load_config(args.deploy_cfg, args.model_cfg)
+    if args.target_cpu is not None:
+        deploy_cfg.merge_from_dict({'regptq.target_cpu': args.target_cpu})
     result = deploy(deploy_cfg, model_cfg, args.checkpoint, args.img, work_dir=args.work_dir,
                     device=args.device, test_img=args.test_img)
     print(f'onnx: {result.onnx_file}')

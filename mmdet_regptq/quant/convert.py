@@ -189,7 +189,7 @@ def _build_wrapper(name: str, module: nn.Module, policy: QuantPolicy, w_bits: in
     act_cfg = dict(policy.act, bits=a_bits)
     if act_cfg.get('per_channel'):
         act_cfg.setdefault('ch_axis', wrapper_type.act_ch_axis)
-    weight_q = build_from(QUANTIZERS, dict(policy.weight, bits=w_bits), 'weight')
+    weight_q = build_from(QUANTIZERS, policy.weight_cfg(w_bits), 'weight')
     input_q = build_from(QUANTIZERS, act_cfg, 'act')
     wrapper = wrapper_type(module, weight_q, input_q)
     for sub_name, sub in wrapper.named_modules():

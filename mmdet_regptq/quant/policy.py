@@ -13,6 +13,9 @@ __all__ = ['QuantPolicy', 'W_BITS_RANGE', 'A_BITS_RANGE']
 
 W_BITS_RANGE = (2, 8)
 A_BITS_RANGE = (2, 16)
+#: the weight bit width ``w_reduce_range`` narrows (<= 7-bit grids already fit AVX2's u8 x s8)
+REDUCED_BITS = 8
+_REDUCED = dict(symmetric=True, reduce_range=True)
 _OVERRIDE_KEYS = {'w_bits': W_BITS_RANGE, 'a_bits': A_BITS_RANGE}
 
 
@@ -69,6 +72,13 @@ class QuantPolicy:
         act: input-activation quantizer config (``QUANTIZERS``; ``bits`` added per layer;
             ``ch_axis`` defaults to the wrapper's channel axis when ``per_channel``).
         fold_bn: fold BatchNorm into the preceding conv before wrapping.
+        w_reduce_range: every 8-bit weight grid becomes symmetric ``-64..64`` (the weight
+            quantizer's ``symmetric=True, reduce_range=True``; ONNX Runtime's
+            ``reduce_range``), so ONNX Runtime's u8 x s8 kernels on x86 CPUs without VNNI
+            (AVX2, whose int16 pair sums saturate for ``|q| > 64``) compute the layer
+            exactly and the INT8 export stores it as int8. Weights of <= 7 bits already
+            fit and are unchanged. Needs a ``'Uniform'`` weight quantizer (AdaRound-based
+            methods keep its grid; LLAQ layers keep their own).
     """
 
     w_bits: int = 4
@@ -82,6 +92,7 @@ class QuantPolicy:
     weight: dict[str, Any] = field(default_factory=_default_weight_cfg)
     act: dict[str, Any] = field(default_factory=_default_act_cfg)
     fold_bn: bool = True
+    w_reduce_range: bool = False
 
     def __post_init__(self) -> None:
         _check_bits('w_bits', self.w_bits, W_BITS_RANGE)
@@ -93,12 +104,18 @@ class QuantPolicy:
                              'a module name or None')
         self.fp_layers = _check_patterns('fp_layers', self.fp_layers)
         self.final_layers = _check_patterns('final_layers', self.final_layers)
-        for name in ('quantize_final', 'fold_bn'):
+        for name in ('quantize_final', 'fold_bn', 'w_reduce_range'):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f'{name}={getattr(self, name)!r} is invalid; allowed True/False')
         self._check_overrides()
         self.weight = self._check_quantizer_cfg('weight', self.weight, self.w_bits)
         self.act = self._check_quantizer_cfg('act', self.act, self.a_bits)
+        if self.w_reduce_range:
+            try:
+                self._check_quantizer_cfg('weight', dict(self.weight, **_REDUCED), REDUCED_BITS)
+            except ValueError as err:
+                raise ValueError(f"w_reduce_range=True needs weight=dict(type='Uniform', ...) "
+                                 f'(it sets {_REDUCED} at {REDUCED_BITS} bits); {err}') from None
 
     def _check_overrides(self) -> None:
         if not isinstance(self.overrides, Mapping):
@@ -169,6 +186,14 @@ class QuantPolicy:
             if re.fullmatch(pattern, name):
                 return bits.get('w_bits', w_bits), bits.get('a_bits', a_bits)
         return w_bits, a_bits
+
+    def weight_cfg(self, w_bits: int) -> dict[str, Any]:
+        """Weight quantizer config of a layer with ``w_bits``-bit weights (``bits`` added;
+        ``w_reduce_range`` narrows 8-bit grids to ``-64..64``)."""
+        cfg = dict(self.weight, bits=w_bits)
+        if self.w_reduce_range and w_bits == REDUCED_BITS:
+            cfg.update(_REDUCED)
+        return cfg
 
     def patterns(self) -> dict[str, list[str]]:
         """Every regex of the policy by field (used to report patterns matching nothing)."""

@@ -241,9 +241,9 @@ def test_u8s8_saturates_reads_the_cpus_vnni_flag(tmp_path, monkeypatch):
 
 
 def test_ort_int8_keeps_wide_weights_uint8_where_u8s8_would_saturate(single_thread, tmp_path):
-    """W8A8 with symmetric weights (``|q - z|`` up to 127, int8-able): with
-    ``avoid_u8s8_saturation`` they stay uint8 (ORT's exact u8 x u8 kernel) and the fused
-    graph matches the fake-quant model on any x86 CPU; without it they become int8. 4-bit
+    """W8A8 with symmetric weights (``|q - z|`` up to 127, int8-able): for
+    ``target_cpu='avx2'`` they stay uint8 (ORT's exact u8 x u8 kernel) and the fused
+    graph matches the fake-quant model on any x86 CPU; for ``'vnni'`` they become int8. 4-bit
     weights (``|q - z| <= 15``) become int8 with zero point 0 either way."""
     symmetric = dict(type='Uniform', per_channel=True, symmetric=True, scale_method='minmax')
     model, x = make_quantized(dict(w_bits=8, a_bits=8, weight=symmetric), net=ResidualNet)
@@ -252,9 +252,9 @@ def test_ort_int8_keeps_wide_weights_uint8_where_u8s8_would_saturate(single_thre
     export_onnx(model, x, tmp_path / 'w8.onnx', output_names=['out'])
     proto = onnx.load(str(tmp_path / 'w8.onnx'))
     feeds = [{'input': x.numpy()}]
-    _, plain = make_ort_int8(proto, feeds, avoid_u8s8_saturation=False)
+    _, plain = make_ort_int8(proto, feeds, target_cpu='vnni')
     assert plain.recentred and not plain.widened, plain.summary()
-    fused, report = make_ort_int8(proto, feeds, avoid_u8s8_saturation=True)
+    fused, report = make_ort_int8(proto, feeds, target_cpu='avx2')
     assert sorted(report.widened) == sorted(plain.recentred), report.summary()
     inits = {i.name: i for i in fused.graph.initializer}
     for name in report.widened:
@@ -267,6 +267,6 @@ def test_ort_int8_keeps_wide_weights_uint8_where_u8s8_would_saturate(single_thre
                                      weight=symmetric), net=ResidualNet)
     export_onnx(model4, x4, tmp_path / 'w4.onnx', output_names=['out'])
     _, report4 = make_ort_int8(onnx.load(str(tmp_path / 'w4.onnx')), [{'input': x4.numpy()}],
-                               avoid_u8s8_saturation=True)
+                               target_cpu='avx2')
     assert len(report4.recentred) == len(plain.recentred) and not report4.widened, \
         report4.summary()

@@ -20,7 +20,8 @@ def test_every_field_is_a_config_key():
                fp_layers=['neck.*'], final_layers=['head.cls'], quantize_final=True,
                overrides={'head.*': dict(w_bits=8)},
                weight=dict(type='Uniform', per_channel=True, scale_method='mse'),
-               act=dict(type='Uniform', scale_method='minmax'), fold_bn=False)
+               act=dict(type='Uniform', scale_method='minmax'), fold_bn=False,
+               w_reduce_range=True)
     assert set(cfg) == {f.name for f in dataclasses.fields(QuantPolicy)}
     policy = QuantPolicy.from_cfg(cfg)
     assert {k: getattr(policy, k) for k in cfg} == cfg

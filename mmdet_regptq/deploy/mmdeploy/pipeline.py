@@ -182,9 +182,12 @@ def apply_onnx_format(prep: PreparedExport, graphs: Sequence[tuple[str, str, Any
                               [(prep.inputs, prep.metas)], opts['calib_images'])
         for path, name, make_input in graphs:
             feeds = [{name: make_input(x, m).numpy()} for x, m in images]
-            fused, int8_report = make_ort_int8(onnx.load(path), feeds)
+            fused, int8_report = make_ort_int8(onnx.load(path), feeds,
+                                               target_cpu=opts['target_cpu'])
             onnx.save(fused, path)
             result.notes.append(f'ORT INT8 {Path(path).name}: {int8_report.summary()}')
+            if int8_report.widened:
+                result.notes.append(f'hint: {int8_report.hint()}')
     elif opts['onnx_format'] == 'tensorrt':
         for path, _, _ in graphs:
             check = check_tensorrt_qdq(onnx.load(path))

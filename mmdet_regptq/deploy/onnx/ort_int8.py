@@ -12,8 +12,11 @@ dequantized weights: slower than FP32 (measured in BUILD_NOTES / ``benchmarks/de
    INT4 initializers become ``int8`` (ORT has no 4-bit convolution). On an x86 CPU
    without VNNI, ORT's u8 x s8 kernel adds pairs of products in int16 (``vpmaddubsw``)
    and saturates once ``|q - z| > 64`` (255 * 65 * 2 > 32767; measured: 12.75 off on
-   such a conv). There (:func:`u8s8_saturates`) wider weights are stored as ``uint8``
-   with zero point 128 instead, which ORT's u8 x u8 kernel computes exactly;
+   such a conv). For such a target (``target_cpu='avx2'``, or ``'host'`` on such a CPU:
+   :func:`u8s8_saturates`) wider weights are stored as ``uint8`` with zero point 128
+   instead, which ORT's u8 x u8 kernel computes exactly but slower; weights of <= 7 bits
+   and 8-bit grids quantized with ``QuantPolicy.w_reduce_range`` (``-64..64``) fit and
+   stay int8 (the fast u8 x s8 kernel);
 2. a quantized Conv/Gemm whose output goes (through at most a Relu) only into our next
    layer's input quantizers already ends in a QuantizeLinear: nothing is added (equal
    QuantizeLinear nodes on one tensor are merged into one, as ORT fuses only a single
@@ -48,7 +51,8 @@ from mmdet_regptq.deploy.onnx.graph import GraphIndex, attrs
 from mmdet_regptq.quant import QuantGrid, qparams_from_range
 
 __all__ = ['OrtInt8Report', 'make_ort_int8', 'recentre_weights', 'conv_output_ranges',
-           'merge_duplicate_quantizers', 'integer_adds', 'u8s8_saturates', 'SAFE_U8S8']
+           'merge_duplicate_quantizers', 'integer_adds', 'u8s8_saturates', 'SAFE_U8S8',
+           'TARGET_CPUS', 'target_saturates', 'saturating_weights']
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,11 @@ _QUANT_OPS = ('Conv', 'Gemm', 'MatMul')
 
 #: largest ``|q - z|`` of an int8 weight that ORT's int16 pair sums hold for any uint8 input
 SAFE_U8S8 = 64
+
+#: ``make_ort_int8(target_cpu=...)``: ``'host'`` (this CPU), ``'avx2'`` (any x86 CPU,
+#: also those without VNNI: int16 pair sums), ``'vnni'`` (x86 with AVX-512 VNNI / AVX-VNNI,
+#: or ARM: int32 sums only)
+TARGET_CPUS = ('host', 'avx2', 'vnni')
 
 
 def u8s8_saturates(cpuinfo: str = '/proc/cpuinfo') -> bool:
@@ -73,6 +82,40 @@ def u8s8_saturates(cpuinfo: str = '/proc/cpuinfo') -> bool:
     return not ({'avx512_vnni', 'avx_vnni'} & set(flags))
 
 
+def target_saturates(target_cpu: str) -> bool:
+    """Whether ORT's u8 x s8 kernel can saturate on ``target_cpu`` (a :data:`TARGET_CPUS`
+    entry; ``'host'`` reads this CPU's flags)."""
+    if target_cpu not in TARGET_CPUS:
+        raise ValueError(f'target_cpu={target_cpu!r} is unknown; allowed: {list(TARGET_CPUS)}')
+    if target_cpu == 'host':
+        return u8s8_saturates()
+    return target_cpu == 'avx2'
+
+
+def saturating_weights(model: onnx.ModelProto) -> list[str]:
+    """``int8`` weights (read by a DequantizeLinear) with ``|q - z| > SAFE_U8S8``: exact
+    with VNNI, but saturating in ORT's u8 x s8 kernel on an x86 CPU without it."""
+    index = GraphIndex(model)
+    found = []
+    for node in model.graph.node:
+        if node.op_type != 'DequantizeLinear' or node.input[0] not in index.inits:
+            continue
+        codes = index.const(node.input[0])
+        if codes.dtype != np.int8 or node.input[0] in found:
+            continue
+        zp = index.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        centred = codes.astype(np.int64)
+        if zp is not None and zp.ndim == 1:
+            shape = [1] * codes.ndim
+            shape[attrs(node).get('axis', 1)] = -1
+            centred = centred - zp.astype(np.int64).reshape(shape)
+        elif zp is not None:
+            centred = centred - zp.astype(np.int64)
+        if np.abs(centred).max(initial=0) > SAFE_U8S8:
+            found.append(node.input[0])
+    return found
+
+
 @dataclass
 class OrtInt8Report:
     """What :func:`make_ort_int8` changed.
@@ -85,7 +128,9 @@ class OrtInt8Report:
         integer_adds: Add nodes now between DequantizeLinear inputs and one QuantizeLinear
             (ORT runs them as ``QLinearAdd``).
         widened: weights that would fit int8 but stay uint8 with a zero point, because
-            ORT's u8 x s8 kernel would saturate on them (``avoid_u8s8_saturation``).
+            ORT's u8 x s8 kernel would saturate on them on the target CPU.
+        target_cpu: the ``target_cpu`` the layout was chosen for (``'host'`` resolved to
+            ``'avx2'`` / ``'vnni'``).
     """
 
     fused: list[str] = field(default_factory=list)
@@ -94,14 +139,25 @@ class OrtInt8Report:
     merged: int = 0
     integer_adds: list[str] = field(default_factory=list)
     widened: list[str] = field(default_factory=list)
+    target_cpu: str = ''
 
     def summary(self) -> str:
         return (f'{len(self.fused)} layers end in our own Q, {len(self.requantized)} outputs '
                 f'requantized to uint8, {len(self.recentred)} weights re-centred to int8, '
                 f'{self.merged} duplicate QuantizeLinear merged, '
                 f'{len(self.integer_adds)} adds in integers'
+                + (f' (target CPU {self.target_cpu})' if self.target_cpu else '')
                 + (f', {len(self.widened)} weights kept uint8 (no VNNI: u8 x s8 would '
                    'saturate)' if self.widened else ''))
+
+    def hint(self) -> str:
+        """One line for a target without VNNI whose 8-bit weights stayed uint8."""
+        if not self.widened:
+            return ''
+        return (f'{len(self.widened)} weights of more than 7 bits stay uint8 for the '
+                f'{self.target_cpu or "avx2"} target (ORT\'s slower u8 x u8 kernel; u8 x s8 '
+                'would saturate): quantize with quant=dict(..., w_reduce_range=True) to '
+                'store them int8')
 
 
 def _quantized_layers(index: GraphIndex) -> list[onnx.NodeProto]:
@@ -430,28 +486,31 @@ class _AddRewriter:
 
 
 def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np.ndarray]],
-                  *, avoid_u8s8_saturation: bool | None = None,
-                  ) -> tuple[onnx.ModelProto, OrtInt8Report]:
+                  *, target_cpu: str = 'host') -> tuple[onnx.ModelProto, OrtInt8Report]:
     """Rewrite an exported Q/DQ model for ONNX Runtime's integer kernels (module doc).
 
     Args:
         model: output of ``export_onnx`` (any weight carrier); not modified.
         calib_inputs: feeds ``{input_name: array}`` to measure the added output ranges
             (images preprocessed as the model expects; a handful is enough).
-        avoid_u8s8_saturation: keep weights with ``|q - z| > 64`` in ``uint8`` (exact on
-            every CPU, slower u8 x u8 kernel); ``None``: when this CPU needs it
-            (:func:`u8s8_saturates`). Build with ``True`` for a model that will run on
-            unknown x86 CPUs.
+        target_cpu: where the model will run (:data:`TARGET_CPUS`): ``'avx2'`` keeps
+            weights with ``|q - z| > 64`` in ``uint8`` (exact on every CPU, slower u8 x u8
+            kernel; with ``QuantPolicy.w_reduce_range`` no 8-bit weight needs it);
+            ``'vnni'`` stores every int8-able weight as int8 (wrong on a CPU without
+            VNNI when a weight exceeds 64); ``'host'``: whichever this CPU needs
+            (:func:`u8s8_saturates`). Choose ``'avx2'`` when the build machine is not the
+            run machine and the run machine may lack VNNI.
 
     Returns:
         ``(new model, report)``.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    report = OrtInt8Report()
-    if avoid_u8s8_saturation is None:
-        avoid_u8s8_saturation = u8s8_saturates()
-    recentre_weights(out, report, int8_limit=SAFE_U8S8 if avoid_u8s8_saturation else 127)
+    saturates = target_saturates(target_cpu)
+    report = OrtInt8Report(target_cpu='avx2' if saturates else 'vnni')
+    recentre_weights(out, report, int8_limit=SAFE_U8S8 if saturates else 127)
+    if report.widened:
+        logger.warning('ORT INT8: %s', report.hint())
     report.merged = merge_duplicate_quantizers(out)
     index = GraphIndex(out)
     todo = []

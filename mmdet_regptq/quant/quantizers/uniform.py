@@ -25,7 +25,10 @@ class UniformQuantizer(Quantizer):
     ``qmax - z`` where clipped.
 
     Grids: symmetric → signed ``[-2^(b-1), 2^(b-1) - 1]`` with ``z = 0``; asymmetric →
-    unsigned ``[0, 2^b - 1]`` with an integer zero point. ``scale`` is an ``nn.Parameter``
+    unsigned ``[0, 2^b - 1]`` with an integer zero point; ``reduce_range`` (symmetric only)
+    → ``[-2^(b-2), 2^(b-2)]``, e.g. ``-64..64`` at 8 bits: ONNX Runtime's ``reduce_range``
+    grid, whose int8 codes x any uint8 input fit the int16 pair sums of x86 AVX2 kernels
+    (``2 * 255 * 64 < 2^15``). ``scale`` is an ``nn.Parameter``
     trained with LSQ when ``learnable`` (gradient scaled by ``1 / sqrt(n * qmax)`` where
     ``n`` is the number of elements per scale entry: ``numel`` per tensor, ``numel / C`` per
     channel); ``zero_point`` is a float buffer with integer values (never learned).
@@ -38,6 +41,8 @@ class UniformQuantizer(Quantizer):
     Args:
         bits: 2..16.
         symmetric: signed grid without zero point.
+        reduce_range: halve the symmetric grid's magnitude (``|q| <= 2^(b-2)``); needs
+            ``symmetric=True`` and ``bits >= 3``.
         per_channel: one scale per slice along ``ch_axis``.
         ch_axis: channel axis (negative allowed).
         learnable: make ``scale`` trainable (LSQ).
@@ -53,11 +58,11 @@ class UniformQuantizer(Quantizer):
 
     _lazy_shapes = ('scale', 'zero_point')
 
-    def __init__(self, bits: int, *, symmetric: bool = False, per_channel: bool = False,
-                 ch_axis: int = 0, learnable: bool = True, scale_method: str = 'minmax',
-                 p: float = 2.4, percentile: float = 99.99, num_candidates: int = 100,
-                 min_ratio: float = 0.2, max_search_elements: int = 1 << 20,
-                 name: str = '') -> None:
+    def __init__(self, bits: int, *, symmetric: bool = False, reduce_range: bool = False,
+                 per_channel: bool = False, ch_axis: int = 0, learnable: bool = True,
+                 scale_method: str = 'minmax', p: float = 2.4, percentile: float = 99.99,
+                 num_candidates: int = 100, min_ratio: float = 0.2,
+                 max_search_elements: int = 1 << 20, name: str = '') -> None:
         super().__init__(bits, name=name)
         if scale_method not in RANGE_METHODS:
             raise ValueError(f'scale_method={scale_method!r} is unknown; allowed: '
@@ -69,7 +74,13 @@ class UniformQuantizer(Quantizer):
         if not 0 < min_ratio <= 1 or num_candidates < 1:
             raise ValueError(f'min_ratio={min_ratio} must be in (0, 1] and '
                              f'num_candidates={num_candidates} >= 1')
+        if not isinstance(reduce_range, bool):
+            raise ValueError(f'reduce_range={reduce_range!r} is invalid; allowed True/False')
+        if reduce_range and (not symmetric or bits < 3):
+            raise ValueError(f'reduce_range=True needs symmetric=True and bits >= 3 '
+                             f'(got symmetric={symmetric!r}, bits={bits})')
         self.symmetric = symmetric
+        self.reduce_range = reduce_range
         self.per_channel = per_channel
         self.ch_axis = ch_axis
         self.learnable = learnable
@@ -84,6 +95,8 @@ class UniformQuantizer(Quantizer):
 
     @property
     def quant_range(self) -> tuple[int, int]:
+        if self.reduce_range:
+            return -(2 ** (self.bits - 2)), 2 ** (self.bits - 2)
         if self.symmetric:
             return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         return 0, 2 ** self.bits - 1
@@ -156,5 +169,7 @@ class UniformQuantizer(Quantizer):
     def extra_repr(self) -> str:
         granularity = f'per_channel(axis={self.ch_axis})' if self.per_channel else 'per_tensor'
         kind = 'symmetric' if self.symmetric else 'asymmetric'
+        if self.reduce_range:
+            kind += ' reduce_range'
         return (f'{super().extra_repr()}, {kind}, {granularity}, '
                 f'scale_method={self.scale_method!r}, learnable={self.learnable}')
