@@ -217,6 +217,10 @@ def test_avx2_kernels_saturate_only_the_wide_int8_layout(single_thread, tmp_path
         paths[tag] = str(tmp_path / f'{tag}_ort.onnx')
         onnx.save(fused, paths[tag])
         np.save(tmp_path / f'x_{tag}.npy', x.numpy())
+    probe = 'from mmdet_regptq.deploy.onnx.ort_int8 import u8s8_saturates as s; print(s())'
+    seen = subprocess.run([sys.executable, '-c', probe], env=avx2_env(lib), text=True,
+                          capture_output=True, timeout=120)
+    assert seen.stdout.split()[-1:] == ['True'], seen.stderr[-2000:]   # 'host' there: avx2
     for tag, path in paths.items():
         x_path = str(tmp_path / f'x_{tag}.npy')
         native = _run_ort([path], x_path)[path]

@@ -70,16 +70,30 @@ TARGET_CPUS = ('host', 'avx2', 'vnni')
 def u8s8_saturates(cpuinfo: str = '/proc/cpuinfo') -> bool:
     """Whether ORT's u8 x s8 convolution can saturate on this CPU: x86 without VNNI
     (AVX2 / AVX-512F sum pairs of u8 * s8 products in int16). Unknown x86 flags count as
-    saturating (the safe choice); ARM and others sum in int32."""
+    saturating (the safe choice); ARM and others sum in int32. A process whose CPUID hides
+    the kernel's ``avx512_vnni`` (an emulator such as ``qemu-x86_64 -cpu Haswell``, or
+    :mod:`~mmdet_regptq.deploy.onnx.avx2_shim`) gets ORT's AVX2 kernels: saturating too."""
     if platform.machine().lower() not in ('x86_64', 'amd64', 'i386', 'i686'):
         return False
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
         return True
-    flags = next((line.split(':', 1)[1].split() for line in text.splitlines()
-                  if line.startswith('flags')), [])
-    return not ({'avx512_vnni', 'avx_vnni'} & set(flags))
+    flags = set(next((line.split(':', 1)[1].split() for line in text.splitlines()
+                      if line.startswith('flags')), []))
+    if 'avx_vnni' in flags:
+        return False
+    return 'avx512_vnni' not in flags or _cpuid_avx512_vnni() is False
+
+
+def _cpuid_avx512_vnni() -> bool | None:
+    """AVX-512 VNNI as this process's CPUID reports it (numpy's dispatcher reads CPUID as
+    ORT's does); ``None`` when numpy does not say."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        return None
+    return __cpu_features__.get('AVX512VNNI')
 
 
 def target_saturates(target_cpu: str) -> bool:
