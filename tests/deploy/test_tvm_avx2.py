@@ -137,7 +137,6 @@ def test_weights_that_could_saturate_take_the_generic_schedule():
     """``|w| > 64``: the kernel's int16 pair sums would saturate (shown on the kernel
     itself), so ``compile_onnx`` gives that layer the generic schedule — exact — and keeps
     the AVX2 kernel for a layer within ``[-64, 64]``."""
-    import onnx
     import tvm
     from onnx import TensorProto, helper, numpy_helper
     from tvm import relax
