@@ -233,6 +233,39 @@ def test_avx2_kernels_saturate_only_the_wide_int8_layout(single_thread, tmp_path
             np.testing.assert_array_equal(native, avx2)
 
 
+_SHIM_PROBE = """
+import faulthandler, sys
+import torch                     # (replaces faulthandler's SIGSEGV handler: enable after)
+faulthandler.enable()            # the program's own SIGSEGV handler, after the shim's
+print(torch.backends.cpu.get_cpu_capability(), flush=True)   # CPUIDs after it
+if sys.argv[1:] == ['crash']:
+    import ctypes
+    ctypes.string_at(0)
+"""
+
+
+def test_avx2_shim_keeps_answering_cpuid_under_a_programs_own_segv_handler(tmp_path):
+    """TVM (here: Python's faulthandler) installs a SIGSEGV handler after the shim's; the
+    shim keeps its own, still answers CPUID with AVX2 only, and hands a real fault to the
+    program's handler (faulthandler's report, then death by SIGSEGV)."""
+    from mmdet_regptq.deploy.onnx.avx2_shim import avx2_env, build_avx2_shim, cpuid_faulting
+
+    problem = cpuid_faulting()
+    if problem:
+        pytest.skip(f'needs CPUID faulting: {problem}')
+    lib = build_avx2_shim(tmp_path / 'shim')
+    env = avx2_env(lib)
+    done = subprocess.run([sys.executable, '-c', _SHIM_PROBE], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1:] == ['AVX2']
+    crash = subprocess.run([sys.executable, '-c', _SHIM_PROBE, 'crash'], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert crash.stdout.split()[-1:] == ['AVX2']
+    assert crash.returncode == -11, (crash.returncode, crash.stderr[-2000:])
+    assert 'Segmentation fault' in crash.stderr
+
+
 # ---------------------------------------------------------------- deploy config / CLI
 def test_target_cpu_deploy_option_and_cli():
     import importlib.util

@@ -25,26 +25,76 @@ from pathlib import Path
 
 __all__ = ['SHIM_SOURCE', 'cpuid_faulting', 'build_avx2_shim', 'avx2_env']
 
-#: C source of the ``LD_PRELOAD`` library (a constructor and a SIGSEGV handler)
+#: C source of the ``LD_PRELOAD`` library: a constructor, a SIGSEGV handler, and
+#: ``sigaction`` / ``signal`` wrappers that keep that handler in place when the program
+#: installs its own (TVM does) and pass other faults on to the program's
 SHIM_SOURCE = r'''
 #define _GNU_SOURCE
 #include <asm/prctl.h>
 #include <cpuid.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <ucontext.h>
 #include <unistd.h>
 
-/* CPUID with faulting on: SIGSEGV at a 0f a2 instruction. Answer it with the real values
- * (faulting briefly off for this thread) minus AVX-512 / VNNI / AMX, skip the 2 bytes. */
+typedef int (*sigaction_fn)(int, const struct sigaction *, struct sigaction *);
+/* The SIGSEGV handler the program itself installed (TVM installs one for back traces):
+ * ours stays in place and passes every fault that is not a CPUID on to it. */
+static struct sigaction app_segv;
+static int shim_ready;
+
+static sigaction_fn real_sigaction(void) {
+    static sigaction_fn fn;
+    if (!fn) fn = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
+    return fn;
+}
+
+int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
+    if (sig != SIGSEGV || !shim_ready) return real_sigaction()(sig, act, old);
+    if (old) *old = app_segv;
+    if (act) app_segv = *act;
+    return 0;
+}
+
+sighandler_t signal(int sig, sighandler_t handler) {
+    struct sigaction act, old;
+    memset(&act, 0, sizeof act);
+    act.sa_handler = handler;
+    act.sa_flags = SA_RESTART;
+    if (sigaction(sig, &act, &old) != 0) return SIG_ERR;
+    return old.sa_handler;
+}
+
+/* Not a CPUID: what the program asked for, else the default action. */
+static void pass_on(int sig, siginfo_t *info, void *raw) {
+    if ((app_segv.sa_flags & SA_SIGINFO) && app_segv.sa_sigaction) {
+        app_segv.sa_sigaction(sig, info, raw);
+        return;
+    }
+    if (!(app_segv.sa_flags & SA_SIGINFO) && app_segv.sa_handler != SIG_DFL &&
+        app_segv.sa_handler != SIG_IGN) {
+        app_segv.sa_handler(sig);
+        return;
+    }
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    real_sigaction()(SIGSEGV, &dfl, NULL);
+    if (info->si_code <= 0) raise(SIGSEGV);   /* sent, not a fault: send it again */
+}
+
+/* CPUID with faulting on: SIGSEGV (si_code SI_KERNEL) at a 0f a2 instruction. Answer it
+ * with the real values (faulting briefly off for this thread) minus AVX-512 / VNNI / AMX,
+ * skip the 2 bytes. */
 static void on_segv(int sig, siginfo_t *info, void *raw) {
     ucontext_t *ctx = raw;
     greg_t *g = ctx->uc_mcontext.gregs;
     const unsigned char *ip = (const unsigned char *)g[REG_RIP];
-    (void)sig; (void)info;
-    if (ip[0] != 0x0f || ip[1] != 0xa2) {    /* a real fault: default action on return */
-        signal(SIGSEGV, SIG_DFL);
+    if (info->si_code != SI_KERNEL || ip[0] != 0x0f || ip[1] != 0xa2) {
+        pass_on(sig, info, raw);
         return;
     }
     unsigned leaf = (unsigned)g[REG_RAX], sub = (unsigned)g[REG_RCX], a, b, c, d;
@@ -69,10 +119,13 @@ static void on_segv(int sig, siginfo_t *info, void *raw) {
 }
 
 __attribute__((constructor)) static void avx2_shim_init(void) {
-    struct sigaction sa = {0};
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_segv;
     sa.sa_flags = SA_SIGINFO | SA_NODEFER;
-    sigaction(SIGSEGV, &sa, NULL);
+    real_sigaction()(SIGSEGV, &sa, NULL);
+    app_segv.sa_handler = SIG_DFL;
+    shim_ready = 1;
     if (syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {   /* inherited by threads */
         perror("avx2 shim: arch_prctl(ARCH_SET_CPUID, 0)");
         _exit(3);
@@ -113,7 +166,7 @@ def build_avx2_shim(out_dir: str | Path | None = None) -> Path:
     src.write_text(SHIM_SOURCE)
     tmp = lib.with_suffix('.so.tmp')
     done = subprocess.run([os.environ.get('CC', 'cc'), '-O2', '-shared', '-fPIC', '-o',
-                           str(tmp), str(src)], capture_output=True, text=True)
+                           str(tmp), str(src), '-ldl'], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f'AVX2 CPUID shim: cc failed:\n{done.stderr}')
     tmp.replace(lib)
