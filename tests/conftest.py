@@ -60,3 +60,40 @@ def load_script() -> Callable[[str], ModuleType]:
 
 def pytest_configure(config):
     os.environ.setdefault('OMP_NUM_THREADS', '2')
+
+
+#: what the torch-free runtime must not need: importing any of these fails in
+#: ``run_without_torch``
+NO_TORCH_BLOCKED = ('torch', 'torchvision', 'mmcv', 'mmdet', 'mmengine', 'mmdeploy', 'onnx')
+
+
+@pytest.fixture
+def run_without_torch(tmp_path: Path) -> Callable:
+    """``run_without_torch(work_dir, images)``: ``python -m mmdet_regptq.deploy.run`` in a
+    subprocess where importing torch, mmdet, ... (``NO_TORCH_BLOCKED``) fails; returns its
+    ``--out`` JSON (image path -> detections)."""
+    import json
+    import subprocess
+
+    def run(work_dir: Path, images: list[Path]) -> dict:
+        blocker = tmp_path / 'blocker'
+        blocker.mkdir(exist_ok=True)
+        (blocker / 'sitecustomize.py').write_text(
+            'import sys\n'
+            f'BLOCKED = {NO_TORCH_BLOCKED!r}\n'
+            'class _Block:\n'
+            '    def find_spec(self, name, path=None, target=None):\n'
+            "        if name.split('.')[0] in BLOCKED:\n"
+            "            raise ImportError(f'{name} is blocked in this test')\n"
+            'sys.meta_path.insert(0, _Block())\n')
+        out = tmp_path / 'dets.json'
+        env = dict(os.environ, PYTHONPATH=f'{blocker}{os.pathsep}{ROOT}', OMP_NUM_THREADS='1')
+        proc = subprocess.run([sys.executable, '-m', 'mmdet_regptq.deploy.run', str(work_dir),
+                               *map(str, images), '--out', str(out), '--threads', '1'],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        probe = subprocess.run([sys.executable, '-c', 'import torch'], env=env,
+                               capture_output=True, text=True)
+        assert probe.returncode != 0 and 'blocked' in probe.stderr   # the blocker works
+        return json.loads(out.read_text())
+    return run

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +15,6 @@ DETECTORS = {name: (ROOT / f'configs/synthetic/{name}_r18-16_fpn64_synthetic.py'
                     ROOT / f'checkpoints/{name}_r18-16_fpn64_synthetic.pth')
              for name in ('retinanet', 'fcos', 'faster-rcnn')}
 IMAGES = [ROOT / f'data/synthetic/val/{i:06d}.jpg' for i in (3, 7)]
-BLOCKED = ('torch', 'torchvision', 'mmcv', 'mmdet', 'mmengine', 'mmdeploy', 'onnx')
 
 
 @pytest.fixture(scope='module')
@@ -95,30 +92,6 @@ def _deploy(model, name: str, deploy_cfg: str, work_dir: Path):
     return deploy(deploy_cfg, model_cfg, None, str(IMAGES[0]), work_dir=work_dir, model=model)
 
 
-def _run_without_torch(work_dir: Path, tmp_path: Path) -> dict:
-    """``python -m mmdet_regptq.deploy.run`` where importing torch, mmdet, ... fails."""
-    blocker = tmp_path / 'blocker'
-    blocker.mkdir(exist_ok=True)
-    (blocker / 'sitecustomize.py').write_text(
-        'import sys\n'
-        f'BLOCKED = {BLOCKED!r}\n'
-        'class _Block:\n'
-        '    def find_spec(self, name, path=None, target=None):\n'
-        "        if name.split('.')[0] in BLOCKED:\n"
-        "            raise ImportError(f'{name} is blocked in this test')\n"
-        'sys.meta_path.insert(0, _Block())\n')
-    out = tmp_path / 'dets.json'
-    env = dict(os.environ, PYTHONPATH=f'{blocker}{os.pathsep}{ROOT}', OMP_NUM_THREADS='1')
-    proc = subprocess.run([sys.executable, '-m', 'mmdet_regptq.deploy.run', str(work_dir),
-                           *map(str, IMAGES), '--out', str(out), '--threads', '1'],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    probe = subprocess.run([sys.executable, '-c', 'import torch'], env=env,
-                           capture_output=True, text=True)
-    assert probe.returncode != 0 and 'blocked' in probe.stderr   # the blocker works
-    return json.loads(out.read_text())
-
-
 def _as_arrays(dets: list[dict]) -> tuple[np.ndarray, ...]:
     return (np.asarray([d['bbox'] for d in dets], np.float32).reshape(-1, 4),
             np.asarray([d['score'] for d in dets], np.float32),
@@ -143,7 +116,7 @@ def float_model(single_thread):
 
 @pytest.mark.parametrize('name', ['retinanet', 'faster-rcnn'])
 def test_onnxruntime_end2end_runs_without_torch_and_matches_predict(float_model, name,
-                                                                   tmp_path):
+                                                                   tmp_path, run_without_torch):
     """One FP32 ORT graph, run by the torch-free runtime, gives the model's detections
     (float sums in another order: equal within 1e-3)."""
     model = float_model(name)
@@ -155,7 +128,7 @@ def test_onnxruntime_end2end_runs_without_torch_and_matches_predict(float_model,
     assert ('RoiAlign' in ops) == (name == 'faster-rcnn')
     assert [o.name for o in graph.graph.output] == ['dets', 'labels']
     assert any('same labels' in note for note in result.notes), result.notes
-    found = _run_without_torch(work, tmp_path)
+    found = run_without_torch(work, IMAGES)
     for image in IMAGES:
         want = _predict(model, image)
         # the JSON keeps 2 decimals of a box and 4 of a score
@@ -188,7 +161,8 @@ def test_onnxruntime_int8_end2end_two_stage_finds_the_fake_quant_detections(quan
         assert ((iou > 0.8) & same).any(dim=1).float().mean() >= 0.8
 
 
-def test_tvm_int4_end2end_runs_without_torch_and_matches_predict(quantized, tmp_path):
+def test_tvm_int4_end2end_runs_without_torch_and_matches_predict(quantized, tmp_path,
+                                                                run_without_torch):
     """TVM INT4 (raw graph) + the NumPy post-processor, run without torch."""
     model = quantized('fcos')
     work = tmp_path / 'work'
@@ -196,7 +170,7 @@ def test_tvm_int4_end2end_runs_without_torch_and_matches_predict(quantized, tmp_
     spec = json.loads((work / 'spec.json').read_text())
     assert spec['backend'] == 'tvm_int4' and spec['postprocess']['score_factors']
     assert any('same labels' in note for note in result.notes), result.notes
-    found = _run_without_torch(work, tmp_path)
+    found = run_without_torch(work, IMAGES)
     for image in IMAGES:
         want = _predict(model, image)
         got = _as_arrays(found[str(image)])

@@ -4,6 +4,7 @@ preprocessor), class names, and for a graph that stops at the raw head outputs t
 head's post-processing settings (its priors go to ``priors.npz``)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -13,27 +14,74 @@ from typing import Any, Sequence
 import numpy as np
 from torch import nn
 
-__all__ = ['preprocess_spec', 'dense_postprocess_spec', 'write_spec', 'SPEC_FILE',
-           'PRIORS_FILE']
+__all__ = ['preprocess_spec', 'dense_postprocess_spec', 'yolov5_postprocess_spec',
+           'postprocess_spec', 'write_spec', 'SPEC_FILE', 'PRIORS_FILE']
 
 SPEC_FILE = 'spec.json'
 PRIORS_FILE = 'priors.npz'
 
 
-def preprocess_spec(model_cfg: Any, input_shape: Sequence[int]) -> dict:
-    """``Resize`` of the test pipeline + ``data_preprocessor`` → the runtime's keys."""
-    pipeline = model_cfg.get('test_pipeline') or model_cfg.test_dataloader.dataset.pipeline
-    resize = [t for t in pipeline if t.get('type') in ('Resize', 'mmdet.Resize')]
-    if len(resize) != 1 or 'scale' not in resize[0]:
-        raise ValueError('the test pipeline needs exactly one Resize with a scale for the '
-                         f'runtime, found {resize}')
+RESIZES = ('Resize', 'mmdet.Resize')
+LETTERBOXES = ('YOLOv5Letterbox', 'mmdet.YOLOv5Letterbox')
+
+
+def _normalize_spec(model_cfg: Any, input_shape: Sequence[int]) -> dict:
     pre = model_cfg.model.data_preprocessor
-    scale = resize[0]['scale']
-    scale = [scale, scale] if isinstance(scale, int) else list(scale)
-    return dict(scale=scale, keep_ratio=bool(resize[0].get('keep_ratio', False)),
-                mean=list(pre.get('mean', [0, 0, 0])), std=list(pre.get('std', [1, 1, 1])),
+    return dict(mean=list(pre.get('mean', [0, 0, 0])), std=list(pre.get('std', [1, 1, 1])),
                 bgr_to_rgb=bool(pre.get('bgr_to_rgb', pre.get('rgb_to_bgr', False))),
                 input_shape=[int(v) for v in input_shape])
+
+
+def preprocess_spec(model_cfg: Any, input_shape: Sequence[int]) -> dict:
+    """The test pipeline's ``Resize`` (or ``YOLOv5Letterbox``) + ``data_preprocessor`` →
+    the runtime's keys (``runtime/preprocess.py``).
+
+    A letterbox pads, centred, to the graph's static ``input_shape`` (the pipeline's
+    ``size_divisor`` is for the dynamic-shape test run; the graph takes one shape), so its
+    long side ``scale`` must fit the shorter side of ``input_shape``.
+    """
+    pipeline = model_cfg.get('test_pipeline') or model_cfg.test_dataloader.dataset.pipeline
+    resize = [t for t in pipeline if t.get('type') in RESIZES + LETTERBOXES]
+    if len(resize) != 1 or ('scale' not in resize[0]
+                            and resize[0]['type'] not in LETTERBOXES):
+        raise ValueError('the test pipeline needs exactly one Resize with a scale or one '
+                         f'YOLOv5Letterbox for the runtime, found {resize}')
+    step = resize[0]
+    if step['type'] in LETTERBOXES:
+        scale = int(step.get('scale', 640))
+        if scale > min(int(v) for v in input_shape):
+            raise ValueError(f'YOLOv5Letterbox scale={scale} does not fit the static input '
+                             f'shape (h, w)={tuple(input_shape)}: set onnx_config.input_shape '
+                             f'to at least [{scale}, {scale}]')
+        return dict(type='letterbox', scale=scale, pad_val=int(step.get('pad_val', 114)),
+                    allow_upscale=bool(step.get('allow_upscale', True)),
+                    interpolation=str(step.get('interpolation', 'bilinear')),
+                    **_normalize_spec(model_cfg, input_shape))
+    scale = step['scale']
+    scale = [scale, scale] if isinstance(scale, int) else list(scale)
+    return dict(type='resize', scale=scale, keep_ratio=bool(step.get('keep_ratio', False)),
+                **_normalize_spec(model_cfg, input_shape))
+
+
+def static_letterbox(model_cfg: Any, input_shape: Sequence[int]) -> Any:
+    """A copy of ``model_cfg`` whose ``YOLOv5Letterbox`` pads to the square static
+    ``input_shape`` (``size_divisor`` = its side), so the export image and the ORT INT8
+    calibration images are letterboxed as the runtime does it (MMDeploy's static export of
+    a letterbox: padded to the input shape, centred). Other configs come back unchanged."""
+    h, w = (int(v) for v in input_shape)
+    pipelines = [model_cfg.get('test_pipeline'),
+                 model_cfg.get('test_dataloader', {}).get('dataset', {}).get('pipeline')]
+    if h != w or not any(t.get('type') in LETTERBOXES for p in pipelines if p for t in p):
+        return model_cfg
+    cfg = copy.deepcopy(model_cfg)   # Config.copy() shares the nested pipelines
+    for key in ('test_pipeline', 'test_dataloader.dataset.pipeline'):
+        node = cfg
+        for part in key.split('.'):
+            node = node.get(part) if node is not None else None
+        for t in node or []:
+            if t.get('type') in LETTERBOXES:
+                t['size_divisor'] = h
+    return cfg
 
 
 def dense_postprocess_spec(detector: nn.Module, input_shape: Sequence[int]
@@ -60,6 +108,34 @@ def dense_postprocess_spec(detector: nn.Module, input_shape: Sequence[int]
                 input_shape=[int(v) for v in input_shape])
     priors = [getattr(graph, f'priors{i}').numpy() for i in range(graph.num_levels)]
     return spec, priors
+
+
+def yolov5_postprocess_spec(detector: nn.Module, input_shape: Sequence[int]
+                            ) -> tuple[dict, list[np.ndarray]]:
+    """Post-processing settings and priors of a ``YOLOv5Head`` for ``YOLOv5PostProcessor``
+    (the priors and strides of ``YOLOv5End2End`` for this static input shape)."""
+    from mmdet_regptq.deploy.detectors.yolov5_graph import YOLOv5End2End
+
+    graph = YOLOv5End2End(detector, input_shape)
+    head = detector.bbox_head
+    priors = np.split(graph.priors.numpy(), np.cumsum(graph.level_priors)[:-1])
+    cfg = {k: graph.cfg[k] for k in ('score_thr', 'nms_pre', 'max_per_img')}
+    cfg.update(multi_label=bool(graph.cfg.get('multi_label', True)),
+               nms=dict(iou_threshold=float(graph.cfg['nms']['iou_threshold'])))
+    spec = dict(kind='yolov5', num_classes=int(head.num_classes),
+                strides=[int(s) for s in head.strides], test_cfg=cfg,
+                input_shape=[int(v) for v in input_shape])
+    return spec, priors
+
+
+def postprocess_spec(detector: nn.Module, input_shape: Sequence[int]
+                     ) -> tuple[dict, list[np.ndarray]]:
+    """The NumPy post-processor's settings and priors of a single-stage detector."""
+    from mmdet_regptq.deploy.detectors.yolov5_graph import is_yolov5
+
+    if is_yolov5(detector):
+        return yolov5_postprocess_spec(detector, input_shape)
+    return dense_postprocess_spec(detector, input_shape)
 
 
 def _atomic_write(path: Path, write: Any) -> None:

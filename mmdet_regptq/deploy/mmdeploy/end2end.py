@@ -27,8 +27,9 @@ import onnx
 import torch
 
 from mmdet_regptq.deploy.detectors.end2end import END2END_OUTPUTS, DenseEnd2End
-from mmdet_regptq.deploy.detectors.spec import (PRIORS_FILE, dense_postprocess_spec,
-                                                preprocess_spec, write_spec)
+from mmdet_regptq.deploy.detectors.spec import (PRIORS_FILE, postprocess_spec,
+                                                preprocess_spec, static_letterbox,
+                                                write_spec)
 from mmdet_regptq.deploy.detectors.two_stage import is_two_stage
 from mmdet_regptq.deploy.detectors.two_stage_graph import TwoStageEnd2End
 from mmdet_regptq.deploy.detectors.yolov5_graph import YOLOv5End2End, is_yolov5
@@ -57,9 +58,20 @@ def end2end_graph(model: torch.nn.Module, input_shape: tuple[int, int], nms: str
     return cls(model, input_shape, nms=nms).eval()
 
 
+def _classes(model: torch.nn.Module, model_cfg: Any) -> Any:
+    """Class names: the checkpoint's ``dataset_meta``, the config's ``metainfo``, or the
+    test dataset class's ``METAINFO`` (e.g. ``CocoDataset``'s 80 names)."""
+    from mmdet.registry import DATASETS
+
+    meta = getattr(model, 'dataset_meta', None) or {}
+    classes = meta.get('classes') or model_cfg.get('metainfo', {}).get('classes')
+    dataset = model_cfg.get('test_dataloader', {}).get('dataset', {})
+    cls = DATASETS.get(dataset.get('type', '')) if not classes and dataset else None
+    return classes or getattr(cls, 'METAINFO', {}).get('classes')
+
+
 def _spec(prep: PreparedExport, backend: str, input_shape: tuple[int, int]) -> dict:
-    meta = getattr(prep.model, 'dataset_meta', None) or {}
-    classes = meta.get('classes') or prep.model_cfg.get('metainfo', {}).get('classes')
+    classes = _classes(prep.model, prep.model_cfg)
     return dict(backend=backend, preprocess=preprocess_spec(prep.model_cfg, input_shape),
                 classes=list(classes) if classes else None)
 
@@ -73,7 +85,7 @@ def _export_tvm(prep: PreparedExport, backend: str, input_shape: tuple[int, int]
             "the two-graph deployment (codebase_config.model_type='regptq_raw')")
     result = export_detector(prep.deploy_cfg, prep.model_cfg, None, img, prep.work_dir,
                              device, model=prep.model)
-    post, priors = dense_postprocess_spec(prep.model, input_shape)
+    post, priors = postprocess_spec(prep.model, input_shape)
     spec = _spec(prep, backend, input_shape)
     spec.update(model=f'{Path(result.onnx_file).stem}_{backend}', postprocess=post,
                 priors=PRIORS_FILE)
@@ -89,8 +101,12 @@ def export_end2end(deploy_cfg: Any, model_cfg: Any, checkpoint: str | None, img:
         :class:`DeployResult`; for the TVM backends the ONNX file is the raw graph that
         ``to_backend`` compiles.
     """
-    from mmdeploy.utils import get_backend, get_onnx_config
+    from mmdeploy.utils import get_backend, get_input_shape, get_onnx_config, load_config
 
+    deploy_cfg, model_cfg = load_config(deploy_cfg, model_cfg)
+    shape = get_input_shape(deploy_cfg)     # [W, H]
+    if shape:   # a letterbox pads to the static shape, as the runtime does
+        model_cfg = static_letterbox(model_cfg, (shape[1], shape[0]))
     prep = prepare_export(deploy_cfg, model_cfg, checkpoint, img, work_dir, device, model)
     if not prep.shape:
         raise ValueError('onnx_config.input_shape must be set: the end-to-end graph is static')

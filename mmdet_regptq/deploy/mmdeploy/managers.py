@@ -64,7 +64,7 @@ def _end2end_post_processor(artifact_file: Path) -> Any:
 
     import numpy as np
 
-    from mmdet_regptq.deploy.runtime.postprocess import DensePostProcessor
+    from mmdet_regptq.deploy.runtime.postprocess import make_post_processor
 
     directory = artifact_file if artifact_file.is_dir() else artifact_file.parent
     spec_file = directory.parent / 'spec.json'
@@ -73,8 +73,8 @@ def _end2end_post_processor(artifact_file: Path) -> Any:
                                 'spec.json written by its export')
     spec = json.loads(spec_file.read_text())
     stored = np.load(directory.parent / spec['priors'])
-    return DensePostProcessor(spec['postprocess'],
-                              [stored[f'priors{i}'] for i in range(len(stored.files))])
+    return make_post_processor(spec['postprocess'],
+                               [stored[f'priors{i}'] for i in range(len(stored.files))])
 
 
 class _TVMManagerBase(BaseBackendManager):

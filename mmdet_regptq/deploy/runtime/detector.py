@@ -2,7 +2,9 @@
 
 ``spec.json`` names the backend and its file: ``onnxruntime`` runs the end-to-end graph
 (``dets`` + ``labels``); ``tvm_int4`` / ``tvm_relax`` run the TVM artifact of the raw head
-outputs and then :class:`~mmdet_regptq.deploy.runtime.postprocess.DensePostProcessor`.
+outputs and then the NumPy post-processor of ``spec['postprocess']`` (``runtime/postprocess.py``:
+a dense head's or YOLOv5's). Boxes go back to the original image by undoing the resize (and
+a letterbox's padding, clipped to the image, as ``YOLOv5Head`` does).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mmdet_regptq.deploy.runtime.postprocess import DensePostProcessor, rescale_detections
+from mmdet_regptq.deploy.runtime.postprocess import make_post_processor, rescale_detections
 from mmdet_regptq.deploy.runtime.preprocess import PreparedImage, Preprocess
 
 __all__ = ['Detections', 'Detector', 'ORT_BACKENDS', 'TVM_BACKENDS']
@@ -56,8 +58,8 @@ def _tvm_backend(work_dir: Path, spec: dict) -> Callable[[np.ndarray], tuple]:
 
     runner = TvmRunner(work_dir / spec['model'])
     stored = np.load(work_dir / spec['priors'])
-    post = DensePostProcessor(spec['postprocess'],
-                              [stored[f'priors{i}'] for i in range(len(stored.files))])
+    post = make_post_processor(spec['postprocess'],
+                               [stored[f'priors{i}'] for i in range(len(stored.files))])
     name = runner.input_names[0]
     return lambda x: post(runner({name: x}))
 
@@ -96,6 +98,9 @@ class Detector:
         """Detections of an image file or a BGR ``uint8`` array ``[h, w, 3]``."""
         prepared = self.prepare(image)
         dets, labels = self.run(prepared.tensor)
+        letterbox = self.preprocess.type == 'letterbox'
         dets = rescale_detections(np.asarray(dets, np.float32).reshape(-1, 5),
-                                  prepared.scale_factor)
+                                  prepared.scale_factor,
+                                  pad=prepared.pad if letterbox else None,
+                                  clip_shape=prepared.ori_shape if letterbox else None)
         return Detections(dets[:, :4], dets[:, 4], np.asarray(labels, np.int64).reshape(-1))

@@ -1,6 +1,6 @@
-"""The post-processing of a dense detector's raw outputs in NumPy (for backends whose graph
-stops at the raw head outputs, e.g. ``tvm_int4``), and the final rescale of any backend's
-detections to the original image.
+"""The post-processing of a dense detector's (or YOLOv5's) raw outputs in NumPy (for
+backends whose graph stops at the raw head outputs, e.g. ``tvm_int4``), and the final
+rescale of any backend's detections to the original image.
 
 The steps are those of the end-to-end ONNX graph (``deploy/detectors/end2end.py``), i.e.
 mmdet's ``BaseDenseHead`` predict: per level the top ``nms_pre`` (prior, class) scores,
@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ['nms', 'batched_nms', 'decode', 'DensePostProcessor', 'rescale_detections']
+__all__ = ['nms', 'batched_nms', 'decode', 'DensePostProcessor', 'YOLOv5PostProcessor',
+           'make_post_processor', 'rescale_detections']
 
 _F32 = np.float32
 
@@ -169,10 +170,94 @@ class DensePostProcessor:
         return dets, labels[keep].astype(np.int64)
 
 
-def rescale_detections(dets: np.ndarray, scale_factor: Sequence[float]) -> np.ndarray:
-    """Boxes from the network input back to the original image (mmdet ``rescale=True``:
-    times ``1 / scale`` per axis, ``scale_factor = (w scale, h scale)``)."""
+class YOLOv5PostProcessor:
+    """Raw maps ``raw0_{i}`` ``[1, A * (5 + C), H, W]`` of a ``YOLOv5Head`` →
+    ``(dets [N, 5], labels [N])``: the steps of ``YOLOv5End2End`` (the end-to-end graph,
+    i.e. ``YOLOv5Head.predict_by_feat`` without rescale) in NumPy.
+
+    Sigmoid of the maps, score ``objectness × class``, every (box, class) pair above
+    ``score_thr`` (multi-label) or the best class of each box, the ``nms_pre`` best, the
+    head's decoding ``xy = (2σ − 0.5 + grid)·s`` (as the prior centre plus
+    ``(2σ − 1)·s``), ``wh = (2σ)²·anchor``, class-aware NMS and ``max_per_img``.
+
+    Args:
+        spec: ``spec['postprocess']`` (``kind='yolov5'``, written by ``detectors/spec.py``).
+        priors: per level ``[H * W * A, 4]`` anchor boxes centred on the grid cells.
+    """
+
+    def __init__(self, spec: Mapping[str, Any], priors: Sequence[np.ndarray]) -> None:
+        self.spec = spec
+        self.cfg = spec['test_cfg']
+        self.num_attrib = int(spec['num_classes']) + 5
+        self.priors = np.concatenate([np.asarray(p, _F32) for p in priors])
+        self.strides = np.concatenate([np.full(len(p), s, _F32)
+                                       for p, s in zip(priors, spec['strides'])])[:, None]
+        centre = (self.priors[:, :2] + self.priors[:, 2:]) * _F32(0.5)
+        self.centre, self.size = centre, self.priors[:, 2:] - self.priors[:, :2]
+
+    def __call__(self, raw: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        preds = np.concatenate([raw[f'raw0_{i}'][0].transpose(1, 2, 0)
+                                .reshape(-1, self.num_attrib)
+                                for i in range(len(self.spec['strides']))]).astype(_F32)
+        thr = _F32(self.cfg['score_thr'])
+        # objectness bounds every score (objectness x class, class <= 1): only boxes above
+        # the threshold can have a pair above it, as in the graph (the rest is not decoded)
+        box_idx = np.nonzero(_sigmoid(preds[:, 4]) > thr)[0]
+        preds = _sigmoid(preds[box_idx])
+        scores = preds[:, 4:5] * preds[:, 5:]
+        nms_pre = int(self.cfg['nms_pre'])
+        if self.cfg.get('multi_label', True):
+            local, labels = np.nonzero(scores > thr)     # (box, class) pairs, row-major
+            top = scores[local, labels]
+        else:
+            best, best_labels = scores.max(1), scores.argmax(1)
+            local = np.nonzero(best > thr)[0]
+            top, labels = best[local], best_labels[local]
+        order = _top_k(top, min(nms_pre, top.size))
+        local, top, labels = local[order], top[order], labels[order]
+        idx = box_idx[local]
+        p = preds[local, :4]
+        xy = self.centre[idx] + (p[:, :2] * _F32(2) - _F32(1)) * self.strides[idx]
+        wh = (p[:, 2:4] * _F32(2)) ** 2 * self.size[idx]
+        boxes = np.concatenate([xy - wh * _F32(0.5), xy + wh * _F32(0.5)], 1)
+        keep = batched_nms(boxes, top, labels, float(self.cfg['nms']['iou_threshold']),
+                           int(self.cfg.get('max_per_img', 300)))
+        dets = np.concatenate([boxes[keep], top[keep, None]], 1).astype(_F32)
+        return dets, labels[keep].astype(np.int64)
+
+
+#: ``spec['postprocess']['kind']`` -> its post-processor
+POST_PROCESSORS = {'dense': DensePostProcessor, 'yolov5': YOLOv5PostProcessor}
+
+
+def make_post_processor(spec: Mapping[str, Any], priors: Sequence[np.ndarray]) -> Any:
+    """The post-processor of ``spec['postprocess']`` (its ``kind``) with its priors."""
+    kind = spec.get('kind', 'dense')
+    if kind not in POST_PROCESSORS:
+        raise ValueError(f"spec.json postprocess.kind {kind!r}; allowed: "
+                         f"{', '.join(POST_PROCESSORS)}")
+    return POST_PROCESSORS[kind](spec, priors)
+
+
+def rescale_detections(dets: np.ndarray, scale_factor: Sequence[float],
+                       pad: Sequence[int] | None = None,
+                       clip_shape: Sequence[int] | None = None) -> np.ndarray:
+    """Boxes from the network input back to the original image (mmdet ``rescale=True``).
+
+    Without ``pad``: times ``1 / scale`` per axis (``scale_factor = (w scale, h scale)``),
+    as ``BaseDenseHead`` rescales. With ``pad`` ``(top, left)`` (a letterbox): minus the
+    padding, divided by the scale, clipped to ``clip_shape`` ``(h, w)`` of the original
+    image, as ``YOLOv5Head`` undoes ``YOLOv5Letterbox``.
+    """
     out = dets.astype(_F32).copy()
-    out[:, 0:4:2] *= _F32(1 / scale_factor[0])
-    out[:, 1:4:2] *= _F32(1 / scale_factor[1])
+    if pad is None:
+        out[:, 0:4:2] *= _F32(1 / scale_factor[0])
+        out[:, 1:4:2] *= _F32(1 / scale_factor[1])
+        return out
+    top, left = pad
+    out[:, 0:4:2] = (out[:, 0:4:2] - _F32(left)) / _F32(scale_factor[0])
+    out[:, 1:4:2] = (out[:, 1:4:2] - _F32(top)) / _F32(scale_factor[1])
+    if clip_shape is not None:
+        out[:, 0:4:2] = np.clip(out[:, 0:4:2], 0, clip_shape[1])
+        out[:, 1:4:2] = np.clip(out[:, 1:4:2], 0, clip_shape[0])
     return out
