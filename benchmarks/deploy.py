@@ -39,6 +39,14 @@ decoding, score threshold, top-k and NMS included; Faster R-CNN as ONE graph wit
 on a synthetic val image resized to ``size``: FP32 ORT, INT8 ORT (one graph each) and, for
 dense detectors, INT4 TVM + the NumPy post-processor.
 
+``--tvm-target-cpu host,haswell,haswell:generic`` builds one INT4 TVM row per entry (LLVM
+CPU, optionally ``:KERNEL`` = ``vnni`` / ``avx2`` / ``generic``): e.g. the AVX2 kernel and
+the generic schedule next to the host's VNNI kernel, on this CPU.
+``--w-reduce-range`` quantizes the INT8 ORT rows with ``w_reduce_range=True`` (8-bit weights
+within ``-64..64``), the layout whose u8 x s8 kernel is exact and fast on x86 CPUs without
+VNNI. Run under ``deploy/onnx/avx2_shim.py``'s ``LD_PRELOAD`` library, every ORT row takes
+ORT's AVX2 kernels on this core (docs/deploy.md, "CPUs without AVX-512 VNNI").
+
 ``--ort-profile RUNS`` then explains the ORT rows: ORT's own profiler over RUNS runs of each
 ORT graph (``deploy/onnx/ort_profile.py``), printing kernel time per op type and the slowest
 nodes; every node's time goes to ``<work-dir>/<graph>_ort_nodes.csv``.
@@ -47,10 +55,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import math
+import os
 import statistics
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -163,8 +174,57 @@ def _tvm_graph(directory: Path) -> Graph:
     return lambda feeds: list(runner(feeds).values())
 
 
+def tvm_int4_builds(spec: str) -> list[tuple[str, str | None, str]]:
+    """``--tvm-target-cpu``: ``MCPU[:KERNEL],...`` → ``(row label, mcpu, int8 kernel)``.
+
+    ``host`` = this machine's CPU; any LLVM CPU name (``haswell`` = any AVX2 CPU) builds
+    for that CPU (the code must run here, so it can only be this CPU or an older one);
+    ``KERNEL`` (``auto`` / ``vnni`` / ``avx2`` / ``generic``) forces the int8 kernel. The
+    default single ``host`` build is the row ``INT4 TVM``."""
+    from tvm.target import codegen
+
+    from mmdet_regptq.deploy.tvm.vnni import INT8_KERNELS
+
+    builds = []
+    for item in spec.split(','):
+        mcpu, _, kernel = item.strip().partition(':')
+        kernel = kernel or 'auto'
+        if not mcpu or kernel not in INT8_KERNELS:
+            raise SystemExit(f'--tvm-target-cpu: {item!r}; expected MCPU[:KERNEL] with KERNEL '
+                             f'one of {", ".join(INT8_KERNELS)}')
+        builds.append((mcpu, kernel))
+    if builds == [('host', 'auto')]:
+        return [('INT4 TVM', None, 'auto')]
+    host = str(codegen.llvm_get_system_cpu())
+    return [(f'INT4 TVM {host if mcpu == "host" else mcpu}'
+             + (f' {kernel}' if kernel != 'auto' else ''), None if mcpu == 'host' else mcpu,
+             kernel) for mcpu, kernel in builds]
+
+
+def tvm_int4_variants(onnx_file: Path, work: Path, name: str, builds: list, post: Callable
+                      ) -> dict[str, Callable[[np.ndarray], Any]]:
+    """One INT4 TVM row per build of ``tvm_int4_builds``; ``post`` maps the raw outputs."""
+    import onnx
+
+    from mmdet_regptq.deploy.tvm.build import build_artifact, host_target
+    from mmdet_regptq.deploy.tvm.runner import TvmRunner
+
+    runs = {}
+    for label, mcpu, kernel in builds:
+        out = work / (f'{name}_tvm_int4' + label[len('INT4 TVM'):].replace(' ', '_'))
+        _, report = build_artifact(onnx.load(str(onnx_file)), out, integer=True,
+                                   target=host_target(mcpu), kernel=kernel)
+        kernels = Counter(json.loads((out / 'meta.json').read_text()).get('kernels', {})
+                          .values())
+        logging.info('%s %s: %s; kernels %s', name, label, report.summary(), dict(kernels))
+        runs[label] = functools.partial(lambda r, feed: post(r({'input': feed})),
+                                        TvmRunner(out))
+    return runs
+
+
 def two_stage_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work: Path,
-                       tvm: bool) -> dict[str, Callable[[np.ndarray], Any]]:
+                       tvm: bool, w8a8: dict | None = None
+                       ) -> dict[str, Callable[[np.ndarray], Any]]:
     """The four deployments of a two-stage detector, each as graph 1 → host → graph 2."""
     import onnx
     from mmdet.structures import DetDataSample
@@ -210,7 +270,8 @@ def two_stage_variants(name: str, cfg: Any, checkpoint: str | None, size: int, w
     fp1, fp2, _ = export_pair(fp, 'fp32', int4=False)
     runs = {'FP32 ORT': pipeline(host, names, _ort_graph(fp1), _ort_graph(fp2))}
     q8 = build_detector(cfg, checkpoint)
-    quantize_for_deploy(q8, quant=W8A8, method=dict(type='MinMax'), input_shape=(size, size))
+    quantize_for_deploy(q8, quant=w8a8 or W8A8, method=dict(type='MinMax'),
+                        input_shape=(size, size))
     q1, q2, feeds = export_pair(q8, 'w8a8', int4=False)
     for path, feed in zip((q1, q2), feeds):
         fused, report = make_ort_int8(onnx.load(str(path)), [feed])
@@ -237,7 +298,8 @@ def two_stage_variants(name: str, cfg: Any, checkpoint: str | None, size: int, w
 
 
 def export_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work: Path,
-                    tvm: bool) -> dict[str, Callable[[np.ndarray], Any]]:
+                    tvm: bool, tvm_builds: list | None = None, w8a8: dict | None = None
+                    ) -> dict[str, Callable[[np.ndarray], Any]]:
     """Build the four deployments of one detector; returns row name → run(input)."""
     import onnx
 
@@ -259,7 +321,8 @@ def export_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work
     runs['FP32 ORT'] = ort_session(work / f'{name}_fp32.onnx')
 
     q8 = build_detector(cfg, checkpoint)
-    quantize_for_deploy(q8, quant=W8A8, method=dict(type='MinMax'), input_shape=(size, size))
+    quantize_for_deploy(q8, quant=w8a8 or W8A8, method=dict(type='MinMax'),
+                        input_shape=(size, size))
     export_onnx(RawDetector(q8), x, work / f'{name}_w8a8.onnx', output_names=names,
                 int4_weights=False, opset=17)
     fused, report = make_ort_int8(onnx.load(str(work / f'{name}_w8a8.onnx')),
@@ -277,16 +340,14 @@ def export_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work
         quantize_for_deploy(q4, quant=W4A4, method=dict(type='MinMax'),
                             input_shape=(size, size))
         export_onnx(RawDetector(q4), x, work / f'{name}_w4a4.onnx', output_names=names)
-        _, int_report = build_artifact(onnx.load(str(work / f'{name}_w4a4.onnx')),
-                                       work / f'{name}_tvm_int4', integer=True)
-        logging.info('%s INT4 TVM: %s', name, int_report.summary())
-        int4_tvm = TvmRunner(work / f'{name}_tvm_int4')
-        runs['INT4 TVM'] = lambda feed: int4_tvm({'input': feed})
+        runs.update(tvm_int4_variants(work / f'{name}_w4a4.onnx', work, name,
+                                      tvm_builds or tvm_int4_builds('host'), lambda out: out))
     return runs
 
 
 def end2end_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work: Path,
-                     tvm: bool) -> dict[str, Callable[[np.ndarray], Any]]:
+                     tvm: bool, tvm_builds: list | None = None, w8a8: dict | None = None
+                     ) -> dict[str, Callable[[np.ndarray], Any]]:
     """The end-to-end deployments (image -> dets + labels, ``deploy/detectors/end2end.py``):
     FP32 ORT and INT8 ORT as one graph each, INT4 TVM (dense detectors) as the raw-output
     artifact + the NumPy post-processor, as ``python -m mmdet_regptq.deploy.run`` runs them."""
@@ -298,8 +359,6 @@ def end2end_variants(name: str, cfg: Any, checkpoint: str | None, size: int, wor
     from mmdet_regptq.deploy.detectors.two_stage import is_two_stage
     from mmdet_regptq.deploy.mmdeploy.end2end import end2end_graph
     from mmdet_regptq.deploy.runtime.postprocess import DensePostProcessor
-    from mmdet_regptq.deploy.tvm.build import build_artifact
-    from mmdet_regptq.deploy.tvm.runner import TvmRunner
 
     x = torch.from_numpy(image_feed(cfg, size))
     outputs = dict(output_names=['dets', 'labels'],
@@ -314,7 +373,8 @@ def end2end_variants(name: str, cfg: Any, checkpoint: str | None, size: int, wor
                 **outputs)
     runs = {'FP32 ORT': ort_session(work / f'{name}_e2e_fp32.onnx')}
     q8 = build_detector(cfg, checkpoint)
-    quantize_for_deploy(q8, quant=W8A8, method=dict(type='MinMax'), input_shape=(size, size))
+    quantize_for_deploy(q8, quant=w8a8 or W8A8, method=dict(type='MinMax'),
+                        input_shape=(size, size))
     export_onnx(end2end_graph(q8, (size, size)), x, work / f'{name}_e2e_w8a8.onnx',
                 int4_weights=False, opset=17, **outputs)
     fused, report = make_ort_int8(onnx.load(str(work / f'{name}_e2e_w8a8.onnx')),
@@ -328,11 +388,9 @@ def end2end_variants(name: str, cfg: Any, checkpoint: str | None, size: int, wor
                             input_shape=(size, size))
         export_onnx(RawDetector(q4), x, work / f'{name}_w4a4.onnx',
                     output_names=raw_output_names(q4, x))
-        build_artifact(onnx.load(str(work / f'{name}_w4a4.onnx')), work / f'{name}_tvm_int4',
-                       integer=True)
-        runner = TvmRunner(work / f'{name}_tvm_int4')
         post = DensePostProcessor(*dense_postprocess_spec(q4, (size, size)))
-        runs['INT4 TVM'] = lambda feed: post(runner({'input': feed}))
+        runs.update(tvm_int4_variants(work / f'{name}_w4a4.onnx', work, name,
+                                      tvm_builds or tvm_int4_builds('host'), post))
     return runs
 
 
@@ -361,7 +419,10 @@ def latency_rows(name: str, cfg: Any, checkpoint: str | None, args: argparse.Nam
     variants = two_stage_variants if is_two_stage(cfg.model) else export_variants
     if args.end2end:
         variants = end2end_variants
-    runs = variants(name, cfg, checkpoint, args.size, work, tvm=not args.skip_tvm)
+    extra = dict(w8a8=dict(W8A8, w_reduce_range=True) if args.w_reduce_range else W8A8)
+    if variants is not two_stage_variants:
+        extra['tvm_builds'] = tvm_int4_builds(args.tvm_target_cpu)
+    runs = variants(name, cfg, checkpoint, args.size, work, tvm=not args.skip_tvm, **extra)
     feed = (image_feed(cfg, args.size) if args.end2end else np.random.default_rng(0)
             .standard_normal((1, 3, args.size, args.size)).astype(np.float32))
     n = {k: (args.tvm_runs if 'TVM' in k else args.runs) for k in runs}
@@ -429,6 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--tvm-runs', type=int, default=20)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--skip-tvm', action='store_true')
+    parser.add_argument('--tvm-target-cpu', default='host', metavar='MCPU[:KERNEL],...',
+                        help='INT4 TVM builds, one row each: the LLVM CPU to compile for '
+                             '(host, or e.g. haswell = AVX2 without VNNI) and optionally the '
+                             'int8 kernel (auto, vnni, avx2, generic); dense detectors')
+    parser.add_argument('--w-reduce-range', action='store_true',
+                        help='INT8 ORT rows with 8-bit weights within -64..64 '
+                             "(quant.w_reduce_range: exact on ORT's AVX2 u8 x s8 kernel)")
     parser.add_argument('--skip-latency', action='store_true')
     parser.add_argument('--end2end', action='store_true',
                         help='time the end-to-end deployments (image -> dets + labels, '
@@ -444,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     import mmdet_regptq.deploy  # noqa: F401
 
     torch.set_num_threads(args.threads)
+    os.environ['TVM_NUM_THREADS'] = str(args.threads)   # read when TVM's pool first runs
     checkpoints = dict(c.split('=', 1) for c in args.checkpoints)
     models = args.models.split(',')
     timed = args.latency_models.split(',') if args.latency_models else models
