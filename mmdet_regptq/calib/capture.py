@@ -19,7 +19,9 @@ For unit ``k`` and every calibration batch:
 With a :class:`~.tail.TailRunner` prepared for unit ``k`` (the methods with a global loss
 have one) the passes reuse its stores: the FP final outputs are its targets (computed once
 for all units), and the quantized pass starts from its stored prefix outputs, so only unit
-``k`` and what follows runs - the same values as a full pass, at about half the cost.
+``k`` and what follows runs - the same values as a full pass, at about half the cost. When
+the runner also stores the FP prefix (``prepare(fp_prefix=True)``) the FP pass starts from
+it too.
 """
 from __future__ import annotations
 
@@ -174,11 +176,15 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
     if tail is not None and tail.unit is not unit:
         raise ValueError(f'capture_unit({unit.name!r}): the tail runner is prepared for '
                          f'{getattr(tail.unit, "name", None)!r}; call tail.prepare(unit) first')
+    # with the tail's FP prefix the FP pass starts at the unit (its output is not read then)
+    fp_prefix = tail is not None and tail.has_fp_prefix
     for b, batch in enumerate(batches):
         with torch.no_grad(), quant_disabled(model), fp_context(), \
+                (tail.fp_patched(b) if fp_prefix else contextlib.nullcontext()), \
                 record_calls(unit.module, unit.num_calls, device, inputs=fp_inputs,
                              outputs=True, stop=grad_loss is None or tail is not None) as fp:
-            fp_final, _ = run_forward(model, forward_fn, batch)
+            fp_final, _ = run_forward(model, tail.forward_fn if fp_prefix else forward_fn,
+                                      batch)
         run = ((lambda b=b: tail.run(b, unit_outputs=False).outputs) if tail is not None
                else functools.partial(forward_fn, model, batch))
         if grad_loss is None:

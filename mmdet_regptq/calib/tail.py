@@ -107,6 +107,10 @@ class TailRunner:
             self._traces.append(records)
         self._active = 0
         self._prefix = ActivationCache(max_bytes=max_bytes, spill_dir=spill_dir)
+        self._prefix_device = self._prefix.device
+        self._fp_prefix: ActivationCache | None = None
+        #: (active forward, first call start, prefix calls) of the stored prefix
+        self._stored_prefix: tuple[int, int, list[CallRecord]] | None = None
         self._all_targets: dict[int, ActivationCache] = {}
         self._cache_args = dict(max_bytes=max_bytes, spill_dir=spill_dir)
         self._plan: dict[int, tuple[nn.Module, list[str | None]]] = {}
@@ -123,12 +127,23 @@ class TailRunner:
         """
         return len(self._forwards) == 1 or any(r.name == unit.name for r in self._traces[-1])
 
-    def prepare(self, unit: ReconUnit) -> None:
+    def prepare(self, unit: ReconUnit, *, reuse: bool = False, fp_prefix: bool = False
+                ) -> None:
         """Store, per batch, the prefix outputs of ``unit`` from the current model state.
 
         Also computes the FP final outputs (targets) on the first call.
+
+        Args:
+            unit: the unit whose tail the next runs start from.
+            reuse: start from the prefix stored for the previously prepared unit (only the
+                calls between it and ``unit`` run): the same values as a full prefix pass
+                when nothing that ran before the previous unit's first call has changed
+                since (calibration changes only the unit it reconstructs, in execution
+                order). Falls back to a full pass otherwise (no earlier unit, another
+                forward, or an earlier position).
+            fp_prefix: also store the prefix outputs of the FP model (all quantization off,
+                under ``fp_context``), for :meth:`fp_patched`.
         """
-        self._prefix.clear()
         # the cheapest forward that calls the unit (tail_fn is last when given)
         for active in reversed(range(len(self._forwards))):
             first = next((r for r in self._traces[active] if r.name == unit.name), None)
@@ -137,17 +152,61 @@ class TailRunner:
         if first is None:
             raise ValueError(f'TailRunner: unit {unit.name!r} was not called in the traced '
                              'forward')
+        previous = self._stored_prefix
+        reusable = (reuse and previous is not None and previous[0] == active
+                    and previous[1] <= first.start)
         self._active = active
         prefix = maximal_prefix(self.records, first.start)
+        skip = previous[2] if reusable else []
+        plan = self._make_plan(skip) if reusable else None
+        old = (self._prefix, self._fp_prefix)
+        self._prefix = self._store_prefix(prefix, unit, old[0] if reusable else None, skip,
+                                          plan, fp=False)
+        self._fp_prefix = None
+        if fp_prefix:
+            self._fp_prefix = self._store_prefix(
+                prefix, unit, old[1] if reusable and old[1] is not None else None,
+                skip, plan, fp=True)
+        for cache in old:
+            if cache is not None:
+                cache.clear()
         self._plan = self._make_plan(prefix)
-        for batch in self.batches:
-            stored: dict[str, Any] = {}
-            with torch.no_grad(), self._recording(prefix, unit, stored):
-                run_forward(self.model, self.forward_fn, batch)
-            self._prefix.append(CacheEntry(output=stored), copy=False)
+        self._stored_prefix = (active, first.start, prefix)
         self.unit = unit
         if active not in self._all_targets:
             self._all_targets[active] = self._record_targets()
+
+    def _store_prefix(self, prefix: list[CallRecord], unit: ReconUnit,
+                      previous: ActivationCache | None, skip: list[CallRecord],
+                      plan: dict | None, fp: bool) -> ActivationCache:
+        """Per batch, the outputs of the ``prefix`` calls; with ``previous`` (stored for
+        the calls ``skip``, looked up by ``plan``) only the calls after those run."""
+        store = ActivationCache(**self._cache_args)
+        for b, batch in enumerate(self.batches):
+            stored: dict[str, Any] = {}
+            with torch.no_grad(), contextlib.ExitStack() as stack:
+                if fp:
+                    stack.enter_context(quant_disabled(self.model))
+                    stack.enter_context(self._fp_context())
+                if previous is not None:
+                    stack.enter_context(self._patched(previous[b].output, plan))
+                stack.enter_context(self._recording(prefix, unit, stored, skip))
+                run_forward(self.model, self.forward_fn, batch)
+            store.append(CacheEntry(output=stored), copy=False)
+        return store
+
+    def fp_patched(self, index: int) -> ContextManager:
+        """While active, the prefix modules of the prepared unit return the FP model's
+        stored outputs of batch ``index`` (``prepare(fp_prefix=True)``): an FP forward
+        with :attr:`forward_fn` computes only the unit and what follows."""
+        if self._fp_prefix is None:
+            raise RuntimeError('TailRunner.fp_patched() needs prepare(unit, fp_prefix=True)')
+        return self._patched(self._fp_prefix[index].output)
+
+    @property
+    def has_fp_prefix(self) -> bool:
+        """Whether the prepared unit has the FP prefix stored (:meth:`fp_patched`)."""
+        return self._fp_prefix is not None
 
     @property
     def forward_fn(self) -> ForwardFn:
@@ -183,24 +242,34 @@ class TailRunner:
 
     @contextlib.contextmanager
     def _recording(self, prefix: list[CallRecord], unit: ReconUnit,
-                   stored: dict[str, Any]) -> Iterator[None]:
-        """Store the outputs of the ``prefix`` calls; stop when ``unit`` starts."""
+                   stored: dict[str, Any], skip: Sequence[CallRecord] = ()
+                   ) -> Iterator[None]:
+        """Store the outputs of the ``prefix`` calls; stop when ``unit`` starts.
+
+        ``skip``: calls whose outputs are looked up (not run), so the calls nested in
+        them do not happen; each module's remaining calls are matched to its traced
+        calls in order."""
         wanted = {_key(r) for r in prefix}
-        modules = {id(r.module): (r.module, r.name) for r in prefix}
+        modules = {id(r.module): r.module for r in prefix}
+        order: dict[int, list[str]] = {mid: [] for mid in modules}
+        for record in sorted(self.records, key=lambda r: r.start):
+            if id(record.module) in order and not any(p.encloses(record) for p in skip):
+                order[id(record.module)].append(_key(record))
         counts: dict[int, int] = {}
 
         def post_hook(mod: nn.Module, args: Any, output: Any) -> None:
             index = counts.get(id(mod), 0)
             counts[id(mod)] = index + 1
-            key = f'{modules[id(mod)][1]}#{index}'
+            keys = order[id(mod)]
+            key = keys[index] if index < len(keys) else None
             if key in wanted:
-                stored[key] = detach_to(output, self._prefix.device)
+                stored[key] = detach_to(output, self._prefix_device)
 
         def stop(mod: nn.Module, args: Any) -> None:
             raise StopForward
 
         with removing([]) as handles:
-            for module, _ in modules.values():
+            for module in modules.values():
                 handles.append(module.register_forward_hook(post_hook))
             handles.append(unit.module.register_forward_pre_hook(stop))
             yield
@@ -272,10 +341,10 @@ class TailRunner:
         return TailResult(outputs=outputs, unit_outputs=collected)
 
     @contextlib.contextmanager
-    def _patched(self, stored: dict[str, Any]) -> Iterator[None]:
+    def _patched(self, stored: dict[str, Any], plan: dict | None = None) -> Iterator[None]:
         saved: list[tuple[nn.Module, Any]] = []
         try:
-            for module, steps in self._plan.values():
+            for module, steps in (self._plan if plan is None else plan).values():
                 saved.append((module, module.__dict__.get('forward')))
                 module.forward = self._lookup(module, iter(steps), stored)
             yield
@@ -312,6 +381,10 @@ class TailRunner:
     def release(self) -> None:
         """Free the caches (end of calibration)."""
         self._prefix.clear()
+        if self._fp_prefix is not None:
+            self._fp_prefix.clear()
+            self._fp_prefix = None
+        self._stored_prefix = None
         for targets in self._all_targets.values():
             targets.clear()
         self._all_targets = {}

@@ -359,7 +359,8 @@ def test_units_tail_fn_never_calls_reconstruct_local_only(monkeypatch, caplog):
     prepared = []
     original = tail_module.TailRunner.prepare
     monkeypatch.setattr(tail_module.TailRunner, 'prepare',
-                        lambda self, unit: (prepared.append(unit.name), original(self, unit)))
+                        lambda self, unit, **kw: (prepared.append(unit.name),
+                                                  original(self, unit, **kw)))
 
     class WithAux(torch.nn.Module):
         def __init__(self) -> None:

@@ -317,7 +317,9 @@ class PTQMethod:
                     losses = local_only(losses)   # its final-output gradient is zero
                     unit_tail, unit_grad_loss = None, None
                 if unit_tail is not None:   # the prefix does not depend on unit k's state
-                    unit_tail.prepare(unit)
+                    # only the unit reconstructed last changed since the last prepare: the
+                    # stored prefixes (quantized and FP) are extended, not recomputed
+                    unit_tail.prepare(unit, reuse=True, fp_prefix=True)
                 given = shared.pop(unit.name, None) if unit_grad_loss is not None else None
                 share_with = []
                 if unit_grad_loss is not None and given is None:

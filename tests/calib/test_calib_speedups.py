@@ -1,0 +1,123 @@
+"""The calibration's shortcuts change no number: prefix stores extended from the previous
+unit's, the FP pass started from the stored FP prefix.
+
+Each test runs the shortcut and the full computation it replaces on the toy model and
+compares the values (losses, gradients, calibrated tensors) exactly.
+"""
+import copy
+
+import pytest
+import torch
+from calib_toy import forward_fn, make_batches, make_float, make_quant
+
+from mmdet_regptq.calib import RegPTQ, TailRunner, find_units, output_mse
+from mmdet_regptq.calib.tail import TailRunner as _Runner
+from mmdet_regptq.quant import init_activation_quantizers
+
+pytestmark = pytest.mark.usefixtures('single_thread')
+
+
+def _full_prepare(monkeypatch):
+    """The calibration as before the shortcuts: every prefix from a full pass, no FP
+    prefix (so capture runs its FP pass from the input)."""
+    prepare = _Runner.prepare
+
+    def full(self, unit, *, reuse=False, fp_prefix=False):
+        return prepare(self, unit)
+
+    monkeypatch.setattr(_Runner, 'prepare', full)
+
+
+def _stores(tail):
+    out = []
+    for cache in (tail._prefix, tail._fp_prefix):
+        out.append(None if cache is None else [cache[b].output for b in range(len(cache))])
+    return out
+
+
+def _assert_same_tree(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same_tree(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same_tree(x, y)
+    else:
+        assert a == b
+
+
+def test_extended_prefix_equals_a_full_prefix_pass(monkeypatch):
+    float_model, batches = make_float(), make_batches(3)
+    model = make_quant(float_model)
+    init_activation_quantizers(model, lambda: [model(b) for b in batches])
+    units = find_units(model, forward_fn, batches[0])
+    for unit in units:
+        unit.set_quant(False)
+    stem = units[0].module
+    calls = []
+    stem_forward = type(stem).forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(self is stem)
+        return stem_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(stem), 'forward', counted)
+    incremental = TailRunner(model, forward_fn, batches)
+    for k, unit in enumerate(units):
+        calls.clear()
+        incremental.prepare(unit, reuse=True, fp_prefix=True)
+        if k >= 2:   # the stem's output is looked up, not recomputed
+            assert not any(calls)
+        full = TailRunner(model, forward_fn, batches)
+        full.prepare(unit, fp_prefix=True)
+        _assert_same_tree(_stores(incremental), _stores(full))
+        assert incremental._stored_prefix[2] == full._stored_prefix[2]
+        with torch.no_grad():   # a tail run reads the same outputs
+            _assert_same_tree(incremental.run(1).outputs, full.run(1).outputs)
+        full.release()
+        unit.set_quant(True)    # as calibration: the unit is quantized before the next
+    incremental.release()
+
+
+@pytest.mark.parametrize('options', [
+    dict(),                                                    # the defaults
+    dict(schedule=dict(global_interval=1)),                    # L_G every iteration
+    dict(experimental=dict(local_draw='call', fisher_share=2)),
+])
+def test_regptq_calibration_is_unchanged_by_the_shortcuts(monkeypatch, options):
+    """Same seed, old and new code path: the same loss values at every iteration and the
+    same calibrated tensors (bit for bit)."""
+    float_model, batches = make_float(), make_batches(3)
+    runs = []
+    for shortcut in (False, True):
+        with monkeypatch.context() as patch:
+            if not shortcut:
+                _full_prepare(patch)
+            losses = []
+            grads = []
+            backward = torch.Tensor.backward
+
+            def recording(self, *args, **kwargs):
+                losses.append(self.detach().clone())
+                out = backward(self, *args, **kwargs)
+                return out
+
+            patch.setattr(torch.Tensor, 'backward', recording)
+            model = make_quant(float_model)
+            method = RegPTQ(iters=6, progress=False, log_interval=0,
+                            llaq=dict(target='head', head_layers=[r'head\..*']), **options)
+            stats = method.calibrate(model, batches, forward_fn, global_loss=output_mse)
+            runs.append((losses, [(s.loss_before, s.loss_after) for s in stats],
+                         copy.deepcopy(model.state_dict())))
+    (loss_a, stats_a, state_a), (loss_b, stats_b, state_b) = runs
+    assert len(loss_a) == len(loss_b) > 0
+    assert all(torch.equal(a, b) for a, b in zip(loss_a, loss_b))
+    assert stats_a == stats_b
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
