@@ -196,9 +196,12 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
                 grads = [given_grads[given_grads.index((b, i))].extras['grad']
                          for i in range(len(fp.outputs))]
         else:
+            unit_loss = grad_loss
             if tail is not None:
                 fp_final = tail.target(b)
-            q, grads, later = _output_grads(model, unit, run, grad_loss, fp_final, device,
+                if hasattr(grad_loss, 'loss_decoded'):   # FGIC: the FP side decoded once
+                    unit_loss = _with_decoded_target(grad_loss, tail, b)
+            q, grads, later = _output_grads(model, unit, run, unit_loss, fp_final, device,
                                             share_with)
             for name, calls in later.items():
                 for i, call_grads in enumerate(calls):
@@ -220,6 +223,14 @@ def capture_unit(model: nn.Module, unit: ReconUnit, batches: Iterable[Any],
             cache.append(CacheEntry(q.args[i], q.kwargs[i], output, extras), key=(b, i),
                          copy=False)
     return cache
+
+
+def _with_decoded_target(loss_fn: Any, tail: TailRunner, index: int) -> GradLoss:
+    """``loss_fn(fp, q)`` with the FP side decoded once per calibration by ``tail``
+    (:meth:`~.tail.TailRunner.decoded_target`): the same value as ``loss_fn(fp, q)``."""
+    def loss(fp_final: Any, q_final: Any) -> Tensor:
+        return loss_fn.loss_decoded(tail.decoded_target(index, loss_fn), q_final)
+    return loss
 
 
 def _output_grads(model: nn.Module, unit: ReconUnit, run: Callable[[], Any],

@@ -290,7 +290,8 @@ class GlobalLoss(ReconLoss):
     unit). ``seconds`` accumulates the time spent in ``loss_fn`` (decoding + loss), so the
     method can log the global term's cost beside the tail share. A ``loss_fn`` with
     ``decode_target`` / ``loss_decoded`` (:class:`FGICLoss`) decodes each batch's FP
-    outputs once per unit (keyed by ``ctx.target_key``) instead of at every iteration.
+    outputs once (by ``ctx.decode_target``, for the whole calibration; else once per
+    unit, keyed by ``ctx.target_key``) instead of at every iteration.
 
     Args:
         loss_fn: ``loss_fn(fp_raw, q_raw) -> scalar`` (e.g. :class:`FGICLoss`).
@@ -312,7 +313,10 @@ class GlobalLoss(ReconLoss):
             raise ValueError('GlobalLoss needs the final outputs (a TailRunner forward)')
         tic = time.perf_counter()
         reusable = ctx.target_key is not None and hasattr(self.loss_fn, 'loss_decoded')
-        if reusable:
+        if reusable and ctx.decode_target is not None:   # decoded once per calibration
+            value = self.loss_fn.loss_decoded(ctx.decode_target(self.loss_fn),
+                                              ctx.final_pred, self.counts)
+        elif reusable:
             if ctx.target_key not in self._decoded:
                 self._decoded[ctx.target_key] = self.loss_fn.decode_target(ctx.final_target)
             value = self.loss_fn.loss_decoded(self._decoded[ctx.target_key], ctx.final_pred,

@@ -39,6 +39,9 @@ class ReconContext:
         target_key: identifies ``final_target`` within one reconstruction (the calibration
             batch it belongs to), so a term may reuse what it derived from it; ``None``:
             no reuse.
+        decode_target: ``decode_target(loss_fn)`` returns
+            ``loss_fn.decode_target(final_target)``, memoised for the whole calibration
+            (the FP outputs do not change between units); ``None``: not available.
     """
 
     unit: ReconUnit
@@ -51,6 +54,7 @@ class ReconContext:
     final_pred: Any = None
     final_target: Any = None
     target_key: Any = None
+    decode_target: Callable[[Any], Any] | None = None
 
     def zero(self) -> Tensor:
         """A scalar zero on the prediction's device."""

@@ -7,6 +7,7 @@ unit of one module.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -306,7 +307,9 @@ class _Loop:
             target=float_tensors(detach_to([e.output for e in entries], self.device)),
             fisher=fisher, quantizers=self.quantizers, iteration=iteration,
             total_iters=self.iters, final_pred=final_pred, final_target=final_target,
-            target_key=draw if final_target is not None else None)
+            target_key=draw if final_target is not None else None,
+            decode_target=(functools.partial(self.tail.decoded_target, draw)
+                           if final_target is not None else None))
 
     def score(self, ctx: ReconContext, regularizers: bool = True) -> dict[str, Tensor]:
         return {t.name: t(ctx) for t in self.losses

@@ -21,6 +21,7 @@ False): its final-output gradient is exactly zero, so callers skip its tails.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator, Sequence
@@ -51,6 +52,19 @@ class TailResult:
 
     outputs: Any
     unit_outputs: list
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in nested containers and dataclasses (decoded predictions)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(_nbytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def _key(record: CallRecord) -> str:
@@ -111,6 +125,8 @@ class TailRunner:
         self._fp_prefix: ActivationCache | None = None
         #: (active forward, first call start, prefix calls) of the stored prefix
         self._stored_prefix: tuple[int, int, list[CallRecord]] | None = None
+        self._decoded: dict[tuple, Any] = {}   # decoded_target()'s results
+        self._decoded_bytes = 0
         self._all_targets: dict[int, ActivationCache] = {}
         self._cache_args = dict(max_bytes=max_bytes, spill_dir=spill_dir)
         self._plan: dict[int, tuple[nn.Module, list[str | None]]] = {}
@@ -288,6 +304,24 @@ class TailRunner:
             raise RuntimeError('TailRunner.target() before prepare()')
         return detach_to(self._targets[index].output, self.device)
 
+    def decoded_target(self, index: int, loss_fn: Any) -> Any:
+        """``loss_fn.decode_target(self.target(index))``, decoded once per calibration.
+
+        The FP final outputs are the same for every unit, so their decoding (FGIC's FP
+        predictions) is kept while it fits in the cache budget (``max_bytes``); past it
+        each call decodes again. The result is shared: callers must not modify it.
+        """
+        key = (self._active, index, id(loss_fn))
+        hit = self._decoded.get(key)
+        if hit is not None:
+            return hit
+        decoded = loss_fn.decode_target(self.target(index))
+        size = _nbytes(decoded)
+        if self._decoded_bytes + size <= self._cache_args['max_bytes']:
+            self._decoded[key] = decoded
+            self._decoded_bytes += size
+        return decoded
+
     def run(self, index: int, *, substitute: Substitute | None = None,
             unit_outputs: bool = True) -> TailResult:
         """Forward of batch ``index`` from the prepared unit on (grad follows the caller).
@@ -385,6 +419,8 @@ class TailRunner:
             self._fp_prefix.clear()
             self._fp_prefix = None
         self._stored_prefix = None
+        self._decoded.clear()
+        self._decoded_bytes = 0
         for targets in self._all_targets.values():
             targets.clear()
         self._all_targets = {}

@@ -1,5 +1,5 @@
 """The calibration's shortcuts change no number: prefix stores extended from the previous
-unit's, the FP pass started from the stored FP prefix.
+unit's, the FP pass started from the stored FP prefix, the FP targets decoded once.
 
 Each test runs the shortcut and the full computation it replaces on the toy model and
 compares the values (losses, gradients, calibrated tensors) exactly.
@@ -8,9 +8,10 @@ import copy
 
 import pytest
 import torch
-from calib_toy import forward_fn, make_batches, make_float, make_quant
+from calib_toy import forward_fn, make_batches, make_float, make_quant, output_fn
 
-from mmdet_regptq.calib import RegPTQ, TailRunner, find_units, output_mse
+from mmdet_regptq.calib import (DetPredictions, FGICLoss, RegPTQ, TailRunner, find_units,
+                                output_mse)
 from mmdet_regptq.calib.tail import TailRunner as _Runner
 from mmdet_regptq.quant import init_activation_quantizers
 
@@ -19,13 +20,24 @@ pytestmark = pytest.mark.usefixtures('single_thread')
 
 def _full_prepare(monkeypatch):
     """The calibration as before the shortcuts: every prefix from a full pass, no FP
-    prefix (so capture runs its FP pass from the input)."""
+    prefix (so capture runs its FP pass from the input), the FP targets decoded at each
+    use."""
     prepare = _Runner.prepare
 
     def full(self, unit, *, reuse=False, fp_prefix=False):
         return prepare(self, unit)
 
     monkeypatch.setattr(_Runner, 'prepare', full)
+    monkeypatch.setattr(_Runner, 'decoded_target',
+                        lambda self, index, loss_fn: loss_fn.decode_target(self.target(index)))
+
+
+def toy_decode(raw):
+    """Toy FGIC decoding: sigmoid scores and boxes built from the first 4 logits."""
+    logits = output_fn(raw)
+    corner = logits[:, :2] * 4
+    boxes = torch.cat([corner, corner + logits[:, 2:4].exp() * 4], dim=1)
+    return {'toy': [DetPredictions(logits.sigmoid(), boxes, (16, 16), True)]}
 
 
 def _stores(tail):
@@ -89,12 +101,14 @@ def test_extended_prefix_equals_a_full_prefix_pass(monkeypatch):
     dict(schedule=dict(global_interval=1)),                    # L_G every iteration
     dict(experimental=dict(local_draw='call', fisher_share=2)),
 ])
-def test_regptq_calibration_is_unchanged_by_the_shortcuts(monkeypatch, options):
+@pytest.mark.parametrize('fgic', [False, True])
+def test_regptq_calibration_is_unchanged_by_the_shortcuts(monkeypatch, options, fgic):
     """Same seed, old and new code path: the same loss values at every iteration and the
     same calibrated tensors (bit for bit)."""
     float_model, batches = make_float(), make_batches(3)
     runs = []
     for shortcut in (False, True):
+        global_loss = FGICLoss(toy_decode) if fgic else output_mse
         with monkeypatch.context() as patch:
             if not shortcut:
                 _full_prepare(patch)
@@ -111,7 +125,7 @@ def test_regptq_calibration_is_unchanged_by_the_shortcuts(monkeypatch, options):
             model = make_quant(float_model)
             method = RegPTQ(iters=6, progress=False, log_interval=0,
                             llaq=dict(target='head', head_layers=[r'head\..*']), **options)
-            stats = method.calibrate(model, batches, forward_fn, global_loss=output_mse)
+            stats = method.calibrate(model, batches, forward_fn, global_loss=global_loss)
             runs.append((losses, [(s.loss_before, s.loss_after) for s in stats],
                          copy.deepcopy(model.state_dict())))
     (loss_a, stats_a, state_a), (loss_b, stats_b, state_b) = runs
@@ -120,4 +134,21 @@ def test_regptq_calibration_is_unchanged_by_the_shortcuts(monkeypatch, options):
     assert stats_a == stats_b
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_fp_targets_are_decoded_once_per_calibration(monkeypatch):
+    float_model, batches = make_float(), make_batches(3)
+    decoded = []
+
+    def counting(raw):
+        if not torch.is_grad_enabled():   # the FP side (decode_target runs without grad)
+            decoded.append(1)
+        return toy_decode(raw)
+
+    model = make_quant(float_model)
+    method = RegPTQ(iters=4, progress=False, log_interval=0, llaq=dict(target=None),
+                    schedule=dict(global_interval=1))
+    stats = method.calibrate(model, batches, forward_fn, global_loss=FGICLoss(counting))
+    assert len(stats) == 8
+    assert len(decoded) == len(batches)    # not once per unit and batch
 
