@@ -362,9 +362,14 @@ def evaluate(deploy_cfg: Any, model_cfg: Any, backend_files: Sequence[str], *,
     """AP of the deployed model on the model config's test set (mmdet's CocoMetric through
     mmdeploy's ``build_test_runner``)."""
     from mmdeploy.apis import build_task_processor
-    from mmdeploy.utils import load_config
+    from mmdeploy.utils import get_input_shape, load_config
+
+    from mmdet_regptq.deploy.detectors.spec import static_letterbox
 
     deploy_cfg, model_cfg = load_config(deploy_cfg, model_cfg)
+    shape = get_input_shape(deploy_cfg)     # [W, H]
+    if shape:   # a letterbox pads to the static shape, as the export did
+        model_cfg = static_letterbox(model_cfg, (shape[1], shape[0]))
     model_cfg.test_dataloader.batch_size = 1   # the deployed graphs are static, batch 1
     task_processor = build_task_processor(model_cfg, deploy_cfg, device)
     backend_model = task_processor.build_backend_model(list(backend_files))
