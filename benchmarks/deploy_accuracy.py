@@ -228,7 +228,8 @@ def latency_rows(detector: str, work_dirs: dict[str, Path], args: argparse.Names
     """Interleaved latency of the deployed artifacts (label -> work dir) through the
     runtime, on the first val image: ``Detector.run`` (the letterboxed tensor -> dets +
     labels: the ORT graph, or the TVM artifact + the NumPy post-processor) at
-    ``--threads``; the letterbox itself (NumPy + OpenCV) is timed once beside it."""
+    ``--threads``; a TVM artifact's network and NumPy post-processing also apart; the
+    letterbox itself (NumPy + OpenCV) is timed beside them."""
     import statistics
     import time
 
@@ -241,8 +242,13 @@ def latency_rows(detector: str, work_dirs: dict[str, Path], args: argparse.Names
     first = next(iter(detectors.values()))
     img = first.preprocess.load(str(image))
     tensor = first.prepare(img).tensor
-    times = time_interleaved({label: functools.partial(det.run, tensor)
-                              for label, det in detectors.items()}, args.latency_runs)
+    runs = {label: functools.partial(det.run, tensor) for label, det in detectors.items()}
+    for label, work in work_dirs.items():    # tvm_int4: its two parts, timed apart too
+        if detectors[label].spec['backend'] != 'onnxruntime':
+            network, post = tvm_parts(work, detectors[label].spec)
+            runs[f'{label} (network)'] = functools.partial(network, {'input': tensor})
+            runs[f'{label} (post-processing)'] = functools.partial(post, network({'input': tensor}))
+    times = time_interleaved(runs, args.latency_runs)
     pre = []
     for _ in range(args.latency_runs):
         start = time.perf_counter()
@@ -259,6 +265,18 @@ def latency_rows(detector: str, work_dirs: dict[str, Path], args: argparse.Names
                          runs=len(ts), speedup_vs_fp32_ort=round(base / med, 2) if base else '',
                          letterbox_ms=round(statistics.median(pre) * 1e3, 1)))
     return rows
+
+
+def tvm_parts(work: Path, spec: dict) -> tuple:
+    """The TVM artifact's runner and its NumPy post-processor, as the runtime builds them."""
+    import numpy as np
+
+    from mmdet_regptq.deploy.runtime.postprocess import make_post_processor
+    from mmdet_regptq.deploy.tvm.runner import TvmRunner
+
+    stored = np.load(work / spec['priors'])
+    return TvmRunner(work / spec['model']), make_post_processor(
+        spec['postprocess'], [stored[f'priors{i}'] for i in range(len(stored.files))])
 
 
 def profile_ort_artifacts(work_dirs: dict[str, Path], tensor, args: argparse.Namespace
