@@ -99,16 +99,20 @@ def test_letterbox_larger_than_the_graph_is_refused(fp_model):
         preprocess_spec(fp_model.cfg, (320, 320))
 
 
-def test_numpy_post_processor_and_graph_give_the_heads_predict(fp_model, images):
+@pytest.mark.parametrize('multi_label', [True, False])
+def test_numpy_post_processor_and_graph_give_the_heads_predict(fp_model, images, multi_label,
+                                                              monkeypatch):
     """On the same raw head outputs of a real image: ``YOLOv5PostProcessor`` (NumPy, what
     ``tvm_int4`` runs) == ``YOLOv5End2End`` (the ONNX graph's module) ==
-    ``YOLOv5Head.predict_by_feat`` (boxes in the letterboxed input)."""
+    ``YOLOv5Head.predict_by_feat`` (boxes in the letterboxed input); Ultralytics'
+    multi-label validation setting and the best class per box."""
     from mmdet_regptq.deploy.detectors.raw import RawDetector, raw_output_names
     from mmdet_regptq.deploy.detectors.spec import postprocess_spec
     from mmdet_regptq.deploy.mmdeploy.end2end import end2end_graph
     from mmdet_regptq.deploy.runtime.postprocess import make_post_processor
 
     model = fp_model
+    monkeypatch.setitem(model.bbox_head.test_cfg, 'multi_label', multi_label)
     x, meta = _pipeline_inputs(model, images[0])
     with torch.no_grad():
         raw = dict(zip(raw_output_names(model, x), (t.numpy() for t in RawDetector(model)(x))))
@@ -116,7 +120,7 @@ def test_numpy_post_processor_and_graph_give_the_heads_predict(fp_model, images)
         want = model.bbox_head.predict_by_feat(maps, [meta], rescale=False)[0]
         dets, labels = end2end_graph(model, SHAPE)(x)
     spec, priors = postprocess_spec(model, SHAPE)
-    assert spec['kind'] == 'yolov5'
+    assert spec['kind'] == 'yolov5' and spec['test_cfg']['multi_label'] is multi_label
     got_dets, got_labels = make_post_processor(spec, priors)(raw)
     want = (want.bboxes.numpy(), want.scores.numpy(), want.labels.numpy())
     assert len(want[0]) == 300      # a busy real image: max_per_img binds
