@@ -13,8 +13,10 @@ taken per round and its range printed.
 A method is a registered name or ``LABEL=TYPE{json options}``, as in
 ``benchmarks/accuracy.py`` (``'RegPTQ-g8=RegPTQ{"schedule": {"global_interval": 8}}'``).
 
-Per run it reports the calibration time split into exclusive buckets (seconds, summed over
-the units, and with ``--units`` per unit): see :class:`BucketProfiler`. ``digest`` hashes the
+Per run it reports the calibration's wall time (as ``quantize_detector`` reports it), the
+process's CPU time (the better measure on a shared machine: it leaves out the waiting for
+a core), and the CPU time split into exclusive buckets (summed over the units, and with
+``--units`` per unit): see :class:`BucketProfiler`. ``digest`` hashes the
 calibrated state: two runs of the same method and seed that print the same digest ended
 with identical tensors.
 
@@ -41,9 +43,10 @@ BUCKETS = ('init', 'tail_prepare', 'capture', 'fisher_fwd', 'fisher_fgic', 'fish
 
 
 class BucketProfiler:
-    """Exclusive seconds per bucket and per unit, from wrappers installed on the
+    """Exclusive CPU seconds per bucket and per unit, from wrappers installed on the
     calibration's own functions (a stack: a wrapped call inside another is taken out of
-    its parent's bucket).
+    its parent's bucket). CPU time of the process (``time.process_time``), not wall time:
+    on a loaded machine it does not count the time spent waiting for a core.
 
     Buckets (what runs in them):
 
@@ -78,14 +81,14 @@ class BucketProfiler:
 
     @contextlib.contextmanager
     def bucket(self, name: str) -> Iterator[None]:
-        now = time.perf_counter()
+        now = time.process_time()
         if self._stack:
             self._add(self._stack[-1][0], now - self._stack[-1][1])
         self._stack.append([name, now])
         try:
             yield
         finally:
-            now = time.perf_counter()
+            now = time.process_time()
             top = self._stack.pop()
             self._add(top[0], now - top[1])
             if self._stack:
@@ -207,6 +210,7 @@ def calibrate_once(detector: str, method: str, args: argparse.Namespace,
             init(*a, **k)
 
     method_obj.init_scales = timed_init
+    cpu = time.process_time()
     with prof.installed(), prof.bucket('other'):
         if profile is not None:
             profile.enable()
@@ -216,9 +220,11 @@ def calibrate_once(detector: str, method: str, args: argparse.Namespace,
         finally:
             if profile is not None:
                 profile.disable()
+    cpu = time.process_time() - cpu
     units = {name: {k: round(v, 3) for k, v in b.items()} for name, b in prof.units.items()}
     return dict(detector=detector, method=label, bits=args.bits, iters=args.iters,
                 num_images=args.num_images, calib_seconds=round(result['seconds'], 2),
+                cpu_seconds=round(cpu, 2),
                 phases={k: round(v, 2) for k, v in prof.totals().items()}, units=units,
                 digest=_state_digest(model))
 
@@ -244,9 +250,9 @@ def _print_units(rows: list[dict], detector: str, r: int, base: str) -> None:
     for x in runs:
         if x is ref:
             continue
-        print(f'\n{detector} r{r}: per unit, {x["method"]} against {base} (s; '
+        print(f'\n{detector} r{r}: per unit, {x["method"]} against {base} (CPU s; '
               f'{x["method"]} split)')
-        shown = [b for b in BUCKETS if x['phases'][b] >= 0.005 * x['calib_seconds']]
+        shown = [b for b in BUCKETS if x['phases'][b] >= 0.005 * x['cpu_seconds']]
         print(f'{"unit":28s} {base[:8]:>8s} {x["method"][:8]:>8s} {"ratio":>6s}  '
               + ' '.join(f'{b[:11]:>11s}' for b in shown))
         for name, buckets in x['units'].items():
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if profile is not None:
         profile.dump_stats(args.profile)
     base = args.methods[0].split('=')[0]
-    print(f'\ncalibration seconds and ratio to {base} (same round), {args.bits}, '
+    print(f'\ncalibration wall and CPU seconds, ratio to {base} (same round), {args.bits}, '
           f'{args.iters} it., {args.num_images} images; uptime: {_uptime()}')
     for detector in args.detectors:
         for r in range(args.rounds):
@@ -304,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
             for x in rows:
                 if x['detector'] == detector and x['round'] == r:
                     ratio = x['calib_seconds'] / ref['calib_seconds']
-                    print(f'{detector:12s} r{r} {x["method"]:24s} {x["calib_seconds"]:8.1f} s '
-                          f'{ratio:5.2f}x  load {x["load"]:.2f}  digest {x["digest"]}  '
+                    cpu_ratio = x['cpu_seconds'] / ref['cpu_seconds']
+                    print(f'{detector:12s} r{r} {x["method"]:24s} wall {x["calib_seconds"]:7.1f} s '
+                          f'{ratio:5.2f}x  CPU {x["cpu_seconds"]:7.1f} s {cpu_ratio:5.2f}x  '
+                          f'load {x["load"]:.2f}  digest {x["digest"]}\n    CPU s: '
                           + ' '.join(f'{k}={v:.1f}' for k, v in x['phases'].items() if v))
             if args.units:
                 _print_units(rows, detector, r, base)
