@@ -11,8 +11,9 @@ quantized the same way and the calibrated state loaded). The deploy config's
 backends). Steps: export (raw head outputs, Q/DQ) → ``mmdeploy.apis.utils.to_backend`` →
 the backend model on the export image vs PyTorch (max |diff| of the raw outputs) → with
 ``--test-img`` a prediction, with ``--eval`` AP on the model config's test set.
-``--target-cpu`` sets the deploy config's ``regptq.target_cpu`` (ONNX Runtime INT8: the CPU
-the model will run on; ``avx2`` when it may lack AVX-512 VNNI, see docs/deploy.md).
+``--target-cpu`` sets the deploy config's ``regptq.target_cpu``: the CPU the model will run
+on (ONNX Runtime INT8: its weight layout; ``tvm_int4``: the LLVM CPU and int8 kernel);
+``avx2`` when it may lack AVX-512 VNNI (docs/deploy.md, "CPUs without AVX-512 VNNI").
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--eval', action='store_true',
                         help="evaluate the backend model on the model config's test set")
     parser.add_argument('--target-cpu', default=None, choices=['host', 'avx2', 'vnni'],
-                        help="ONNX Runtime INT8: the CPU the model will run on (overrides "
-                             "regptq.target_cpu; 'avx2': any x86 CPU, also without VNNI)")
+                        help="ONNX Runtime INT8 / tvm_int4: the CPU the model will run on "
+                             "(overrides regptq.target_cpu; 'avx2': any x86 CPU, also "
+                             "without VNNI)")
     parser.add_argument('--log-level', default='INFO',
                         choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'])
     return parser.parse_args(argv)

@@ -178,3 +178,8 @@ def avx2_env(lib: str | Path, base: dict[str, str] | None = None) -> dict[str, s
     env = dict(os.environ if base is None else base)
     env['LD_PRELOAD'] = ':'.join(p for p in (str(lib), env.get('LD_PRELOAD', '')) if p)
     return env
+
+
+if __name__ == '__main__':   # python -m mmdet_regptq.deploy.onnx.avx2_shim [DIR]: its path
+    import sys
+    print(build_avx2_shim(sys.argv[1] if len(sys.argv) > 1 else None))
