@@ -20,7 +20,8 @@ decoding, NMS and RoIAlign on the host between them (``deploy/detectors/two_stag
 ``--end2end`` deploys with the ``*_end2end_static-192x192.py`` configs instead: one
 artifact per detector with decoding and NMS inside (Faster R-CNN: one ORT graph with
 RoIAlign; not on ``tvm-int4``), evaluated by mmdeploy's own ``End2EndModel``.
-``onnxruntime`` (not a default) deploys the float checkpoint (FP32; "fake-quant" = FP).
+``onnxruntime`` (not a default) deploys the float checkpoint (FP32; "fake-quant" = FP);
+``tvm-fp32`` (real detectors) the same to TVM with this package's schedules, no integers.
 
 ``--detectors yolov5n``: the official Ultralytics YOLOv5n (``yolov5n/yolov5n.pt`` in the
 real-data folder, ``../shared/realdata`` beside the checkout or ``$REGPTQ_REALDATA``,
@@ -57,7 +58,8 @@ from mmdet_regptq.table import Table
 #: backend -> (deploy config, the bit width of the model it deploys)
 BACKENDS = {'tvm-int4': ('detection_tvm-int4_static-192x192.py', 'w4a4'),
             'onnxruntime-int8': ('detection_onnxruntime-int8_static-192x192.py', 'w8a8'),
-            'onnxruntime': ('detection_onnxruntime_static-192x192.py', 'fp32')}
+            'onnxruntime': ('detection_onnxruntime_static-192x192.py', 'fp32'),
+            'tvm-fp32': (None, 'fp32')}   # real detectors only (END2END_640)
 #: the same with ``--end2end``: one artifact, decoding and NMS inside (no torch at run time)
 END2END = {'tvm-int4': 'detection_tvm-int4_end2end_static-192x192.py',
            'onnxruntime-int8': 'detection_onnxruntime-int8_end2end_static-192x192.py',
@@ -66,6 +68,7 @@ END2END = {'tvm-int4': 'detection_tvm-int4_end2end_static-192x192.py',
 #: folder); they deploy end to end at 640x640 with these configs
 REAL_DETECTORS = {'yolov5n': ('configs/yolov5/yolov5_n_coco128.py', 'yolov5n/yolov5n.pt')}
 END2END_640 = {name: cfg.replace('192x192', '640x640') for name, cfg in END2END.items()}
+END2END_640['tvm-fp32'] = 'detection_tvm-fp32_end2end_static-640x640.py'   # real detectors
 
 
 def realdata_dir() -> Path:
@@ -365,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                 for bits in (args.tvm_bits if backend == 'tvm-int4' else [BACKENDS[backend][1]])]
         for backend, bits in runs:
             real = detector in REAL_DETECTORS
+            if backend == 'tvm-fp32' and not real:
+                raise SystemExit(f'--backends tvm-fp32: real detectors only, not {detector}')
             if args.end2end and backend == 'tvm-int4' and detector == 'faster-rcnn':
                 continue   # no end-to-end TVM deployment of a two-stage detector
             work = out / detector / f'{backend}_{bits}'
