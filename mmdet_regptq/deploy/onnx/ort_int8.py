@@ -31,7 +31,10 @@ dequantized weights: slower than FP32 (measured in BUILD_NOTES / ``benchmarks/de
    already reads takes that quantizer's value (at most half its step away), a nearest
    ``Resize`` of a dequantized tensor is requantized with the same parameters (exact), and
    the add's output goes straight into our next quantizer (a ReLU in between is dropped
-   when that quantizer's ``uint8`` zero point 0 clamps negatives anyway: exact).
+   when that quantizer's ``uint8`` zero point 0 clamps negatives anyway: exact);
+5. each float SiLU ``Sigmoid(x) → Mul(x, σ)`` becomes one ``com.microsoft.QuickGelu``
+   (``alpha = 1``, the same function; :func:`~mmdet_regptq.deploy.onnx.silu.fuse_silu`),
+   which ORT fuses itself on float graphs but not between Q/DQ nodes.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from mmdet_regptq.deploy.onnx.graph import GraphIndex, attrs
+from mmdet_regptq.deploy.onnx.silu import fuse_silu
 from mmdet_regptq.quant import QuantGrid, qparams_from_range
 
 __all__ = ['OrtInt8Report', 'make_ort_int8', 'recentre_weights', 'conv_output_ranges',
@@ -143,6 +147,7 @@ class OrtInt8Report:
             (ORT runs them as ``QLinearAdd``).
         widened: weights that would fit int8 but stay uint8 with a zero point, because
             ORT's u8 x s8 kernel would saturate on them on the target CPU.
+        silu_fused: ``Sigmoid → Mul`` pairs (SiLU) replaced by one ``QuickGelu``.
         target_cpu: the ``target_cpu`` the layout was chosen for (``'host'`` resolved to
             ``'avx2'`` / ``'vnni'``).
     """
@@ -153,13 +158,15 @@ class OrtInt8Report:
     merged: int = 0
     integer_adds: list[str] = field(default_factory=list)
     widened: list[str] = field(default_factory=list)
+    silu_fused: int = 0
     target_cpu: str = ''
 
     def summary(self) -> str:
         return (f'{len(self.fused)} layers end in our own Q, {len(self.requantized)} outputs '
                 f'requantized to uint8, {len(self.recentred)} weights re-centred to int8, '
                 f'{self.merged} duplicate QuantizeLinear merged, '
-                f'{len(self.integer_adds)} adds in integers'
+                f'{len(self.integer_adds)} adds in integers, '
+                f'{self.silu_fused} SiLU as QuickGelu'
                 + (f' (target CPU {self.target_cpu})' if self.target_cpu else '')
                 + (f', {len(self.widened)} weights kept uint8 (no VNNI: u8 x s8 would '
                    'saturate)' if self.widened else ''))
@@ -567,6 +574,7 @@ def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(new_inits)
     report.integer_adds = integer_adds(out)
+    report.silu_fused = fuse_silu(out)
     onnx.checker.check_model(out, full_check=True)
     logger.info('ORT INT8: %s', report.summary())
     return out, report
