@@ -20,28 +20,55 @@ __all__ = ['nms', 'batched_nms', 'decode', 'DensePostProcessor', 'YOLOv5PostProc
 _F32 = np.float32
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_num: int
-        ) -> np.ndarray:
-    """Greedy NMS as mmcv's CPU kernel: indices kept, best first, at most ``max_num``."""
+#: candidates per block of :func:`nms` (a ``[block, block]`` IoU matrix at a time)
+NMS_BLOCK = 256
+
+
+def _iou(boxes: np.ndarray, areas: np.ndarray, rows: np.ndarray, cols: np.ndarray
+         ) -> np.ndarray:
+    """IoU ``[len(rows), len(cols)]`` of the boxes at ``rows`` with those at ``cols``, with
+    the float32 operations of mmcv's CPU kernel in its order (so the same values)."""
+    a, b = boxes[rows][:, None, :], boxes[cols][None]
+    w = np.maximum(_F32(0), np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]))
+    h = np.maximum(_F32(0), np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]))
+    inter = w * h
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return inter / (areas[rows][:, None] + areas[cols][None] - inter)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_num: int,
+        block: int = NMS_BLOCK) -> np.ndarray:
+    """Greedy NMS as mmcv's CPU kernel: indices kept, best first, at most ``max_num``.
+
+    Blocked, to avoid a Python step per candidate and an IoU of every kept box with every
+    later candidate: in score order, ``block`` candidates at a time are first checked
+    against the boxes kept so far (one ``[kept, block]`` IoU), then the survivors against
+    each other (one IoU matrix) in a greedy pass over its rows; it stops at ``max_num``
+    (``<= 0``: no limit, as mmcv's ``batched_nms``).
+    The same decisions as the one-box-at-a-time loop (the same IoU values, compared the
+    same way), so the same indices, ties included (stable sort by descending score).
+    """
+    if block < 1:
+        raise ValueError(f'nms block={block}: must be >= 1')
     order = np.argsort(-scores, kind='stable')
-    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
-    areas = (x2 - x1) * (y2 - y1)
-    suppressed = np.zeros(len(boxes), bool)
-    keep = []
-    for pos, i in enumerate(order):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        if len(keep) >= max_num:
-            break
-        rest = order[pos + 1:]
-        w = np.maximum(_F32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
-        h = np.maximum(_F32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
-        inter = w * h
-        with np.errstate(invalid='ignore', divide='ignore'):
-            ovr = inter / (areas[i] + areas[rest] - inter)
-        suppressed[rest[ovr > iou_threshold]] = True
-    return np.asarray(keep, np.int64)
+    boxes = np.asarray(boxes)[order]
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    limit = max_num if max_num > 0 else len(order)
+    keep: list[int] = []
+    for start in range(0, len(order), block):
+        cand = np.arange(start, min(start + block, len(order)))
+        if keep:
+            cand = cand[~(_iou(boxes, areas, np.asarray(keep), cand) > iou_threshold).any(0)]
+        over = _iou(boxes, areas, cand, cand) > iou_threshold
+        suppressed = np.zeros(len(cand), bool)
+        for j in range(len(cand)):
+            if suppressed[j]:
+                continue
+            keep.append(int(cand[j]))
+            if len(keep) >= limit:
+                return order[np.asarray(keep, np.int64)]
+            suppressed |= over[j]
+    return order[np.asarray(keep, np.int64)]
 
 
 def batched_nms(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray, iou_threshold: float,
