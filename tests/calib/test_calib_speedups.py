@@ -4,6 +4,7 @@ unit's, the FP pass started from the stored FP prefix, the FP targets decoded on
 Each test runs the shortcut and the full computation it replaces on the toy model and
 compares the values (losses, gradients, calibrated tensors) exactly.
 """
+import contextlib
 import copy
 
 import pytest
@@ -152,3 +153,41 @@ def test_fp_targets_are_decoded_once_per_calibration(monkeypatch):
     assert len(stats) == 8
     assert len(decoded) == len(batches)    # not once per unit and batch
 
+
+@pytest.mark.parametrize('llaq', [False, True])
+def test_shared_weights_keep_the_loss_and_the_gradients(llaq):
+    """A layer called on both toy levels quantizes its weight once per iteration: the
+    same outputs and loss, gradients equal up to float rounding, one quantizer call."""
+    from mmdet_regptq.calib.reconstruct import shared_weights
+    float_model, batches = make_float(), make_batches(2)
+    model = make_quant(float_model)
+    init_activation_quantizers(model, lambda: [model(b) for b in batches])
+    method = RegPTQ(iters=1, llaq=dict(target='head' if llaq else None,
+                                       head_layers=[r'head\.conv']))
+    method.install_llaq(model)
+    unit = next(u for u in find_units(model, forward_fn, batches[0]) if u.name == 'head.conv')
+    assert unit.num_calls == 2
+    groups = method.prepare_unit(unit)
+    params = [p for g in groups for p in g.params]
+    quantizer = unit.module.weight_quantizer
+    calls = []
+    quantizer.register_forward_hook(lambda *a: calls.append(1))
+    inputs = [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 4)]
+    results = []
+    for shared in (False, True):
+        calls.clear()
+        for p in params:
+            p.grad = None
+        with shared_weights(unit) if shared else contextlib.nullcontext():
+            outputs = [unit(x) for x in inputs]
+        loss = sum((o ** 2).mean() for o in outputs)
+        loss.backward()
+        results.append((len(calls), [o.detach() for o in outputs], loss.detach(),
+                        [p.grad.clone() for p in params if p.grad is not None]))
+    (calls_a, out_a, loss_a, grads_a), (calls_b, out_b, loss_b, grads_b) = results
+    assert (calls_a, calls_b) == (2, 1)
+    assert all(torch.equal(a, b) for a, b in zip(out_a, out_b)) and torch.equal(loss_a, loss_b)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert 'quantized_weight' not in unit.module.__dict__   # the patch is gone
