@@ -222,15 +222,29 @@ class YOLOv5PostProcessor:
         centre = (self.priors[:, :2] + self.priors[:, 2:]) * _F32(0.5)
         self.centre, self.size = centre, self.priors[:, 2:] - self.priors[:, :2]
 
+    def _rows(self, maps: Sequence[np.ndarray], box_idx: np.ndarray) -> np.ndarray:
+        """Rows ``[len(box_idx), 5 + C]`` of the boxes ``box_idx`` (sorted, numbered over the
+        levels' ``[H * W, A]`` grids) from the ``[A, 5 + C, H * W]`` maps."""
+        parts, start = [], 0
+        for m in maps:
+            size = m.shape[0] * m.shape[2]
+            lo, hi = np.searchsorted(box_idx, [start, start + size])
+            pos, anchor = np.divmod(box_idx[lo:hi] - start, m.shape[0])
+            parts.append(m[anchor, :, pos])
+            start += size
+        return np.concatenate(parts).astype(_F32)
+
     def __call__(self, raw: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        preds = np.concatenate([raw[f'raw0_{i}'][0].transpose(1, 2, 0)
-                                .reshape(-1, self.num_attrib)
-                                for i in range(len(self.spec['strides']))]).astype(_F32)
+        # per level [A, 5 + C, H * W] views; boxes are numbered (level, position, anchor)
+        maps = [m.reshape(-1, self.num_attrib, m.shape[1] * m.shape[2])
+                for m in (raw[f'raw0_{i}'][0] for i in range(len(self.spec['strides'])))]
         thr = _F32(self.cfg['score_thr'])
         # objectness bounds every score (objectness x class, class <= 1): only boxes above
-        # the threshold can have a pair above it, as in the graph (the rest is not decoded)
-        box_idx = np.nonzero(_sigmoid(preds[:, 4]) > thr)[0]
-        preds = _sigmoid(preds[box_idx])
+        # the threshold can have a pair above it, as in the graph (the rest is not decoded
+        # and not even transposed: only their rows are gathered from the maps)
+        objectness = np.concatenate([m[:, 4].T.reshape(-1) for m in maps])
+        box_idx = np.nonzero(_sigmoid(objectness) > thr)[0]
+        preds = _sigmoid(self._rows(maps, box_idx))
         scores = preds[:, 4:5] * preds[:, 5:]
         nms_pre = int(self.cfg['nms_pre'])
         if self.cfg.get('multi_label', True):
