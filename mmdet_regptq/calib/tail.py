@@ -123,6 +123,7 @@ class TailRunner:
         self._prefix = ActivationCache(max_bytes=max_bytes, spill_dir=spill_dir)
         self._prefix_device = self._prefix.device
         self._fp_prefix: ActivationCache | None = None
+        self._fp_prefix_spilled = False
         #: (active forward, first call start, prefix calls) of the stored prefix
         self._stored_prefix: tuple[int, int, list[CallRecord]] | None = None
         self._decoded: dict[tuple, Any] = {}   # decoded_target()'s results
@@ -158,7 +159,9 @@ class TailRunner:
                 order). Falls back to a full pass otherwise (no earlier unit, another
                 forward, or an earlier position).
             fp_prefix: also store the prefix outputs of the FP model (all quantization off,
-                under ``fp_context``), for :meth:`fp_patched`.
+                under ``fp_context``), for :meth:`fp_patched`; only while they fit in
+                ``max_bytes`` (once they spill, recomputing is cheaper than reading them
+                back, and the runner stops storing them).
         """
         # the cheapest forward that calls the unit (tail_fn is last when given)
         for active in reversed(range(len(self._forwards))):
@@ -179,10 +182,15 @@ class TailRunner:
         self._prefix = self._store_prefix(prefix, unit, old[0] if reusable else None, skip,
                                           plan, fp=False)
         self._fp_prefix = None
-        if fp_prefix:
-            self._fp_prefix = self._store_prefix(
+        if fp_prefix and not self._fp_prefix_spilled:
+            store = self._store_prefix(
                 prefix, unit, old[1] if reusable and old[1] is not None else None,
                 skip, plan, fp=True)
+            if store.num_spilled:   # past the memory budget: FP passes from the input
+                store.clear()
+                self._fp_prefix_spilled = True
+            else:
+                self._fp_prefix = store
         for cache in old:
             if cache is not None:
                 cache.clear()

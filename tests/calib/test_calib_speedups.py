@@ -191,3 +191,23 @@ def test_shared_weights_keep_the_loss_and_the_gradients(llaq):
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert 'quantized_weight' not in unit.module.__dict__   # the patch is gone
+
+
+def test_fp_prefix_is_dropped_once_it_spills(tmp_path):
+    """Past the memory budget the FP prefix is not kept: the capture's FP pass then runs
+    from the input, with the same values."""
+    float_model, batches = make_float(), make_batches(3)
+    model = make_quant(float_model)
+    init_activation_quantizers(model, lambda: [model(b) for b in batches])
+    units = find_units(model, forward_fn, batches[0])
+    for unit in units:
+        unit.set_quant(False)
+    tail = TailRunner(model, forward_fn, batches, max_bytes=4096, spill_dir=str(tmp_path))
+    tail.prepare(units[-1], reuse=True, fp_prefix=True)
+    assert not tail.has_fp_prefix and tail._fp_prefix_spilled
+    roomy = TailRunner(model, forward_fn, batches)
+    roomy.prepare(units[-1], reuse=True, fp_prefix=True)
+    assert roomy.has_fp_prefix
+    _assert_same_tree(_stores(tail)[0], _stores(roomy)[0])
+    tail.release()
+    roomy.release()
