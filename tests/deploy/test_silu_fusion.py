@@ -119,3 +119,16 @@ def test_qdq_silu_is_one_quickgelu_after_ort_optimizes():
     a, = _run(model, x)
     b, = _run(fused, x)
     np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_expand_silu_undoes_fuse_silu():
+    from mmdet_regptq.deploy.onnx.silu import expand_silu
+
+    fused = _float_graph()
+    assert fuse_silu(fused) == 2
+    gelu = helper.make_node('QuickGelu', ['y6'], ['g'], domain=ORT_DOMAIN, alpha=1.702)
+    fused.graph.node.append(gelu)                     # a real QuickGelu (alpha != 1) stays
+    assert expand_silu(fused) == 2
+    ops = _ops(fused)
+    assert ops.count('QuickGelu') == 1 and ops.count('Sigmoid') == 5 and ops.count('Mul') == 5
+    assert fuse_silu(fused) == 2

@@ -15,7 +15,7 @@ from onnx import helper
 
 from mmdet_regptq.deploy.onnx.graph import GraphIndex
 
-__all__ = ['fuse_silu', 'ORT_DOMAIN']
+__all__ = ['fuse_silu', 'expand_silu', 'ORT_DOMAIN']
 
 #: the domain of ONNX Runtime's contrib ops (``QuickGelu`` is version 1 there)
 ORT_DOMAIN = 'com.microsoft'
@@ -70,3 +70,21 @@ def fuse_silu(model: onnx.ModelProto) -> int:
     if all(o.domain != ORT_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
     return len(pairs)
+
+
+def expand_silu(model: onnx.ModelProto) -> int:
+    """The inverse of :func:`fuse_silu` (in place): every ``QuickGelu`` with ``alpha = 1``
+    back to ``Sigmoid → Mul``, e.g. to time a graph both ways. Returns how many."""
+    nodes, count = [], 0
+    for node in model.graph.node:
+        alpha = next((a.f for a in node.attribute if a.name == 'alpha'), 1.702)
+        if node.op_type != 'QuickGelu' or node.domain != ORT_DOMAIN or alpha != 1.0:
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        nodes += [helper.make_node('Sigmoid', [x], [f'{y}.sigmoid'], name=f'{node.name}/Sigmoid'),
+                  helper.make_node('Mul', [x, f'{y}.sigmoid'], [y], name=f'{node.name}/Mul')]
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
