@@ -132,3 +132,44 @@ def test_expand_silu_undoes_fuse_silu():
     ops = _ops(fused)
     assert ops.count('QuickGelu') == 1 and ops.count('Sigmoid') == 5 and ops.count('Mul') == 5
     assert fuse_silu(fused) == 2
+
+
+def test_make_ort_int8_writes_silu_as_quickgelu(tmp_path):
+    """A W8A8 Conv-SiLU net through ``make_ort_int8``: both SiLUs become QuickGelu, which
+    ORT keeps between its QLinearConvs, with the outputs of the Sigmoid + Mul graph."""
+    import torch
+    from torch import nn
+
+    from deploy_toy import make_quantized
+    from mmdet_regptq.deploy import export_onnx, make_ort_int8
+    from mmdet_regptq.deploy.onnx.silu import expand_silu
+
+    class SiLUNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.out = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(nn.functional.silu(self.c2(nn.functional.silu(self.c1(x)))))
+
+    model, x = make_quantized(dict(w_bits=8, a_bits=8), net=SiLUNet)
+    path = tmp_path / 'silu.onnx'
+    export_onnx(model, x, path, output_names=['out'])
+    fused, report = make_ort_int8(onnx.load(str(path)), [{'input': x.numpy()}])
+    assert report.silu_fused == 2 and '2 SiLU as QuickGelu' in report.summary()
+    options = ort_session_options(1)
+    options.optimized_model_filepath = str(tmp_path / 'opt.onnx')
+    session = ort.InferenceSession(fused.SerializeToString(), options,
+                                   providers=['CPUExecutionProvider'])
+    ops = _ops(onnx.load(str(tmp_path / 'opt.onnx')))
+    assert ops.count('QuickGelu') == 2 and 'Sigmoid' not in ops, ops
+    assert ops.count('QLinearConv') >= 2, ops
+    plain = onnx.ModelProto()
+    plain.CopyFrom(fused)
+    assert expand_silu(plain) == 2
+    ref = ort.InferenceSession(plain.SerializeToString(), ort_session_options(1),
+                               providers=['CPUExecutionProvider'])
+    feed = {'input': x.numpy()}
+    np.testing.assert_allclose(session.run(None, feed)[0], ref.run(None, feed)[0],
+                               rtol=1e-6, atol=1e-6)
