@@ -6,9 +6,9 @@
 Each detector is built from its bundled config and trained checkpoint and calibrated on
 ``--num-images`` seeded train images (the calibration loader of the ``RegPTQHook``, two
 images per batch) through :func:`~mmdet_regptq.engine.quantize_detector`, the path a user
-takes; nothing is evaluated. The methods alternate within each round (QDrop, Reg-PTQ,
-Reg-PTQ, QDrop, ... with ``--rounds``, the order reversed every other round), so a changing machine load hits both alike; the ratio is
-taken per round and its range printed.
+takes; nothing is evaluated. The methods alternate within each round and the order is
+reversed every other round (QDrop, Reg-PTQ, Reg-PTQ, QDrop, ... with ``--rounds``), so a
+changing machine load hits both alike; the ratio is taken per round.
 
 A method is a registered name or ``LABEL=TYPE{json options}``, as in
 ``benchmarks/accuracy.py`` (``'RegPTQ-g8=RegPTQ{"schedule": {"global_interval": 8}}'``).
@@ -16,11 +16,12 @@ A method is a registered name or ``LABEL=TYPE{json options}``, as in
 Per run it reports the calibration's wall time (as ``quantize_detector`` reports it), the
 process's CPU time (the better measure on a shared machine: it leaves out the waiting for
 a core), and the CPU time split into exclusive buckets (summed over the units, and with
-``--units`` per unit): see :class:`BucketProfiler`. ``digest`` hashes the
-calibrated state: two runs of the same method and seed that print the same digest ended
-with identical tensors.
+``--units`` per unit): see :class:`BucketProfiler`. ``digest`` hashes the calibrated
+state: two runs of the same method and seed that print the same digest ended with
+identical tensors.
 
-``--profile FILE`` writes a cProfile of the Reg-PTQ runs (``pstats``).
+``--profile FILE`` writes a cProfile of the runs of the methods after the first
+(``pstats``).
 """
 from __future__ import annotations
 
