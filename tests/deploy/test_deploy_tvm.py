@@ -137,3 +137,42 @@ def test_matmul_schedule_keeps_the_values_and_tiles_the_loops(single_thread):
                                        + cpu_generic.legalize_passes(target))(mod)
     text = schedule_cpu(mod).script()
     assert 'T.parallel' in text and 'T.vectorized' in text and 'matmul_local' in text
+
+
+def test_conv_schedule_tiles_odd_channel_counts_exactly(single_thread):
+    """A conv with 255 output channels (YOLO's head, 3 x 85) gets a 5-channel register tile,
+    not 1, and the int32 results stay exact (the tile changes loops, not the sums)."""
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from mmdet_regptq.deploy.tvm.build import compile_onnx, extra_onnx_converters, host_target
+    from mmdet_regptq.deploy.tvm.schedule import schedule_cpu
+
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-8, 8, (255, 24, 3, 3), dtype=np.int8)
+    x = rng.integers(-128, 128, (1, 24, 10, 12), dtype=np.int8)
+    graph = helper.make_graph(
+        [helper.make_node('ConvInteger', ['x', 'w'], ['y'], pads=[1, 1, 1, 1])], 'head',
+        [helper.make_tensor_value_info('x', TensorProto.INT8, list(x.shape))],
+        [helper.make_tensor_value_info('y', TensorProto.INT32, [1, 255, 10, 12])],
+        [numpy_helper.from_array(weight, 'w')])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
+    exe = compile_onnx(model, {'x': list(x.shape)}, kernel='generic')
+    out = relax.VirtualMachine(exe, tvm.cpu())['main'](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x).double(),
+                                     torch.from_numpy(weight).double(), padding=1)
+    np.testing.assert_array_equal(out, ref.numpy().astype(np.int32))
+
+    target = host_target()
+    with extra_onnx_converters():
+        mod = from_onnx(model, shape_dict={'x': list(x.shape)}, dtype_dict={'x': 'int8'},
+                        keep_params_in_input=False)
+    with target:
+        from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+        mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
+                                       + cpu_generic.legalize_passes(target))(mod)
+    text = schedule_cpu(mod).script()
+    # 255 channels / 5 x 10 rows in parallel, the 5-channel tile unrolled
+    assert 'T.parallel(T.int64(510))' in text and 'T.unroll(T.int64(5))' in text
