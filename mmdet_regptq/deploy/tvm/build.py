@@ -40,6 +40,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
+from mmdet_regptq.deploy.tvm.fast_sigmoid import fast_sigmoid_pass
 from mmdet_regptq.deploy.tvm.integer_graph import IntegerReport, PackedWeight, to_integer_graph
 from mmdet_regptq.deploy.tvm.runner import ARTIFACT_FILES
 from mmdet_regptq.deploy.tvm.schedule import cpu_pipeline
@@ -318,7 +319,7 @@ def compile_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
                  target: Any = None, schedule: bool = True,
                  float_exact: Sequence[str] = (), kernel: str = 'auto',
                  used: dict | None = None, bounds: Mapping[str, int] | None = None,
-                 num_input: int | None = None) -> Any:
+                 num_input: int | None = None, fast_sigmoid: bool = False) -> Any:
     """ONNX → Relax (our extra converters) → ``tvm.compile`` for ``target`` (host CPU).
 
     Args:
@@ -337,6 +338,8 @@ def compile_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
             their layout changes into ``main_transform_params`` (Relax
             ``LiftTransformParams``), run once at load instead of per inference; ``main``
             then takes the data inputs and the transformed weights.
+        fast_sigmoid: every sigmoid (SiLU) with ``fast_exp`` instead of ``expf``
+            (``tvm/fast_sigmoid.py``: vectorized, not bit-identical).
 
     Returns:
         The Relax VM executable.
@@ -359,6 +362,8 @@ def compile_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
 
         mod['main'] = mod['main'].with_attr('num_input', num_input)
         mod = relax.transform.LiftTransformParams()(mod)
+    if fast_sigmoid:
+        mod = fast_sigmoid_pass()(mod)
     start = time.perf_counter()
     pipeline = cpu_pipeline(target) if schedule else None
     executable = (tvm.compile(mod, target=target, relax_pipeline=pipeline) if pipeline
@@ -368,8 +373,8 @@ def compile_onnx(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
 
 
 def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: bool = True,
-                   target: Any = None, schedule: bool = True, kernel: str = 'auto'
-                   ) -> tuple[list[str], IntegerReport | None]:
+                   target: Any = None, schedule: bool = True, kernel: str = 'auto',
+                   fast_sigmoid: bool = False) -> tuple[list[str], IntegerReport | None]:
     """Compile an exported model into a TVM artifact directory (module doc).
 
     Args:
@@ -381,6 +386,8 @@ def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: boo
         schedule: apply our fixed CPU schedules (False: TVM's default lowering).
         kernel: the int8 convolution kernel (:func:`compile_onnx`; ``'auto'``: from the
             target).
+        fast_sigmoid: sigmoids with ``fast_exp`` (:func:`compile_onnx`; ``meta.json``
+            records it).
 
     Returns:
         ``([model.so, weights.npz, meta.json] paths, integer report or None)``.
@@ -422,7 +429,8 @@ def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: boo
     lifted = bool(weight_names)
     executable = compile_onnx(compiled, shapes, target=target, schedule=schedule,
                               float_exact=float_exact, kernel=kernel, used=used,
-                              bounds=bounds, num_input=len(input_shapes) if lifted else None)
+                              bounds=bounds, num_input=len(input_shapes) if lifted else None,
+                              fast_sigmoid=fast_sigmoid)
     so_path = work_dir / 'model.so'
     executable.export_library(str(so_path))
     np.savez(work_dir / 'weights.npz', **arrays)
@@ -430,7 +438,7 @@ def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: boo
                 outputs=[o.name for o in model.graph.output], weights=weights_meta,
                 target=str(target), integer=integer, scheduled=schedule,
                 int8_kernel=int8_kernel(target, kernel) if schedule else 'generic',
-                transform_params=lifted,
+                transform_params=lifted, fast_sigmoid=fast_sigmoid,
                 accumulate=None if report is None else report.accumulate,
                 kernels=None if report is None else {
                     k: _KERNEL_LABELS[used[k]] if k in used else f'{v}_accumulate'
