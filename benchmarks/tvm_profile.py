@@ -1,7 +1,7 @@
 """Where the time of a TVM artifact goes: per compiled kernel (PrimFunc) and per kind.
 
     python benchmarks/tvm_profile.py ARTIFACT_DIR [ARTIFACT_DIR ...] [--inputs INPUTS.npz]
-        [--runs 5] [--top 25] [--threads 1] [--csv OUT.csv]
+        [--runs 5] [--top 25] [--threads 1] [--csv OUT.csv] [--ort FILE.onnx ...]
 
 Loads each artifact as :class:`~mmdet_regptq.deploy.tvm.runner.TvmRunner` does and times
 every ``Call`` instruction of the Relax VM's ``main`` through the VM's instrumentation hook
@@ -14,7 +14,10 @@ per-call sum. Kernels are grouped into kinds from their names (``vnni_conv`` / `
 (``x * sigmoid(x)``, ``expf``), then quantize (and a concat, when fused with one),
 ``elementwise`` = other fused casts / adds / quantize chains, ``concat``,
 ``resize``, ``pool``, ``layout``, ``vm builtin`` = allocation and tuple bookkeeping).
-Input: the ``--inputs`` array named as the artifact's input (e.g. a deployed
+Before profiling, every artifact's plain ``main`` and every ``--ort`` graph (ONNX Runtime,
+``--threads`` intra-op threads, e.g. the FP32 ``end2end.onnx`` as the reference) are timed
+interleaved, ``--runs`` runs each, and the medians printed with their ratio to the first
+``--ort`` graph. Input: the ``--inputs`` array named as the artifact's input (e.g. a deployed
 ``reference_outputs.npz``'s ``input``), else random values in [0, 1).
 """
 from __future__ import annotations
@@ -22,11 +25,13 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import json
 import os
 import re
 import statistics
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -62,16 +67,46 @@ def _shapes(args: tuple) -> str:
     return ' '.join(out[:3])
 
 
+def _main_call(runner: Any, inputs: dict[str, np.ndarray]) -> tuple[Any, list]:
+    import tvm
+
+    args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[n], np.float32), runner.device)
+            for n in runner.input_names]
+    return runner.vm['main'], args
+
+
+def latency(artifacts: list[str], ort_files: list[str], inputs: dict[str, np.ndarray],
+            runs: int, threads: int) -> dict[str, float]:
+    """Median ms of each artifact's ``main`` and each ONNX Runtime graph, interleaved."""
+    import onnxruntime as ort
+    from mmdet_regptq.bench.timing import time_interleaved
+    from mmdet_regptq.deploy.tvm.runner import TvmRunner
+
+    rows: dict[str, Callable[[], Any]] = {}
+    for path in ort_files:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        sess = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        feed = {i.name: np.ascontiguousarray(inputs[i.name], np.float32)
+                for i in sess.get_inputs()}
+        rows[f'ort {path}'] = lambda s=sess, f=feed: s.run(None, f)
+    for path in artifacts:
+        runner = TvmRunner(path)
+        main, args = _main_call(runner, inputs)
+        weights = runner.weights
+        rows[f'tvm {path}'] = lambda m=main, a=args, w=weights: m(*a, *w)
+    times = time_interleaved(rows, runs, warmup=1)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
 def profile(artifact: str | Path, inputs: dict[str, np.ndarray], runs: int) -> dict:
     """Per-call times of one artifact's ``main``: ``{'calls': {name: [total_s, count,
     shapes]}, 'main_ms': median un-instrumented ms, 'instrumented_ms': per-run sum}``."""
-    import tvm
     from mmdet_regptq.deploy.tvm.runner import TvmRunner
 
     runner = TvmRunner(artifact)
-    args = [tvm.runtime.tensor(np.ascontiguousarray(inputs[n], np.float32), runner.device)
-            for n in runner.input_names]
-    main = runner.vm['main']
+    main, args = _main_call(runner, inputs)
     main(*args, *runner.weights)                      # warm-up
     plain = []
     for _ in range(runs):
@@ -109,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--top', type=int, default=25, help='kernels listed per artifact')
     parser.add_argument('--threads', type=int, default=1, help='TVM_NUM_THREADS')
     parser.add_argument('--csv', help='write every kernel row here')
+    parser.add_argument('--ort', nargs='*', default=[],
+                        help='ONNX graphs timed with ONNX Runtime beside the artifacts')
+    parser.add_argument('--latency-only', action='store_true', help='skip the profiles')
     args = parser.parse_args(argv)
     if args.runs < 1:
         raise ValueError(f'--runs={args.runs}: must be >= 1')
@@ -116,17 +154,21 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.ort_silu import cpu_name
 
     print(f'CPU: {cpu_name()}; threads {args.threads}; load {os.getloadavg()[0]:.2f}')
+    meta = json.loads((Path(args.artifacts[0]) / 'meta.json').read_text())
+    if args.inputs:
+        stored = np.load(args.inputs)
+        inputs = {n: stored[n] for n in meta['inputs']}
+    else:
+        rng = np.random.default_rng(0)
+        inputs = {n: rng.random(s, dtype=np.float32) for n, s in meta['inputs'].items()}
+    medians = latency(args.artifacts, args.ort, inputs, args.runs, args.threads)
+    base = next(iter(medians.values()))
+    print(f'\nlatency, interleaved, median of {args.runs} (ratio: first row / row); '
+          f'load {os.getloadavg()[0]:.2f}')
+    for name, ms in medians.items():
+        print(f'{name:<80} {ms:8.1f} ms {base / ms:6.2f}x')
     rows = []
-    for artifact in args.artifacts:
-        import json
-        meta_dir = Path(artifact)
-        meta = json.loads((meta_dir / 'meta.json').read_text())
-        if args.inputs:
-            stored = np.load(args.inputs)
-            inputs = {n: stored[n] for n in meta['inputs']}
-        else:
-            rng = np.random.default_rng(0)
-            inputs = {n: rng.random(s, dtype=np.float32) for n, s in meta['inputs'].items()}
+    for artifact in ([] if args.latency_only else args.artifacts):
         result = profile(artifact, inputs, args.runs)
         calls = result['calls']
         summed = 1e3 * sum(v[0] for v in calls.values())
@@ -145,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f'{name[:60]:<60} {kind_of(name):<14} {1e3 * sec:7.2f} {count:5d}  {shapes}')
         rows += [dict(artifact=artifact, kernel=n, kind=kind_of(n), ms=round(1e3 * v[0], 3),
                       calls=v[1], shapes=v[2]) for n, v in ranked]
-    if args.csv:
+    if args.csv and rows:
         with open(args.csv, 'w', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
