@@ -155,3 +155,44 @@ def test_matmul_integer_runs_on_the_vnni_kernel_bit_exact(m, k, n):
     out = vm['main'](tvm.runtime.tensor(a)).numpy()
     assert list(used.values()) == ['vnni'], 'MatMulInteger did not take the VNNI kernel'
     assert np.array_equal(out.astype(np.int64), a.astype(np.int64) @ b.astype(np.int64))
+
+
+@pytest.mark.skipif(not has_vnni(host_target()), reason='this CPU has no AVX-512 VNNI')
+@pytest.mark.parametrize('kernel,mcpu,peak', [('vnni', None, 127), ('avx2', 'haswell', 64)])
+def test_uint8_codes_times_int8_weights_take_one_kernel_call_bit_exact(kernel, mcpu, peak):
+    """W4A8's ConvInteger (uint8 activation codes with a zero point, centred int8 weights,
+    no weight zero point) runs the int8 kernel once (K output channels, not the 2K of the
+    split 8-bit-weight path) and equals the int64 convolution."""
+    import onnx
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm import relax
+
+    from mmdet_regptq.deploy.tvm.build import compile_onnx
+
+    n, c, k, h, z_x = 1, 20, 24, 13, 37
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (n, c, h, h)).astype(np.uint8)
+    x[0, 0, 0, :2] = [0, 255]
+    weight = rng.integers(-peak, peak + 1, (k, c, 3, 3)).astype(np.int8)
+    weight[0, 0, 0, :2] = [-peak, peak]
+    graph = helper.make_graph(
+        [helper.make_node('ConvInteger', ['x', 'w', 'zx'], ['y'], pads=[1, 1, 1, 1],
+                          strides=[2, 2])], 'w4a8',
+        [helper.make_tensor_value_info('x', TensorProto.UINT8, list(x.shape)),
+         helper.make_tensor_value_info('w', TensorProto.INT8, list(weight.shape))],
+        [helper.make_tensor_value_info('y', TensorProto.INT32, [n, k, 7, 7])],
+        [numpy_helper.from_array(np.array(z_x, np.uint8), 'zx')])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
+    used: dict = {}
+    exe = compile_onnx(model, {'x': list(x.shape), 'w': list(weight.shape)},
+                       target=host_target(mcpu), kernel=kernel, used=used,
+                       bounds={'w': peak})
+    assert used == {'w': kernel}                    # not the split path ('..._split')
+    text = exe.as_text() if hasattr(exe, 'as_text') else ''
+    assert f'_k{2 * k}_' not in text
+    got = relax.VirtualMachine(exe, tvm.cpu())['main'](
+        tvm.runtime.tensor(x), tvm.runtime.tensor(weight)).numpy()
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64) - z_x),
+                                     torch.from_numpy(weight).double(), stride=2, padding=1)
+    assert np.array_equal(got.astype(np.int64), ref.numpy().astype(np.int64))
