@@ -49,3 +49,25 @@ def test_fast_sigmoid_matches_expf_within_rounding(single_thread):
                                         keep_params_in_input=False))
     text = mod.script()
     assert 'R.sigmoid' not in text and 'fast_sigmoid' in text
+
+
+def test_backend_config_fast_sigmoid_reaches_the_build(tmp_path, single_thread):
+    """``backend_config=dict(fast_sigmoid=True)`` of a tvm_relax deploy config builds the
+    artifact with it (``meta.json`` says so); left out, it stays off."""
+    import json
+
+    import onnx
+
+    from mmdet_regptq.deploy.mmdeploy.managers import TVMRelaxManager
+
+    path = tmp_path / 'silu.onnx'
+    onnx.save(_silu_graph([1, 2, 4, 4]), str(path))
+    for fast in (True, None):
+        backend = dict(type='tvm_relax') if fast is None else dict(type='tvm_relax',
+                                                                    fast_sigmoid=fast)
+        work = tmp_path / f'fast_{fast}'
+        files = TVMRelaxManager.to_backend([str(path)], str(work),
+                                           dict(backend_config=backend))
+        meta_file = next(f for f in files if f.endswith('meta.json'))
+        meta = json.loads(open(meta_file).read())
+        assert meta['fast_sigmoid'] is bool(fast)

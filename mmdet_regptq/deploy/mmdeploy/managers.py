@@ -131,7 +131,10 @@ class _TVMManagerBase(BaseBackendManager):
             built, report = build_artifact(onnx.load(ir_file), out_dir,
                                            integer=backend_cfg.get('integer', cls.integer),
                                            target=target,
-                                           kernel=backend_cfg.get('int8_kernel', 'auto'))
+                                           kernel=backend_cfg.get('int8_kernel', 'auto'),
+                                           # SiLU's sigmoid on fast_exp (tvm/fast_sigmoid.py)
+                                           fast_sigmoid=bool(backend_cfg.get('fast_sigmoid',
+                                                                             False)))
             if report is not None:
                 logger.info('%s: %s', cls.backend_name, report.summary())
             files += built
