@@ -27,6 +27,7 @@ import collections
 import csv
 import json
 import os
+import platform
 import re
 import statistics
 import time
@@ -48,6 +49,14 @@ KINDS = (
     ('layout', r'layout_transform|transpose|reshape$'),
     ('vm builtin', r'^vm\.|^relax\.|builtin'),
 )
+
+
+def cpu_name() -> str:
+    """``model name (AVX-512 VNNI: yes|no)`` of this CPU."""
+    info = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').is_file() else ''
+    name = next((ln.split(':', 1)[1].strip() for ln in info.splitlines()
+                 if ln.startswith('model name')), platform.processor())
+    return f"{name} (AVX-512 VNNI: {'yes' if 'avx512_vnni' in info else 'no'})"
 
 
 def kind_of(name: str) -> str:
@@ -151,8 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1:
         raise ValueError(f'--runs={args.runs}: must be >= 1')
     os.environ['TVM_NUM_THREADS'] = str(args.threads)
-    from benchmarks.ort_silu import cpu_name
-
     print(f'CPU: {cpu_name()}; threads {args.threads}; load {os.getloadavg()[0]:.2f}')
     meta = json.loads((Path(args.artifacts[0]) / 'meta.json').read_text())
     if args.inputs:
