@@ -26,11 +26,11 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from mmdet_regptq.bench.child import RESULT_PREFIX, read_result, run_child
 from mmdet_regptq.bench.models import REPO_ROOT as ROOT
 from mmdet_regptq.bench.models import SYNTHETIC_DETECTORS
 from mmdet_regptq.bench.specs import parse_bits, parse_method
@@ -115,12 +115,6 @@ def real_detector(detector: str, out: Path) -> tuple:
     return cfg, str(converted)
 
 
-def read_result(log: Path) -> dict | None:
-    """The row a ``--one`` run printed last into its log (``RESULT {json}``), if any."""
-    lines = [ln for ln in log.read_text().splitlines() if ln.startswith('RESULT ')]
-    return json.loads(lines[-1][len('RESULT '):]) if lines else None
-
-
 def spawn(detector: str, method: str, bits: str, args: argparse.Namespace) -> dict:
     """Run one combination in a subprocess (own peak RSS, own logs)."""
     log_dir = Path(args.out) / detector
@@ -135,11 +129,7 @@ def spawn(detector: str, method: str, bits: str, args: argparse.Namespace) -> di
            '--seed', str(args.seed), '--val-images', str(args.val_images),
            '--val-offset', str(args.val_offset)]
     start = time.perf_counter()
-    with open(log, 'w') as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    row = read_result(log)
-    if proc.returncode != 0 or row is None:
-        raise RuntimeError(f'{detector} {method} {bits} failed (exit {proc.returncode}); see {log}')
+    row = run_child(cmd, log, ROOT, f'{detector} {method} {bits}')
     print(f'  {detector:12s} {method:9s} {row["bits"]:6s} AP {row["bbox_mAP"]:.3f}  '
           f'calib {row["calib_seconds"]:7.1f} s  RSS {row["peak_rss_mb"]:7.1f} MB  '
           f'(wall {time.perf_counter() - start:.0f} s)', flush=True)
@@ -204,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         parse_method(method)
     if args.one:
         row = run_one(*args.one, args)
-        print('RESULT ' + json.dumps(row), flush=True)
+        print(RESULT_PREFIX + json.dumps(row), flush=True)
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from mmdet_regptq.bench.child import RESULT_PREFIX, run_child
 from mmdet_regptq.bench.models import REPO_ROOT as ROOT
 from mmdet_regptq.bench.models import SYNTHETIC_DETECTORS
 from mmdet_regptq.table import Table
@@ -82,13 +82,7 @@ def spawn(detector: str, method: str, grid: str, args: argparse.Namespace) -> di
            '--seed', str(args.seed), '--calib-pool', str(args.calib_pool),
            '--eval-images', str(args.eval_images)]
     start = time.perf_counter()
-    with open(log, 'w') as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    rows = [ln for ln in log.read_text().splitlines() if ln.startswith('RESULT ')]
-    if proc.returncode != 0 or not rows:
-        raise RuntimeError(f'{detector} {method} {grid} failed (exit {proc.returncode}); '
-                           f'see {log}')
-    row = json.loads(rows[-1][len('RESULT '):])
+    row = run_child(cmd, log, ROOT, f'{detector} {method} {grid}')
     print(f'  {detector:10s} {method:7s} {grid:16s} AP {row["bbox_mAP"]:.3f}  '
           f'(wall {time.perf_counter() - start:.0f} s)', flush=True)
     return row
@@ -116,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.one:
         detector, method, grid = args.one
-        print('RESULT ' + json.dumps(run_one(detector, method, grid, args)), flush=True)
+        print(RESULT_PREFIX + json.dumps(run_one(detector, method, grid, args)), flush=True)
         return
     rows = [spawn(d, m, g, args) for d in args.detectors for m in args.methods for g in GRIDS]
     table = Table(FIELDS, rows, title='bbox AP at W8A8: default 8-bit weight grid vs '

@@ -64,13 +64,19 @@ def _assert_same_tree(a, b):
         assert a == b
 
 
-def test_extended_prefix_equals_a_full_prefix_pass(monkeypatch):
-    float_model, batches = make_float(), make_batches(3)
-    model = make_quant(float_model)
+def _fp_units():
+    """The toy model with its activation ranges set, 3 batches, and its units, all in FP."""
+    batches = make_batches(3)
+    model = make_quant(make_float())
     init_activation_quantizers(model, lambda: [model(b) for b in batches])
     units = find_units(model, forward_fn, batches[0])
     for unit in units:
         unit.set_quant(False)
+    return model, batches, units
+
+
+def test_extended_prefix_equals_a_full_prefix_pass(monkeypatch):
+    model, batches, units = _fp_units()
     stem = units[0].module
     calls = []
     stem_forward = type(stem).forward
@@ -196,12 +202,7 @@ def test_shared_weights_keep_the_loss_and_the_gradients(llaq):
 def test_fp_prefix_is_dropped_once_it_spills(tmp_path):
     """Past the memory budget the FP prefix is not kept: the capture's FP pass then runs
     from the input, with the same values."""
-    float_model, batches = make_float(), make_batches(3)
-    model = make_quant(float_model)
-    init_activation_quantizers(model, lambda: [model(b) for b in batches])
-    units = find_units(model, forward_fn, batches[0])
-    for unit in units:
-        unit.set_quant(False)
+    model, batches, units = _fp_units()
     tail = TailRunner(model, forward_fn, batches, max_bytes=4096, spill_dir=str(tmp_path))
     tail.prepare(units[-1], reuse=True, fp_prefix=True)
     assert not tail.has_fp_prefix and tail._fp_prefix_spilled
