@@ -207,10 +207,27 @@ def test_tensorrt_end2end_graph_has_the_efficient_nms_plugin(single_thread, tmp_
     assert any("backend 'tensorrt' is not installed" in n for n in result.notes)
 
 
-def test_tvm_end2end_refuses_a_two_stage_detector_with_the_reason(quantized, tmp_path):
-    with pytest.raises(NotImplementedError, match='two-stage detector has no end-to-end TVM'):
-        _deploy(quantized('faster-rcnn'), 'faster-rcnn',
-                'detection_tvm-int4_end2end_static-192x192.py', tmp_path)
+def test_tvm_int4_end2end_two_stage_runs_without_torch_and_matches_predict(quantized,
+                                                                          tmp_path,
+                                                                          run_without_torch):
+    """Faster R-CNN on TVM INT4 as one work dir: two integer artifacts (graph 1: features +
+    RPN outputs; graph 2: the box head on a static RoI count) with the NumPy RPN proposals,
+    RoIAlign and box decoding + NMS around them, run without torch: mmdet's detections."""
+    model = quantized('faster-rcnn')
+    work = tmp_path / 'work'
+    result = _deploy(model, 'faster-rcnn', 'detection_tvm-int4_end2end_static-192x192.py',
+                     work)
+    spec = json.loads((work / 'spec.json').read_text())
+    assert spec['backend'] == 'tvm_int4' and spec['postprocess']['kind'] == 'two_stage'
+    assert spec['postprocess']['num_rois'] == model.rpn_head.test_cfg['max_per_img']
+    assert (work / spec['model'] / 'model.so').is_file()
+    assert (work / spec['roi_model'] / 'model.so').is_file()
+    assert any('same labels' in note for note in result.notes), result.notes
+    found = run_without_torch(work, IMAGES)
+    for image in IMAGES:
+        want = _predict(model, image)
+        got = _as_arrays(found[str(image)])
+        _assert_same(got, (want[0], np.round(want[1], 4), want[2]), rtol=1e-3)
 
 
 def test_yolov5_end2end_graph_gives_the_heads_predict_in_ort(single_thread, tmp_path):

@@ -1,7 +1,9 @@
 """``spec.json`` of a deployed work dir: what the torch-free runtime needs besides the
 backend file(s) — preprocessing (from the model config's test pipeline and data
 preprocessor), class names, and for a graph that stops at the raw head outputs the dense
-head's post-processing settings (its priors go to ``priors.npz``)."""
+head's post-processing settings (its priors go to ``priors.npz``); for a two-stage detector
+on TVM those of the NumPy RPN / RoIAlign / box-head steps between and after its two graphs
+(the RPN's anchors go to ``priors.npz``)."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +17,8 @@ import numpy as np
 from torch import nn
 
 __all__ = ['preprocess_spec', 'dense_postprocess_spec', 'yolov5_postprocess_spec',
-           'postprocess_spec', 'write_spec', 'SPEC_FILE', 'PRIORS_FILE']
+           'two_stage_postprocess_spec', 'postprocess_spec', 'write_spec', 'SPEC_FILE',
+           'PRIORS_FILE']
 
 SPEC_FILE = 'spec.json'
 PRIORS_FILE = 'priors.npz'
@@ -84,6 +87,16 @@ def static_letterbox(model_cfg: Any, input_shape: Sequence[int]) -> Any:
     return cfg
 
 
+def _coder_spec(coder: Any) -> dict:
+    """A box coder's settings for ``runtime/postprocess.decode``."""
+    spec = dict(type=type(coder).__name__, clip_border=bool(coder.clip_border))
+    if spec['type'] == 'DeltaXYWHBBoxCoder':
+        spec.update(means=list(coder.means), stds=list(coder.stds),
+                    add_ctr_clamp=bool(coder.add_ctr_clamp),
+                    ctr_clamp=float(coder.ctr_clamp), wh_ratio_clip=16 / 1000)
+    return spec
+
+
 def dense_postprocess_spec(detector: nn.Module, input_shape: Sequence[int]
                            ) -> tuple[dict, list[np.ndarray]]:
     """Post-processing settings and priors of a dense head for ``DensePostProcessor``."""
@@ -92,11 +105,7 @@ def dense_postprocess_spec(detector: nn.Module, input_shape: Sequence[int]
     graph = DenseEnd2End(detector, input_shape)     # checks the head, makes the priors
     head = detector.bbox_head
     coder = head.bbox_coder
-    coder_spec = dict(type=type(coder).__name__, clip_border=bool(coder.clip_border))
-    if coder_spec['type'] == 'DeltaXYWHBBoxCoder':
-        coder_spec.update(means=list(coder.means), stds=list(coder.stds),
-                          add_ctr_clamp=bool(coder.add_ctr_clamp),
-                          ctr_clamp=float(coder.ctr_clamp), wh_ratio_clip=16 / 1000)
+    coder_spec = _coder_spec(coder)
     cfg = {k: v for k, v in dict(head.test_cfg).items()
            if k in ('nms_pre', 'score_thr', 'min_bbox_size', 'max_per_img')}
     cfg['nms'] = dict(iou_threshold=float(head.test_cfg['nms']['iou_threshold']))
@@ -126,6 +135,63 @@ def yolov5_postprocess_spec(detector: nn.Module, input_shape: Sequence[int]
                 strides=[int(s) for s in head.strides], test_cfg=cfg,
                 input_shape=[int(v) for v in input_shape])
     return spec, priors
+
+
+def two_stage_postprocess_spec(detector: nn.Module, input_shape: Sequence[int],
+                               num_rois: int) -> tuple[dict, list[np.ndarray]]:
+    """Settings of ``TwoStagePostProcessor`` (RPN proposals, RoIAlign, the box head's
+    decoding and NMS) and the RPN's anchors of a Faster R-CNN-like detector, for graph 2
+    on ``num_rois`` RoIs per call."""
+    import torch
+
+    from mmdet_regptq.deploy.detectors.two_stage import ROI_INPUT, check_deployable
+
+    check_deployable(detector)
+    rpn, roi_head = detector.rpn_head, detector.roi_head
+    extractor, bbox_head = roi_head.bbox_roi_extractor, roi_head.bbox_head
+    layer = extractor.roi_layers[0]
+    if getattr(layer, 'pool_mode', 'avg') != 'avg' or type(layer).__name__ != 'RoIAlign':
+        raise NotImplementedError(f'{type(layer).__name__} (pool_mode='
+                                  f'{getattr(layer, "pool_mode", None)!r}): the NumPy RoI '
+                                  'extractor has RoIAlign with average pooling only')
+    if getattr(bbox_head, 'with_cls', True) is False or \
+            getattr(bbox_head, 'custom_activation', False):
+        raise NotImplementedError(f'{type(bbox_head).__name__}: the NumPy box decoding '
+                                  'needs softmax class scores')
+    if type(bbox_head.bbox_coder).__name__ != 'DeltaXYWHBBoxCoder' or \
+            type(rpn.bbox_coder).__name__ != 'DeltaXYWHBBoxCoder':
+        raise NotImplementedError('the NumPy two-stage post-processor decodes with '
+                                  'DeltaXYWHBBoxCoder only')
+    with torch.no_grad():
+        feats = detector.extract_feat(torch.zeros(1, 3, *(int(v) for v in input_shape)))
+        scores, _ = rpn(feats)
+    priors = rpn.prior_generator.grid_priors([s.shape[-2:] for s in scores],
+                                             dtype=torch.float32, device='cpu')
+
+    def nms_cfg(cfg: Any, keys: Sequence[str]) -> dict:
+        out = {k: cfg[k] for k in keys if k in cfg}
+        out['nms'] = dict(iou_threshold=float(cfg['nms']['iou_threshold']))
+        return out
+
+    spec = dict(
+        kind='two_stage', input_shape=[int(v) for v in input_shape],
+        num_rois=int(num_rois), roi_input=ROI_INPUT,
+        rpn=dict(cls_out_channels=int(rpn.cls_out_channels),
+                 use_sigmoid=bool(rpn.use_sigmoid_cls),
+                 encode_size=int(rpn.bbox_coder.encode_size),
+                 coder=_coder_spec(rpn.bbox_coder),
+                 test_cfg=nms_cfg(rpn.test_cfg, ('nms_pre', 'max_per_img',
+                                                 'min_bbox_size'))),
+        roi=dict(strides=[int(s) for s in extractor.featmap_strides],
+                 output_size=[int(v) for v in layer.output_size],
+                 sampling_ratio=int(layer.sampling_ratio), aligned=bool(layer.aligned),
+                 finest_scale=float(extractor.finest_scale)),
+        rcnn=dict(num_classes=int(bbox_head.num_classes),
+                  reg_class_agnostic=bool(bbox_head.reg_class_agnostic),
+                  encode_size=int(bbox_head.bbox_coder.encode_size),
+                  coder=_coder_spec(bbox_head.bbox_coder),
+                  test_cfg=nms_cfg(roi_head.test_cfg, ('score_thr', 'max_per_img'))))
+    return spec, [p.numpy() for p in priors]
 
 
 def postprocess_spec(detector: nn.Module, input_shape: Sequence[int]

@@ -11,7 +11,9 @@ detector that runs without torch or mmdet.
   number of RoIs does not compile ("CodeGenVM cannot emit this Relax operator"). So the
   TVM artifact holds the network up to the raw head outputs and the NumPy post-processor
   (``deploy/runtime/postprocess.py``) does the rest, from ``spec.json`` + ``priors.npz``.
-  Two-stage detectors deploy to TVM as two graphs (``regptq_raw``).
+  A two-stage detector is two TVM artifacts (graph 1: features + RPN outputs; graph 2: the
+  box head on a static RoI count, both as in the two-graph deployment) and the NumPy RPN
+  proposals, RoIAlign and box decoding + NMS (``deploy/runtime/two_stage.py``) around them.
 
 Every work dir gets ``spec.json`` (preprocessing, backend, model file, classes), which
 ``python -m mmdet_regptq.deploy.run`` reads, and ``reference_end2end.npz``: the fake-quant
@@ -29,8 +31,8 @@ import torch
 from mmdet_regptq.deploy.detectors.end2end import END2END_OUTPUTS, DenseEnd2End
 from mmdet_regptq.deploy.detectors.spec import (PRIORS_FILE, postprocess_spec,
                                                 preprocess_spec, static_letterbox,
-                                                write_spec)
-from mmdet_regptq.deploy.detectors.two_stage import is_two_stage
+                                                two_stage_postprocess_spec, write_spec)
+from mmdet_regptq.deploy.detectors.two_stage import is_two_stage, num_rois_of
 from mmdet_regptq.deploy.detectors.two_stage_graph import TwoStageEnd2End
 from mmdet_regptq.deploy.detectors.yolov5_graph import YOLOv5End2End, is_yolov5
 from mmdet_regptq.deploy.mmdeploy.pipeline import (DeployResult, PreparedExport,
@@ -78,17 +80,19 @@ def _spec(prep: PreparedExport, backend: str, input_shape: tuple[int, int]) -> d
 
 def _export_tvm(prep: PreparedExport, backend: str, input_shape: tuple[int, int],
                 img: Any, device: str) -> tuple[DeployResult, dict, list]:
-    if is_two_stage(prep.model):
-        raise NotImplementedError(
-            f'{backend}: a two-stage detector has no end-to-end TVM deployment (TVM 0.27 '
-            'does not compile RoiAlign on a data-dependent RoI count); use onnxruntime, or '
-            "the two-graph deployment (codebase_config.model_type='regptq_raw')")
+    # the raw graph(s): a two-stage detector's graph 1 (features + RPN outputs) and
+    # graph 2 (the box head on a static RoI count), exactly as the two-graph deployment
     result = export_detector(prep.deploy_cfg, prep.model_cfg, None, img, prep.work_dir,
                              device, model=prep.model)
-    post, priors = postprocess_spec(prep.model, input_shape)
     spec = _spec(prep, backend, input_shape)
-    spec.update(model=f'{Path(result.onnx_file).stem}_{backend}', postprocess=post,
-                priors=PRIORS_FILE)
+    spec.update(model=f'{Path(result.onnx_file).stem}_{backend}', priors=PRIORS_FILE)
+    if is_two_stage(prep.model):
+        post, priors = two_stage_postprocess_spec(
+            prep.model, input_shape, num_rois_of(prep.model_cfg, prep.opts['num_rois']))
+        spec['roi_model'] = f'{Path(result.onnx_files[1]).stem}_{backend}'
+    else:
+        post, priors = postprocess_spec(prep.model, input_shape)
+    spec['postprocess'] = post
     return result, spec, priors
 
 

@@ -27,10 +27,12 @@ class TVMRelaxWrapper(BaseWrapper):
 
     When asked for ``dets`` / ``labels`` (an end-to-end deploy config) and the work dir
     holds the end-to-end ``spec.json``, the artifact's raw outputs go through the NumPy
-    post-processor and the wrapper returns MMDeploy's ``dets [1, N, 5]`` / ``labels [1, N]``.
+    post-processor (a two-stage detector: its two artifacts with the NumPy steps between
+    them, ``runtime/two_stage.py``) and the wrapper returns MMDeploy's ``dets [1, N, 5]`` /
+    ``labels [1, N]``.
 
     Args:
-        backend_files: the artifact files (any one locates the directory).
+        backend_files: the artifact files (any one of the first artifact locates it).
         output_names: output order (default: the artifact's).
     """
 
@@ -39,42 +41,41 @@ class TVMRelaxWrapper(BaseWrapper):
         from mmdet_regptq.deploy.tvm.runner import TvmRunner
 
         files = [backend_files] if isinstance(backend_files, (str, Path)) else list(backend_files)
+        self.end2end = None
+        if output_names and list(output_names)[:2] == ['dets', 'labels']:
+            self.end2end = _end2end_pipeline(Path(files[0]))
+            super().__init__(list(output_names))
+            return
         self.runner = TvmRunner(files[0])
-        self.post = None
-        names = list(output_names) if output_names else self.runner.output_names
-        if names[:2] == ['dets', 'labels']:
-            self.post = _end2end_post_processor(Path(files[0]))
-        super().__init__(names)
+        super().__init__(list(output_names) if output_names else self.runner.output_names)
 
     @staticmethod
     def get_backend_file_count() -> int:
         return 3
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outs = self.runner({k: v for k, v in inputs.items()})
-        if self.post is not None:
-            dets, labels = self.post(outs)
+        if self.end2end is not None:
+            (value,) = inputs.values()
+            value = value.detach().cpu().numpy() if hasattr(value, 'detach') else value
+            dets, labels = self.end2end(value)
             return {'dets': torch.from_numpy(dets)[None], 'labels': torch.from_numpy(labels)[None]}
+        outs = self.runner({k: v for k, v in inputs.items()})
         return {name: torch.from_numpy(outs[name]) for name in self.output_names}
 
 
-def _end2end_post_processor(artifact_file: Path) -> Any:
-    """The NumPy post-processor of the end-to-end ``spec.json`` next to an artifact."""
+def _end2end_pipeline(artifact_file: Path) -> Any:
+    """Image → ``(dets, labels)`` of the end-to-end work dir around an artifact (its
+    ``spec.json``; ``runtime.detector.tvm_end2end``)."""
     import json
 
-    import numpy as np
-
-    from mmdet_regptq.deploy.runtime.postprocess import make_post_processor
+    from mmdet_regptq.deploy.runtime.detector import tvm_end2end
 
     directory = artifact_file if artifact_file.is_dir() else artifact_file.parent
     spec_file = directory.parent / 'spec.json'
     if not spec_file.exists():
         raise FileNotFoundError(f'{spec_file}: an end-to-end TVM deployment needs the '
                                 'spec.json written by its export')
-    spec = json.loads(spec_file.read_text())
-    stored = np.load(directory.parent / spec['priors'])
-    return make_post_processor(spec['postprocess'],
-                               [stored[f'priors{i}'] for i in range(len(stored.files))])
+    return tvm_end2end(directory.parent, json.loads(spec_file.read_text()))
 
 
 class _TVMManagerBase(BaseBackendManager):

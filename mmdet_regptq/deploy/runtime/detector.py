@@ -2,9 +2,11 @@
 
 ``spec.json`` names the backend and its file: ``onnxruntime`` runs the end-to-end graph
 (``dets`` + ``labels``); ``tvm_int4`` / ``tvm_relax`` run the TVM artifact of the raw head
-outputs and then the NumPy post-processor of ``spec['postprocess']`` (``runtime/postprocess.py``:
-a dense head's or YOLOv5's). Boxes go back to the original image by undoing the resize (and
-a letterbox's padding, clipped to the image, as ``YOLOv5Head`` does).
+outputs and then the NumPy post-processor of ``spec['postprocess']``
+(``runtime/postprocess.py``: a dense head's or YOLOv5's), or a two-stage detector's two
+artifacts with the NumPy steps of ``runtime/two_stage.py`` between and after them. Boxes
+go back to the original image by undoing the resize (and a letterbox's padding, clipped to
+the image, as ``YOLOv5Head`` does).
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import numpy as np
 
 from mmdet_regptq.deploy.runtime.postprocess import make_post_processor, rescale_detections
 from mmdet_regptq.deploy.runtime.preprocess import PreparedImage, Preprocess
+from mmdet_regptq.deploy.runtime.two_stage import TwoStagePipeline, TwoStagePostProcessor
 
-__all__ = ['Detections', 'Detector', 'ORT_BACKENDS', 'TVM_BACKENDS']
+__all__ = ['Detections', 'Detector', 'ORT_BACKENDS', 'TVM_BACKENDS', 'tvm_end2end']
 
 ORT_BACKENDS = ('onnxruntime',)
 TVM_BACKENDS = ('tvm_int4', 'tvm_relax')
@@ -53,14 +56,25 @@ def _ort_backend(path: Path, threads: int) -> Callable[[np.ndarray], tuple]:
     return run
 
 
-def _tvm_backend(work_dir: Path, spec: dict) -> Callable[[np.ndarray], tuple]:
+def tvm_end2end(work_dir: str | Path, spec: dict) -> Callable[[np.ndarray], tuple]:
+    """Image tensor → ``(dets [N, 5], labels [N])`` of a TVM end-to-end work dir: the
+    artifact of the raw head outputs + the NumPy post-processor, or for a two-stage
+    detector (``postprocess.kind='two_stage'``) its two artifacts joined by the NumPy RPN /
+    RoIAlign / box-head steps (``runtime/two_stage.py``)."""
     from mmdet_regptq.deploy.tvm.runner import TvmRunner
 
+    work_dir = Path(work_dir)
     runner = TvmRunner(work_dir / spec['model'])
     stored = np.load(work_dir / spec['priors'])
-    post = make_post_processor(spec['postprocess'],
-                               [stored[f'priors{i}'] for i in range(len(stored.files))])
+    priors = [stored[f'priors{i}'] for i in range(len(stored.files))]
     name = runner.input_names[0]
+    if spec['postprocess'].get('kind') == 'two_stage':
+        if 'roi_model' not in spec:
+            raise ValueError(f'{work_dir / "spec.json"}: a two-stage TVM deployment needs '
+                             'roi_model (the RoI graph\'s artifact)')
+        return TwoStagePipeline(TwoStagePostProcessor(spec['postprocess'], priors), runner,
+                                TvmRunner(work_dir / spec['roi_model']), input_name=name)
+    post = make_post_processor(spec['postprocess'], priors)
     return lambda x: post(runner({name: x}))
 
 
@@ -85,7 +99,7 @@ class Detector:
         if backend in ORT_BACKENDS:
             self.run = _ort_backend(self.work_dir / self.spec['model'], threads)
         elif backend in TVM_BACKENDS:
-            self.run = _tvm_backend(self.work_dir, self.spec)
+            self.run = tvm_end2end(self.work_dir, self.spec)
         else:
             raise ValueError(f'spec.json backend {backend!r}; allowed: '
                              f'{", ".join(ORT_BACKENDS + TVM_BACKENDS)}')
