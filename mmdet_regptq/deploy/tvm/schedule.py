@@ -41,6 +41,10 @@ _LANES = 16           # int32/float32 lanes of a 512-bit vector
 #: output-channel register tiles, first that divides: odd ones too, so that e.g. YOLO's
 #: 255-channel head (3 x 85) gets 5 accumulator vectors instead of 1 (3.6x slower)
 _TILE_F = (8, 6, 5, 4, 3, 2, 1)
+#: independent accumulation chains interleaved in a long reduction (``_schedule_reduction``)
+_CHAINS = 4
+_LONG_REDUCTION = 256
+_CHUNK = 8
 
 
 def _extent(sch: Any, loop: Any) -> int | None:
@@ -194,7 +198,14 @@ def _inline_elementwise(sch: Any, names: list[str]) -> bool:
 
 def _schedule_reduction(sch: Any, block: Any) -> None:
     """A reduction block (mean / variance of a normalization, pooling windows): its
-    leading spatial loops fused and parallel; the reduction loops stay serial."""
+    leading spatial loops fused and parallel; the reduction loops stay serial.
+
+    A long reduction (>= ``_LONG_REDUCTION`` terms, e.g. GroupNorm's statistics over a
+    whole group) is one float add chain per output, latency-bound (one add every ~3
+    cycles). Up to ``_CHAINS`` outputs are then moved inside the reduction loops
+    (unrolled): their independent chains interleave, each output still summed in the same
+    order, so the values are bit-identical and ~10x faster.
+    """
     loops = sch.get_loops(block)
     types = _iter_types(sch, block)
     n_spatial = 0
@@ -205,8 +216,26 @@ def _schedule_reduction(sch: Any, block: Any) -> None:
     spatial = loops[:n_spatial]
     if not spatial or len(loops) != len(types):
         raise ValueError('loops do not follow the block iterators')
+    reduce = loops[n_spatial:]
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-    if (_extent(sch, fused) or 1) > 1:
+    outputs = _extent(sch, fused) or 1
+    terms = 1
+    for lp in reduce:
+        terms *= _extent(sch, lp) or 0
+    chains = largest_divisor(outputs, _CHAINS)
+    if reduce and chains > 1 and terms >= _LONG_REDUCTION and all(t == 2 for t in
+                                                                 types[n_spatial:]):
+        outer, inner = sch.split(fused, [None, chains])
+        chunk = largest_divisor(_extent(sch, reduce[-1]) or 1, _CHUNK)
+        r_o, r_i = sch.split(reduce[-1], [None, chunk])
+        sch.reorder(outer, *reduce[:-1], r_o, inner, r_i)
+        if outputs // chains > 1:
+            sch.parallel(outer)
+        sch.decompose_reduction(block, (reduce[:-1] or [r_o])[0])
+        sch.unroll(inner)
+        sch.unroll(r_i)
+        return
+    if outputs > 1:
         sch.parallel(fused)
 
 

@@ -12,7 +12,10 @@ One PrimFunc per convolution shape, called from Relax with ``call_tir``:
 - input ``[N, C, H, W]`` int8 (centred codes), output ``[N, K, OH, OW]`` int32, so the
   float rescale / ReLU / requantize that follows stays a plain elementwise loop;
 - inside, first (in parallel) a padded **uint8** copy of the input in the blocked layout
-  ``[N * C/4, H+pads, W+pads, 4]`` = code + 128 (padding = 128, i.e. code 0);
+  ``[N * C/4, H+pads, W+pads, 4]`` = code + 128 (padding = 128, i.e. code 0), one padded
+  row per iteration: its border filled, then its ``W`` columns with four channels each,
+  without a bounds test per byte (a bounds-tested byte loop cost 10-30 % of a 64-channel
+  3x3 conv);
 - weight ``[K/16, C/4, kh, kw, 16, 4]`` int8, zero-padded to multiples of 16 and 4, and
   the per-channel ``128 * sum(W[k])``: both computed in Relax from the OIHW weight, so
   ``LiftTransformParams`` moves them out of the inference into a once-at-load function.
@@ -136,15 +139,24 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                 vr = T.axis.spatial(ROWS, row)
                 T.reads(x[0:N, 0:C, 0:H, 0:W])
                 T.writes(data[vr // HP, vr % HP, 0:WP, 0:4])
-                for ci, col in T.grid(4, WP):          # read x along its rows
-                    data[vr // HP, vr % HP, col, ci] = T.Select(
-                        (vr // HP) % CB * 4 + ci < C and vr % HP >= PT and vr % HP < H + PT
-                        and col >= PL and col < W + PL,
-                        T.Cast('uint8', T.Cast('int32', x[
-                            vr // HP // CB, T.min((vr // HP) % CB * 4 + ci, C - 1),
-                            T.max(T.min(vr % HP - PT, H - 1), 0),
-                            T.max(T.min(col - PL, W - 1), 0)]) + SHIFT),
-                        T.uint8(PAD))
+                if vr % HP >= PT and vr % HP < H + PT:
+                    # border columns, then the row itself: four channels interleaved,
+                    # read along x's rows (no per-byte bounds check: vectorizable)
+                    for col, ci in T.grid(PL, 4):
+                        data[vr // HP, vr % HP, col, ci] = T.uint8(PAD)
+                    for col, ci in T.grid(WP - W - PL, 4):
+                        data[vr // HP, vr % HP, W + PL + col, ci] = T.uint8(PAD)
+                    for col in T.serial(W):
+                        for ci in T.unroll(4):
+                            data[vr // HP, vr % HP, col + PL, ci] = T.Select(
+                                (vr // HP) % CB * 4 + ci < C,
+                                T.Cast('uint8', T.Cast('int32', x[
+                                    vr // HP // CB, T.min((vr // HP) % CB * 4 + ci, C - 1),
+                                    vr % HP - PT, col]) + SHIFT),
+                                T.uint8(PAD))
+                else:
+                    for col, ci in T.grid(WP, 4):
+                        data[vr // HP, vr % HP, col, ci] = T.uint8(PAD)
         for t in T.parallel(TILES):
             with T.sblock('vnni_tile'):
                 vt = T.axis.spatial(TILES, t)
