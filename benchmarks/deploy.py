@@ -36,8 +36,9 @@ its ``graph 1 only`` rows time the first graph alone (speed-up against FP32 ORT'
 
 ``--end2end`` times the end-to-end deployments instead (image → ``dets`` + ``labels``:
 decoding, score threshold, top-k and NMS included; Faster R-CNN as ONE graph with RoIAlign)
-on a synthetic val image resized to ``size``: FP32 ORT, INT8 ORT (one graph each) and, for
-dense detectors, INT4 TVM + the NumPy post-processor.
+on a synthetic val image resized to ``size``: FP32 ORT, INT8 ORT (one graph each) and INT4
+TVM + the NumPy post-processor (Faster R-CNN: two TVM artifacts with the NumPy RPN
+proposals, RoIAlign and box decoding around them, ``deploy/runtime/two_stage.py``).
 
 ``--tvm-target-cpu host,haswell,haswell:generic`` builds one INT4 TVM row per entry (LLVM
 CPU, optionally ``:KERNEL`` = ``vnni`` / ``avx2`` / ``generic``): e.g. the AVX2 kernel and
@@ -349,8 +350,8 @@ def end2end_variants(name: str, cfg: Any, checkpoint: str | None, size: int, wor
                      tvm: bool, tvm_builds: list | None = None, w8a8: dict | None = None
                      ) -> dict[str, Callable[[np.ndarray], Any]]:
     """The end-to-end deployments (image -> dets + labels, ``deploy/detectors/end2end.py``):
-    FP32 ORT and INT8 ORT as one graph each, INT4 TVM (dense detectors) as the raw-output
-    artifact + the NumPy post-processor, as ``python -m mmdet_regptq.deploy.run`` runs them."""
+    FP32 ORT and INT8 ORT as one graph each, INT4 TVM as the raw-output artifact(s) + the
+    NumPy post-processor, as ``python -m mmdet_regptq.deploy.run`` runs them."""
     import onnx
 
     from mmdet_regptq.deploy import (RawDetector, build_detector, export_onnx, make_ort_int8,
@@ -382,7 +383,10 @@ def end2end_variants(name: str, cfg: Any, checkpoint: str | None, size: int, wor
     logging.info('%s INT8 ORT end to end: %s', name, report.summary())
     onnx.save(fused, str(work / f'{name}_e2e_w8a8_ort.onnx'))
     runs['INT8 ORT'] = ort_session(work / f'{name}_e2e_w8a8_ort.onnx')
-    if tvm and not is_two_stage(cfg.model):
+    if tvm and is_two_stage(cfg.model):
+        runs.update(two_stage_tvm_int4_variants(name, cfg, checkpoint, size, work, x,
+                                                tvm_builds or tvm_int4_builds('host')))
+    elif tvm:
         q4 = build_detector(cfg, checkpoint)
         quantize_for_deploy(q4, quant=W4A4, method=dict(type='MinMax'),
                             input_shape=(size, size))
@@ -391,6 +395,48 @@ def end2end_variants(name: str, cfg: Any, checkpoint: str | None, size: int, wor
         post = DensePostProcessor(*dense_postprocess_spec(q4, (size, size)))
         runs.update(tvm_int4_variants(work / f'{name}_w4a4.onnx', work, name,
                                       tvm_builds or tvm_int4_builds('host'), post))
+    return runs
+
+
+def two_stage_tvm_int4_variants(name: str, cfg: Any, checkpoint: str | None, size: int,
+                                work: Path, x: torch.Tensor, builds: list
+                                ) -> dict[str, Callable[[np.ndarray], Any]]:
+    """INT4 TVM end to end of a two-stage detector, as the torch-free runtime runs it: the
+    W4A4 artifacts of graph 1 (features + RPN outputs) and graph 2 (the box head on
+    ``test_cfg.rpn.max_per_img`` RoIs) with the NumPy RPN proposals, RoIAlign and box
+    decoding + NMS of ``deploy/runtime/two_stage.py``; one row per build."""
+    import onnx
+
+    from mmdet_regptq.deploy import build_detector, export_onnx, quantize_for_deploy
+    from mmdet_regptq.deploy.detectors.spec import two_stage_postprocess_spec
+    from mmdet_regptq.deploy.detectors.two_stage import (ROI_INPUT, RoIStage, RpnStage,
+                                                         TwoStageHost, num_rois_of)
+    from mmdet_regptq.deploy.runtime.two_stage import TwoStagePipeline, TwoStagePostProcessor
+    from mmdet_regptq.deploy.tvm.build import build_artifact, host_target
+    from mmdet_regptq.deploy.tvm.runner import TvmRunner
+
+    q4 = build_detector(cfg, checkpoint)
+    quantize_for_deploy(q4, quant=W4A4, method=dict(type='MinMax'), input_shape=(size, size))
+    num_rois = num_rois_of(cfg)
+    stage1 = RpnStage(q4).eval()
+    names = stage1.output_names(x)
+    meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
+                scale_factor=(1.0, 1.0), batch_input_shape=(size, size))
+    roi_x = TwoStageHost(q4, num_rois).sample_roi_features(stage1, x, [meta])
+    paths = work / f'{name}_e2e_w4a4.onnx', work / f'{name}_e2e_w4a4_roi.onnx'
+    export_onnx(stage1, x, paths[0], output_names=names, int4_weights=True)
+    export_onnx(RoIStage(q4).eval(), roi_x, paths[1], input_names=[ROI_INPUT],
+                output_names=RoIStage.output_names, int4_weights=True)
+    post = TwoStagePostProcessor(*two_stage_postprocess_spec(q4, (size, size), num_rois))
+    runs = {}
+    for label, mcpu, kernel in builds:
+        dirs = [work / (f'{p.stem}_tvm_int4' + label[len('INT4 TVM'):].replace(' ', '_'))
+                for p in paths]
+        for path, out in zip(paths, dirs):
+            _, report = build_artifact(onnx.load(str(path)), out, integer=True,
+                                       target=host_target(mcpu), kernel=kernel)
+            logging.info('%s %s %s: %s', name, label, path.name, report.summary())
+        runs[label] = TwoStagePipeline(post, *(TvmRunner(d) for d in dirs))
     return runs
 
 
@@ -493,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--tvm-target-cpu', default='host', metavar='MCPU[:KERNEL],...',
                         help='INT4 TVM builds, one row each: the LLVM CPU to compile for '
                              '(host, or e.g. haswell = AVX2 without VNNI) and optionally the '
-                             'int8 kernel (auto, vnni, avx2, generic); dense detectors')
+                             'int8 kernel (auto, vnni, avx2, generic); dense detectors, and '
+                             'every detector with --end2end')
     parser.add_argument('--w-reduce-range', action='store_true',
                         help='INT8 ORT rows with 8-bit weights within -64..64 '
                              "(quant.w_reduce_range: exact on ORT's AVX2 u8 x s8 kernel)")

@@ -19,7 +19,9 @@ fake-quant) and writes it as CSV. Faster R-CNN deploys as two graphs with mmdet'
 decoding, NMS and RoIAlign on the host between them (``deploy/detectors/two_stage.py``).
 ``--end2end`` deploys with the ``*_end2end_static-192x192.py`` configs instead: one
 artifact per detector with decoding and NMS inside (Faster R-CNN: one ORT graph with
-RoIAlign; not on ``tvm-int4``), evaluated by mmdeploy's own ``End2EndModel``.
+RoIAlign; on ``tvm-int4`` two integer artifacts with the NumPy RPN proposals, RoIAlign and
+box decoding of ``deploy/runtime/two_stage.py`` around them), evaluated by mmdeploy's own
+``End2EndModel``.
 ``onnxruntime`` (not a default) deploys the float checkpoint (FP32; "fake-quant" = FP);
 ``tvm-fp32`` (real detectors) the same to TVM with this package's schedules, no integers.
 
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                         help='bit width(s) of the tvm-int4 model (4-bit weights: w4a4, w4a8)')
     parser.add_argument('--end2end', action='store_true',
                         help='deploy end to end (*_end2end_static-192x192.py: decoding and '
-                             'NMS in the artifact); Faster R-CNN on tvm-int4 is refused')
+                             'NMS in the artifact, no torch at run time)')
     parser.add_argument('--symmetric-int8-weights', action='store_true',
                         help='8-bit weights symmetric per channel (ONNX Runtime INT8: int8 '
                              'weights, its u8 x s8 kernel)')
@@ -370,8 +372,6 @@ def main(argv: list[str] | None = None) -> int:
             real = detector in REAL_DETECTORS
             if backend == 'tvm-fp32' and not real:
                 raise SystemExit(f'--backends tvm-fp32: real detectors only, not {detector}')
-            if args.end2end and backend == 'tvm-int4' and detector == 'faster-rcnn':
-                continue   # no end-to-end TVM deployment of a two-stage detector
             work = out / detector / f'{backend}_{bits}'
             artifacts[f'{backend} {bits}'] = work
             if args.latency_only:

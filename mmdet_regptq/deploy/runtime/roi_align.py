@@ -12,7 +12,6 @@ up to float32 summation order.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -22,32 +21,33 @@ __all__ = ['roi_align', 'map_roi_levels', 'extract_roi_features']
 _F32 = np.float32
 
 
-def _axis_weights(start: np.float32, bin_size: np.float32, grid: int, pooled: int,
-                  size: int) -> tuple[int, np.ndarray]:
-    """``(first index, [pooled, window] weights)`` of one axis of one RoI (module doc)."""
-    if grid <= 0:
-        return 0, np.zeros((pooled, 0), _F32)
-    step = np.arange(grid, dtype=_F32) + _F32(0.5)
-    pos = (start + np.arange(pooled, dtype=_F32)[:, None] * bin_size
-           + step[None] * bin_size / _F32(grid)).astype(_F32)         # [pooled, grid]
-    valid = (pos >= -1) & (pos <= size)
+def _axis_weights(start: np.ndarray, bin_size: np.ndarray, grid: np.ndarray, pooled: int,
+                  size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One axis of every RoI: ``[K, pooled, size]`` summed sample weights per output bin and
+    the ``[first, last)`` index window each RoI touches (module doc)."""
+    num = len(start)
+    steps = max(int(grid.max(initial=0)), 1)
+    sample = np.arange(steps, dtype=_F32) + _F32(0.5)
+    # mmcv: start + ph * bin_size + (i + 0.5) * bin_size / grid, in float32, in this order
+    pos = (start[:, None, None] + np.arange(pooled, dtype=_F32)[None, :, None]
+           * bin_size[:, None, None]
+           + sample[None, None] * bin_size[:, None, None]
+           / np.maximum(grid, 1).astype(_F32)[:, None, None]).astype(_F32)
+    valid = (np.arange(steps)[None, None] < grid[:, None, None]) & (pos >= -1) & \
+        (pos <= size)
     pos = np.maximum(pos, _F32(0))
-    low = pos.astype(np.int64)
+    low = np.minimum(pos, _F32(size)).astype(np.int64)
     last = low >= size - 1
     low = np.where(last, size - 1, low)
     high = np.where(last, size - 1, low + 1)
-    pos = np.where(last, low.astype(_F32), pos)
-    frac = (pos - low).astype(_F32)
-    w_high = np.where(valid, frac, _F32(0))
-    w_low = np.where(valid, _F32(1) - frac, _F32(0))
-    first = int(low[valid].min()) if valid.any() else 0
-    window = int(high[valid].max()) + 1 - first if valid.any() else 0
-    weights = np.zeros((pooled, max(window, 0)), _F32)
-    rows = np.broadcast_to(np.arange(pooled)[:, None], pos.shape)
-    if window > 0:
-        np.add.at(weights, (rows[valid], low[valid] - first), w_low[valid])
-        np.add.at(weights, (rows[valid], high[valid] - first), w_high[valid])
-    return first, weights
+    frac = np.where(last, _F32(0), pos - low.astype(_F32)).astype(_F32)
+    rows = (np.arange(num)[:, None, None] * pooled + np.arange(pooled)[None, :, None]) * size
+    index = np.concatenate([(rows + low)[valid], (rows + high)[valid]])
+    weight = np.concatenate([(_F32(1) - frac)[valid], frac[valid]])
+    weights = np.bincount(index, weight, minlength=num * pooled * size).astype(_F32)
+    first = np.where(valid, low, size).min(axis=(1, 2))
+    end = np.where(valid, high + 1, 0).max(axis=(1, 2))
+    return weights.reshape(num, pooled, size), first, np.maximum(end, first)
 
 
 def roi_align(feat: np.ndarray, boxes: np.ndarray, output_size: Sequence[int],
@@ -69,22 +69,30 @@ def roi_align(feat: np.ndarray, boxes: np.ndarray, output_size: Sequence[int],
     channels, height, width = feat.shape
     feat = np.asarray(feat, _F32)
     out = np.zeros((len(boxes), channels, out_h, out_w), _F32)
-    offset = _F32(0.5) if aligned else _F32(0)
-    scaled = np.asarray(boxes, _F32) * _F32(spatial_scale) - offset
-    for k, (x1, y1, x2, y2) in enumerate(scaled):
-        roi_w, roi_h = x2 - x1, y2 - y1
-        if not aligned:
-            roi_w, roi_h = max(roi_w, _F32(1)), max(roi_h, _F32(1))
-        bin_h, bin_w = _F32(roi_h / _F32(out_h)), _F32(roi_w / _F32(out_w))
-        grid_h = sampling_ratio if sampling_ratio > 0 else int(math.ceil(roi_h / _F32(out_h)))
-        grid_w = sampling_ratio if sampling_ratio > 0 else int(math.ceil(roi_w / _F32(out_w)))
-        count = _F32(max(grid_h * grid_w, 1))
-        y0, wy = _axis_weights(y1, bin_h, grid_h, out_h, height)
-        x0, wx = _axis_weights(x1, bin_w, grid_w, out_w, width)
-        if wy.shape[1] == 0 or wx.shape[1] == 0:
+    if len(boxes) == 0:
+        return out
+    scaled = np.asarray(boxes, _F32).reshape(-1, 4) * _F32(spatial_scale) - \
+        (_F32(0.5) if aligned else _F32(0))
+    roi_w, roi_h = scaled[:, 2] - scaled[:, 0], scaled[:, 3] - scaled[:, 1]
+    if not aligned:
+        roi_w, roi_h = np.maximum(roi_w, _F32(1)), np.maximum(roi_h, _F32(1))
+    bin_h, bin_w = roi_h / _F32(out_h), roi_w / _F32(out_w)
+    if sampling_ratio > 0:
+        grid_h = grid_w = np.full(len(boxes), sampling_ratio, np.int64)
+    else:
+        grid_h, grid_w = (np.ceil(b).astype(np.int64) for b in (bin_h, bin_w))
+    count = np.maximum(grid_h * grid_w, 1).astype(_F32)
+    wy, y0, y1 = _axis_weights(scaled[:, 1], bin_h, grid_h, out_h, height)
+    wx, x0, x1 = _axis_weights(scaled[:, 0], bin_w, grid_w, out_w, width)
+    for k in range(len(boxes)):
+        if y1[k] <= y0[k] or x1[k] <= x0[k]:
             continue
-        window = feat[:, y0:y0 + wy.shape[1], x0:x0 + wx.shape[1]]
-        out[k] = (wy @ window @ wx.T) / count
+        window = np.ascontiguousarray(feat[:, y0[k]:y1[k], x0[k]:x1[k]])
+        h = window.shape[1]
+        cols = window.reshape(-1, window.shape[2]) @ wx[k, :, x0[k]:x1[k]].T   # [C * h, w']
+        cols = cols.reshape(channels, h, out_w).transpose(1, 0, 2).reshape(h, -1)
+        pooled = wy[k, :, y0[k]:y1[k]] @ cols                                 # [h', C * w']
+        out[k] = pooled.reshape(out_h, channels, out_w).transpose(1, 0, 2) / count[k]
     return out
 
 
