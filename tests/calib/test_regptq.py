@@ -349,6 +349,63 @@ def test_fisher_share_takes_later_units_gradients_from_one_pass(monkeypatch):
         RegPTQ(experimental=dict(fisher_share=0))
 
 
+def test_max_tail_units_far_units_run_no_tail_and_share_fisher(monkeypatch, caplog):
+    """schedule.max_tail_units=2 on the toy's 8 units: units 0-4 have more than 2 units
+    after them (far): no L_G, no tail in their iterations, Fisher weights from one pass per
+    2 far units (non-zero, FisherMSE still trains them); units 5-7 run as without the
+    bound (own Fisher pass, L_G)."""
+    from mmdet_regptq.calib import capture as capture_module
+    from mmdet_regptq.calib.methods.base import is_far
+    passes, global_units, fisher_units = [], [], []
+
+    def check_fisher(self, ctx):
+        assert ctx.fisher is not None and any(g.abs().sum() > 0 for g in ctx.fisher)
+        fisher_units.append(ctx.unit.name)
+
+    _spy(monkeypatch, capture_module, '_output_grads', lambda *a: passes.append(a[1].name))
+    _spy(monkeypatch, GlobalLoss, '__call__', lambda self, ctx: global_units.append(
+        ctx.unit.name))
+    _spy(monkeypatch, FisherMSE, '__call__', check_fisher)
+    method = RegPTQ(iters=4, progress=False, log_interval=0, llaq=dict(target=None),
+                    schedule=dict(max_tail_units=2))
+    logger = logging.getLogger('test_regptq_far')
+    with caplog.at_level(logging.INFO, logger='test_regptq_far'):
+        stats = method.calibrate(make_quant(make_float()), make_batches(2), forward_fn,
+                                 global_loss=output_mse, logger=logger)
+    assert all(math.isfinite(s.loss_after) for s in stats)
+    names = [s.unit for s in stats]
+    assert len(names) == 8 and [is_far(k, 8, 2) for k in range(8)] == [True] * 5 + [False] * 3
+    near = names[5:]
+    assert passes == [n for n in names[0:5:2] + near for _ in range(2)]   # 2 batches
+    assert sorted(set(global_units)) == sorted(near)                       # L_G: near only
+    assert sorted(set(fisher_units)) == sorted(names)
+    assert all(s.tail_share == 0 for s in stats[:5]) and all(s.tail_share > 0 for s in stats[5:])
+    assert caplog.text.count('far: shared Fisher pass, no L_G') == 5
+    assert is_far(0, 8, None) is False
+
+
+def test_max_tail_units_not_reached_is_bit_identical_to_unset():
+    """A bound no unit exceeds (7 units after the first of 8) runs exactly the code without
+    it: identical calibrated tensors."""
+    float_model, batches = make_float(), make_batches(2)
+    states = []
+    for bound in (None, 7):
+        torch.manual_seed(0)
+        model = make_quant(float_model)
+        RegPTQ(iters=3, progress=False, log_interval=0, llaq=dict(target=None),
+               schedule=dict(global_interval=2, max_tail_units=bound)).calibrate(
+            model, batches, forward_fn, global_loss=output_mse)
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize('bound', [0, -1, True, 2.0, '8'])
+def test_max_tail_units_is_checked_at_config_load(bound):
+    with pytest.raises(ValueError, match=r'schedule: max_tail_units=.* allowed None .*int >= 1'):
+        RegPTQ(schedule=dict(max_tail_units=bound))
+
+
 def test_units_tail_fn_never_calls_reconstruct_local_only(monkeypatch, caplog):
     """With ``tail_fn`` (a forward without an auxiliary branch the global loss never reads,
     like Mask R-CNN's mask head), the branch's unit runs no tail: no TailRunner.prepare,

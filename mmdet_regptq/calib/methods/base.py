@@ -112,6 +112,9 @@ class PTQMethod:
         self.tail_interval = 1
         #: Fisher gradients of this many consecutive units from one pass (methods with them)
         self.fisher_share = 1
+        #: depth bound: units with more units after them run no tail of their own
+        #: (:func:`is_far`; ``None``: off)
+        self.max_tail_units: int | None = None
         #: what the iterations without the tail draw (``reconstruct(local_draw=...)``)
         self.local_draw = 'batch'
         self.warmup = warmup
@@ -313,9 +316,13 @@ class PTQMethod:
                                         spill_dir=self.spill_dir)
                 losses = self.losses(unit, output_fn=output_fn, global_loss=global_loss)
                 unit_tail, unit_grad_loss = tail, grad_loss
+                far = is_far(k, len(units), self.max_tail_units)
                 if tail is not None and not tail.reaches_loss(unit):
                     losses = local_only(losses)   # its final-output gradient is zero
                     unit_tail, unit_grad_loss = None, None
+                    far = False
+                elif far:   # depth bound: no L_G; Fisher weights from a shared pass
+                    losses = [t for t in losses if not t.needs_final_outputs]
                 if unit_tail is not None:   # the prefix does not depend on unit k's state
                     # only the unit reconstructed last changed since the last prepare: the
                     # stored prefixes (quantized and FP) are extended, not recomputed
@@ -323,8 +330,10 @@ class PTQMethod:
                 given = shared.pop(unit.name, None) if unit_grad_loss is not None else None
                 share_with = []
                 if unit_grad_loss is not None and given is None:
-                    share_with = [u for u in units[k + 1:k + self.fisher_share]
-                                  if tail is None or tail.reaches_loss(u)]
+                    group = self.max_tail_units if far else self.fisher_share
+                    share_with = [u for i, u in enumerate(units[k + 1:k + group], k + 1)
+                                  if (tail is None or tail.reaches_loss(u))
+                                  and is_far(i, len(units), self.max_tail_units) == far]
                     shared.update({u.name: ActivationCache(
                         max_bytes=self.cache_max_bytes // len(share_with),
                         spill_dir=self.spill_dir) for u in share_with})
@@ -339,13 +348,15 @@ class PTQMethod:
                 groups = self.prepare_unit(unit)
                 unit.set_quant(True)
                 stats = reconstruct(
-                    unit, cache, iters=self.iters, param_groups=groups, tail=unit_tail,
+                    unit, cache, iters=self.iters, param_groups=groups,
+                    tail=None if far else unit_tail,
                     losses=losses, drop_prob=self.drop_prob, fp_input_prob=self.fp_input_prob,
                     seed=seed + k, log_interval=self.log_interval, logger=logger,
                     tail_interval=self.tail_interval, local_draw=self.local_draw)
                 cache.clear()
                 all_stats.append(stats)
                 tail_note = ('' if tail is None else ', local only' if unit_tail is None
+                             else ', far: shared Fisher pass, no L_G' if far
                              else f', tail {stats.tail_share:.0%}')
                 logger.info(
                     f'[{k + 1}/{len(units)}] {unit.name} ({unit.kind}, {len(unit.layers)} '
@@ -395,6 +406,16 @@ def build_method(cfg: PTQMethod | Mapping[str, Any]) -> PTQMethod:
         return build_from(PTQ_METHODS, dict(cfg), 'method')
     except TypeError as err:   # a value of the wrong type inside a constructor
         raise ValueError(f'method: {err}') from None
+
+
+def is_far(index: int, num_units: int, max_tail_units: int | None) -> bool:
+    """Whether unit ``index`` of ``num_units`` is beyond the depth bound: more than
+    ``max_tail_units`` units after it (``None``: no bound, no unit is far).
+
+    A far unit runs no tail forward of its own: no final-output loss term, and its Fisher
+    weights come from one pass shared by up to ``max_tail_units`` consecutive far units.
+    """
+    return max_tail_units is not None and num_units - 1 - index > max_tail_units
 
 
 def local_only(losses: Sequence[ReconLoss]) -> list[ReconLoss]:

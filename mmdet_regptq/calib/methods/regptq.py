@@ -74,6 +74,7 @@ class RegPTQ(QDrop):
         # the reconstruction loop's settings (PTQMethod attributes) from the groups
         self.tail_interval = self.schedule.global_interval
         self.fisher_share = self.experimental.fisher_share
+        self.max_tail_units = self.schedule.max_tail_units
         self.local_draw = self.experimental.local_draw
         self._global_term: GlobalLoss | None = None
 
@@ -223,7 +224,7 @@ class RegPTQ(QDrop):
 
         def unit_end(k: int, unit: ReconUnit, stats: ReconStats) -> None:
             term = self._global_term
-            if term is not None:
+            if term is not None and (stats.tail_share > 0 or term.seconds > 0):
                 totals['tail'] += stats.tail_share * stats.seconds
                 totals['loss'] += term.seconds
                 totals['seconds'] += stats.seconds

@@ -138,6 +138,14 @@ class ScheduleConfig:
             (``RANGE_METHODS``; ``'lp'``: the Lp search, re-run only where another method was
             configured; ``None``: keep the policy's).
         init_p: exponent of the ``'lp'`` search (2.4).
+        max_tail_units: depth bound (``None``: off, every unit runs its own tails). A unit
+            with more than this many units after it (a *far* unit) runs no tail forward of
+            its own: no ``L_G`` term, and its Fisher weights come from one pass shared by
+            ``max_tail_units`` consecutive far units (``experimental.fisher_share``'s
+            mechanism). The units closer to the output run as without the bound. A far
+            unit then costs at most ``1 / max_tail_units`` of a pass over the network after
+            it, so a unit costs at most about ``max(max_tail_units, num_units /
+            max_tail_units)`` units' forward + backward instead of ``num_units``.
     """
 
     global_loss: bool = True
@@ -145,6 +153,7 @@ class ScheduleConfig:
     global_interval: int = 32
     init_scale_method: str | None = 'lp'
     init_p: float = 2.4
+    max_tail_units: int | None = None
 
     def __post_init__(self) -> None:
         _check_bool('global_loss', self.global_loss)
@@ -152,6 +161,11 @@ class ScheduleConfig:
         _check_count('global_interval', self.global_interval, 1)
         _check_choice('init_scale_method', self.init_scale_method, [*RANGE_METHODS, None])
         _check_number('init_p', self.init_p, 0, above=True)
+        if self.max_tail_units is not None:
+            if isinstance(self.max_tail_units, bool) or not isinstance(
+                    self.max_tail_units, int) or self.max_tail_units < 1:
+                _fail(f'max_tail_units={self.max_tail_units!r} is invalid; allowed None (no '
+                      'bound) or an int >= 1')
 
 
 @dataclass(frozen=True)
