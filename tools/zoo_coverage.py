@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 
 from mmdet_regptq.zoo import SweepOptions, representatives, run_sweep
+from mmdet_regptq.zoo.probe import DEFAULT_MAX_TAIL_UNITS
 from mmdet_regptq.zoo.probe import main as probe_main
 
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--wall-timeout', type=int, default=4 * 3600,
                         help='wall-clock seconds per config')
     parser.add_argument('--method', default=None, help='PTQ method (default: RegPTQ)')
+    parser.add_argument('--max-tail-units', type=int, default=DEFAULT_MAX_TAIL_UNITS,
+                        help="Reg-PTQ's depth bound schedule.max_tail_units: a unit with more "
+                             'units after it runs no tail of its own (0: no bound)')
     parser.add_argument('--record', default=SweepOptions.record,
                         help='committed rows: seeds folders without a stored result and is '
                              'rewritten after each finished row ("" turns it off)')
@@ -64,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.one:
         one = ['--max-size', str(args.max_size), '--iters', str(args.iters),
-               '--max-proposals', str(args.max_proposals)]
+               '--max-proposals', str(args.max_proposals),
+               '--max-tail-units', str(args.max_tail_units)]
         probe_main([args.one, *one, *(['--result', args.result] if args.result else []),
                     *(['--method', args.method] if args.method else [])])
         return

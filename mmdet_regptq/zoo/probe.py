@@ -25,6 +25,12 @@ __all__ = ['run_one', 'conv_linear_ids', 'count_quantized', 'finite_outputs',
 
 #: the calibration method of the sweep
 DEFAULT_METHOD = 'RegPTQ'
+#: Reg-PTQ's depth bound in the sweep (``schedule.max_tail_units``): a unit with more units
+#: after it runs no tail of its own. With 2 iterations per unit a unit's tails (Fisher pass
+#: + one ``L_G`` iteration) are two forward + backward passes of the rest of the network, so
+#: without it the cost grows with the square of the depth (Hourglass-104, DINO); 32 leaves
+#: every config with at most 33 units as without the bound.
+DEFAULT_MAX_TAIL_UNITS = 32
 
 
 def conv_linear_ids(model: Any) -> set[int]:
@@ -91,8 +97,12 @@ def _add_note(row: dict, note: str) -> None:
 
 
 def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | None = None,
-            seed: int = 0, on_stage: Any = None, max_proposals: int = 100) -> dict:
+            seed: int = 0, on_stage: Any = None, max_proposals: int = 100,
+            max_tail_units: int | None = DEFAULT_MAX_TAIL_UNITS) -> dict:
     """Build, FP-predict, quantize, calibrate and predict one zoo config (this process).
+
+    ``max_tail_units``: Reg-PTQ's ``schedule.max_tail_units`` (``None``: no bound; other
+    methods ignore it). A row where it bit says so in its note (how many units were far).
 
     ``on_stage(row)`` is called after the FP prediction, after each calibrated unit and after
     the calibration, so that a parent that kills this process on timeout still knows how
@@ -168,13 +178,20 @@ def run_one(config: str, *, max_size: int = 320, iters: int = 2, method: str | N
         row['n_conv_linear'] = len(float_ids)
         row['stage'] = 'quantize+calibrate'
         on_stage(row)
+        method_cfg = dict(type=method, iters=iters, progress=False, log_interval=0)
+        if method == 'RegPTQ' and max_tail_units is not None:
+            method_cfg['schedule'] = dict(max_tail_units=max_tail_units)
+            row['max_tail_units'] = max_tail_units
         result = quantize_detector(
-            model, [batch], quant=dict(w_bits=4, a_bits=4),
-            method=dict(type=method, iters=iters, progress=False, log_interval=0),
+            model, [batch], quant=dict(w_bits=4, a_bits=4), method=method_cfg,
             seed=seed, logger=logger, on_unit_end=lambda k, unit, stats: (
                 row.update(units_done=k + 1, last_unit=unit.name), on_stage(row)))
         row['n_quantized'] = count_quantized(model, float_ids)
         row['n_units'] = len(result.get('stats', []))
+        far = max(0, row['n_units'] - 1 - max_tail_units) if 'max_tail_units' in row else 0
+        if far:
+            _add_note(row, f'depth bound: {far} of {row["n_units"]} units far (no own tail, '
+                           f'--max-tail-units {max_tail_units})')
         row['calibrated'] = True
         row['stage'] = 'predict'
         on_stage(row)
@@ -207,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--iters', type=int, default=2)
     parser.add_argument('--max-proposals', type=int, default=100)
     parser.add_argument('--method', default=None)
+    parser.add_argument('--max-tail-units', type=int, default=DEFAULT_MAX_TAIL_UNITS,
+                        help="Reg-PTQ's schedule.max_tail_units (0: no bound)")
     args = parser.parse_args(argv)
 
     def write(row: dict) -> None:
@@ -214,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_text(json.dumps(row, indent=1), args.result)
 
     row = run_one(args.config, max_size=args.max_size, iters=args.iters, method=args.method,
-                  on_stage=write, max_proposals=args.max_proposals)
+                  on_stage=write, max_proposals=args.max_proposals,
+                  max_tail_units=args.max_tail_units or None)
     write(row)
     print(json.dumps(row, indent=1))
 

@@ -116,6 +116,8 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: Any) -> str:
         f'Command: `nice -n 15 env OMP_NUM_THREADS=1 .venv/bin/python tools/zoo_coverage.py '
         f'--max-size {args.max_size} --iters {args.iters} --timeout {args.timeout} '
         f'--max-proposals {args.max_proposals}'
+        + (f' --max-tail-units {args.max_tail_units}'
+           if getattr(args, 'max_tail_units', None) is not None else '')
         + (f' --method {args.method}' if args.method else '') + '`', '',
         f'- folders swept: {len(rows)} (+{len(skipped)} out of scope)'
         + (f'; not run yet: {len(missing)} ({", ".join(missing)})' if missing else ''),
@@ -126,7 +128,11 @@ def render(rows: list[dict], skipped: list[tuple[str, str]], args: Any) -> str:
         f'- calibration method: {", ".join(methods)} ({args.iters} iterations per unit, '
         '2 synthetic images, W4A4 default policy)',
         '- two-stage rows whose note says "RPN proposals N -> M" ran with the proposal cap; '
-        'two-stage rows without that note ran with the config\'s own count', '',
+        'two-stage rows without that note ran with the config\'s own count',
+        '- rows whose note says "depth bound" ran with Reg-PTQ\'s `max_tail_units` '
+        '(`--max-tail-units`; the units further from the output run no tail of their own); '
+        'the other rows ran without a bound, which gives the same calibration where a '
+        'config has at most `--max-tail-units` + 1 units', '',
         '| folder | config | input | FP builds+predicts | % Conv/Linear quantized | '
         'calibrated | predicted | s | error |',
         '|---|---|---|---|---|---|---|---|---|']

@@ -16,6 +16,7 @@ from pathlib import Path
 from mmdet_regptq.bench.models import REPO_ROOT
 from mmdet_regptq.io import atomic_write_text
 from mmdet_regptq.zoo.configs import representatives, zoo_root
+from mmdet_regptq.zoo.probe import DEFAULT_MAX_TAIL_UNITS
 from mmdet_regptq.zoo.report import (finalize, progress_text, quantized_share, render,
                                       timeout_row, yes_no)
 
@@ -36,6 +37,7 @@ class SweepOptions:
     timeout: int = 900
     wall_timeout: int = 4 * 3600
     method: str | None = None
+    max_tail_units: int = DEFAULT_MAX_TAIL_UNITS
     record: str = str(DEFAULT_RECORD)
     only: str = ''
     rerun: bool = False
@@ -60,7 +62,8 @@ def interrupted_row(results: Path, folder: str) -> dict | None:
 def _run_child(config: Path, out_json: Path, log: Path, args: SweepOptions) -> dict:
     cmd = [sys.executable, '-m', 'mmdet_regptq.zoo', str(config),
            '--result', str(out_json), '--max-size', str(args.max_size),
-           '--iters', str(args.iters), '--max-proposals', str(args.max_proposals)]
+           '--iters', str(args.iters), '--max-proposals', str(args.max_proposals),
+           '--max-tail-units', str(args.max_tail_units)]
     if args.method:
         cmd += ['--method', args.method]
     def limit_cpu() -> None:   # CPU seconds, not wall time: the machine is shared
