@@ -161,6 +161,23 @@ def test_onnxruntime_int8_end2end_two_stage_finds_the_fake_quant_detections(quan
         assert ((iou > 0.8) & same).any(dim=1).float().mean() >= 0.8
 
 
+def _assert_wrapper_runs_the_work_dir(result, work: Path) -> None:
+    """mmdeploy's wrapper of the backend files (what ``End2EndModel`` evaluates), asked for
+    ``dets`` / ``labels``, gives the torch-free runtime's detections."""
+    from mmdeploy.backend.base import get_backend_manager
+
+    from mmdet_regptq.deploy.runtime.detector import Detector
+
+    x = np.load(work / 'reference_end2end.npz')['input']
+    wrapper = get_backend_manager('tvm_int4').build_wrapper(result.backend_files, 'cpu',
+                                                            output_names=['dets', 'labels'])
+    outs = wrapper({'input': torch.from_numpy(x)})
+    dets, labels = Detector(work).run(x)
+    assert outs['dets'].shape == (1, len(dets), 5) and len(dets) > 0
+    np.testing.assert_array_equal(outs['dets'][0].numpy(), dets)
+    np.testing.assert_array_equal(outs['labels'][0].numpy(), labels)
+
+
 def test_tvm_int4_end2end_runs_without_torch_and_matches_predict(quantized, tmp_path,
                                                                 run_without_torch):
     """TVM INT4 (raw graph) + the NumPy post-processor, run without torch."""
@@ -170,6 +187,7 @@ def test_tvm_int4_end2end_runs_without_torch_and_matches_predict(quantized, tmp_
     spec = json.loads((work / 'spec.json').read_text())
     assert spec['backend'] == 'tvm_int4' and spec['postprocess']['score_factors']
     assert any('same labels' in note for note in result.notes), result.notes
+    _assert_wrapper_runs_the_work_dir(result, work)
     found = run_without_torch(work, IMAGES)
     for image in IMAGES:
         want = _predict(model, image)
@@ -223,6 +241,7 @@ def test_tvm_int4_end2end_two_stage_runs_without_torch_and_matches_predict(quant
     assert (work / spec['model'] / 'model.so').is_file()
     assert (work / spec['roi_model'] / 'model.so').is_file()
     assert any('same labels' in note for note in result.notes), result.notes
+    _assert_wrapper_runs_the_work_dir(result, work)
     found = run_without_torch(work, IMAGES)
     for image in IMAGES:
         want = _predict(model, image)
