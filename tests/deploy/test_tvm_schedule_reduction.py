@@ -66,3 +66,31 @@ def test_long_reduction_interleaves_chains(single_thread):
     text = schedule_cpu(mod).script()
     assert 'T.unroll(T.int64(4))' in text and 'T.unroll(T.int64(8))' in text
     assert 'range(T.int64(8192))' in text and 'T.parallel(T.int64(4))' in text
+
+
+def test_pooling_window_vectorized_exactly(single_thread, monkeypatch):
+    """A 3x3 / stride-2 max pool (the ResNet stem's) gets 16 output columns as vector lanes
+    inside its window loops: the same values as the scalar schedule and as torch."""
+    import torch
+    from onnx import TensorProto, helper
+
+    from mmdet_regptq.deploy.tvm import schedule
+
+    graph = helper.make_graph(
+        [helper.make_node('MaxPool', ['x'], ['y'], kernel_shape=[3, 3], strides=[2, 2],
+                          pads=[1, 1, 1, 1])], 'pool',
+        [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, 5, 40, 64])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, [1, 5, 20, 32])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
+    x = np.random.default_rng(2).standard_normal((1, 5, 40, 64)).astype(np.float32)
+    applied = []
+    original = schedule._vectorize_short_reduction
+    monkeypatch.setattr(schedule, '_vectorize_short_reduction',
+                        lambda *a: applied.append(original(*a)) or applied[-1])
+    fast = _run(model, x)
+    assert applied == [True]
+    monkeypatch.setattr(schedule, '_vectorize_short_reduction', lambda *a: False)
+    serial = _run(model, x)
+    np.testing.assert_array_equal(fast, serial)
+    ref = torch.nn.functional.max_pool2d(torch.from_numpy(x), 3, 2, 1).numpy()
+    np.testing.assert_array_equal(fast, ref)

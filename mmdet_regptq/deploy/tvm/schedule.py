@@ -22,7 +22,10 @@ kind of block, after ``LegalizeOps`` / ``FuseTIR``:
 - every other block without reduction axes: the outer loops fused and parallel, the
   innermost loop vectorized when it is short;
 - a reduction block (GroupNorm mean / variance, pooling windows): its leading spatial
-  loops fused and parallel.
+  loops fused and parallel; a long one (GroupNorm's statistics) with 4 outputs' add chains
+  interleaved inside its loop, a short one (a pooling window) with 16 neighbouring outputs
+  as vector lanes inside the window loops; either way every output is reduced in the same
+  order as before, so the values are bit-identical.
 
 Any block a rule cannot handle is left unscheduled (logged at DEBUG): the schedule only
 changes loop structure, never the computed values (integer results are identical; float
@@ -217,6 +220,12 @@ def _schedule_reduction(sch: Any, block: Any) -> None:
     if not spatial or len(loops) != len(types):
         raise ValueError('loops do not follow the block iterators')
     reduce = loops[n_spatial:]
+    window = 1
+    for lp in reduce:
+        window *= _extent(sch, lp) or _LONG_REDUCTION
+    if window < _LONG_REDUCTION and all(t == 2 for t in types[n_spatial:]) and \
+            _vectorize_short_reduction(sch, block, spatial, reduce):
+        return
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     outputs = _extent(sch, fused) or 1
     terms = 1
@@ -237,6 +246,24 @@ def _schedule_reduction(sch: Any, block: Any) -> None:
         return
     if outputs > 1:
         sch.parallel(fused)
+
+
+def _vectorize_short_reduction(sch: Any, block: Any, spatial: list, reduce: list) -> bool:
+    """A short reduction (a pooling window) over many outputs: ``_LANES`` neighbouring
+    outputs of the innermost spatial loop as the vector lanes, inside the window loops
+    (each output still reduced in the same order: bit-identical). Returns whether applied."""
+    inner = _extent(sch, spatial[-1]) or 1
+    lanes = largest_divisor(inner, _LANES)
+    if lanes < 8 or not reduce:
+        return False
+    s_o, s_i = sch.split(spatial[-1], [None, lanes])
+    outer = sch.fuse(*spatial[:-1], s_o) if len(spatial) > 1 else s_o
+    sch.reorder(outer, *reduce, s_i)
+    if (_extent(sch, outer) or 1) > 1:
+        sch.parallel(outer)
+    sch.vectorize(s_i)              # before decompose_reduction (needs the init)
+    sch.decompose_reduction(block, reduce[0])
+    return True
 
 
 def _replace(mod: Any, gv: Any, func: Any) -> Any:
