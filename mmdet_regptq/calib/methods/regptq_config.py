@@ -142,10 +142,11 @@ class ScheduleConfig:
             with more than this many units after it (a *far* unit) runs no tail forward of
             its own: no ``L_G`` term, and its Fisher weights come from one pass shared by
             ``max_tail_units`` consecutive far units (``experimental.fisher_share``'s
-            mechanism). The units closer to the output run as without the bound. A far
-            unit then costs at most ``1 / max_tail_units`` of a pass over the network after
-            it, so a unit costs at most about ``max(max_tail_units, num_units /
-            max_tail_units)`` units' forward + backward instead of ``num_units``.
+            mechanism). The units closer to the output run as without the bound. Averaged
+            over a group, a far unit's Fisher pass is ``1 / max_tail_units`` of a pass over
+            the network after it, so a unit costs on average at most about
+            ``max(max_tail_units, num_units / max_tail_units)`` units' forward + backward
+            instead of up to ``num_units``.
     """
 
     global_loss: bool = True
