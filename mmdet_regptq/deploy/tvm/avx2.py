@@ -20,7 +20,8 @@ layer's weights at build time and gives such layers the generic schedule, and th
 checks again when it loads the weights.
 
 Layout and tiling are ``tvm/vnni.py``'s with 256-bit vectors: the padded uint8 input
-``[N * C/4, H+pads, W+pads, 4]`` built inside in parallel, the weight
+``[N * C/4, H+pads, W+pads, 4]`` built inside in parallel by the same pack
+(``tvm/conv_input.py``), the weight
 ``[K/8, C/4, kh, kw, 8, 4]`` int8 (lifted out of the inference), ``TK`` blocks of 8
 output channels x ``TX`` output columns of accumulators (<= 10 of the 16 ymm registers:
 the others hold the ones, a broadcast input, the weights and the int16 pair sums).
@@ -30,6 +31,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from mmdet_regptq.deploy.tvm.conv_input import conv_geometry, input_pack
 from mmdet_regptq.deploy.tvm.schedule import largest_divisor
 
 __all__ = ['MAX_WEIGHT', 'conv_avx2_kernel', 'weights_fit_avx2']
@@ -45,10 +47,6 @@ def weights_fit_avx2(max_abs_weight: int | None) -> bool:
     """Whether weights of magnitude ``<= max_abs_weight`` are exact on the AVX2 kernel
     (None: unknown, so not)."""
     return max_abs_weight is not None and 0 <= max_abs_weight <= MAX_WEIGHT
-
-
-def _out_size(size: int, pad_sum: int, kernel: int, stride: int, dilation: int) -> int:
-    return (size + pad_sum - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _tiles(k_blocks: int, out_w: int) -> tuple[int, int]:
@@ -67,18 +65,16 @@ def conv_avx2_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
     blocked by 8 output channels: ``[K/8, C/4, kh, kw, 8, 4]``)."""
     from tvm.script import tirx as T
 
-    pt, pl, pb, pr = pads
     sh, sw = stride
     dh, dw = dilation
-    CB, KO = -(-c // 4), -(-k // LANES)
-    HP, WP = h + pt + pb, w + pl + pr
-    OH, OW = _out_size(h, pt + pb, kh, sh, dh), _out_size(w, pl + pr, kw, sw, dw)
+    CB, HP, WP, OH, OW = conv_geometry(c, h, w, kh, kw, pads, stride, dilation)
+    KO = -(-k // LANES)
     TK, TX = _tiles(KO, OW)
     XO, PER_IMAGE = OW // TX, KO // TK * OH
-    TILES, ROWS = n * PER_IMAGE, n * CB * HP
-    N, C, H, W, K, KH, KW, PT, PL = n, c, h, w, k, kh, kw, pt, pl
+    TILES = n * PER_IMAGE
+    N, C, H, W, K, KH, KW = n, c, h, w, k, kh, kw
     IN_DTYPE = input_dtype
-    SHIFT, PAD = (128, 128) if input_dtype == 'int8' else (0, pad_code)
+    pack = input_pack(n, c, h, w, pads, input_dtype, pad_code, 'avx2_pack')
 
     @T.prim_func(s_tir=True)
     def conv_avx2(x: T.Buffer((N, C, H, W), IN_DTYPE),
@@ -87,20 +83,7 @@ def conv_avx2_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                   out: T.Buffer((N, K, OH, OW), 'int32')):
         T.func_attr({'tirx.noalias': True, 'regptq_scheduled': True})
         data = T.alloc_buffer((N * CB, HP, WP, 4), 'uint8')
-        for row in T.parallel(ROWS):
-            with T.sblock('avx2_pack'):
-                vr = T.axis.spatial(ROWS, row)
-                T.reads(x[0:N, 0:C, 0:H, 0:W])
-                T.writes(data[vr // HP, vr % HP, 0:WP, 0:4])
-                for ci, col in T.grid(4, WP):          # read x along its rows
-                    data[vr // HP, vr % HP, col, ci] = T.Select(
-                        (vr // HP) % CB * 4 + ci < C and vr % HP >= PT and vr % HP < H + PT
-                        and col >= PL and col < W + PL,
-                        T.Cast('uint8', T.Cast('int32', x[
-                            vr // HP // CB, T.min((vr // HP) % CB * 4 + ci, C - 1),
-                            T.max(T.min(vr % HP - PT, H - 1), 0),
-                            T.max(T.min(col - PL, W - 1), 0)]) + SHIFT),
-                        T.uint8(PAD))
+        pack(x, data)
         for t in T.parallel(TILES):
             with T.sblock('avx2_tile'):
                 vt = T.axis.spatial(TILES, t)

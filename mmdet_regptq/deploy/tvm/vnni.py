@@ -13,9 +13,8 @@ One PrimFunc per convolution shape, called from Relax with ``call_tir``:
   float rescale / ReLU / requantize that follows stays a plain elementwise loop;
 - inside, first (in parallel) a padded **uint8** copy of the input in the blocked layout
   ``[N * C/4, H+pads, W+pads, 4]`` = code + 128 (padding = 128, i.e. code 0), one padded
-  row per iteration: its border filled, then its ``W`` columns with four channels each,
-  without a bounds test per byte (a bounds-tested byte loop cost 10-30 % of a 64-channel
-  3x3 conv);
+  row per iteration without a bounds test per byte (``tvm/conv_input.py``, shared with the
+  AVX2 kernel);
 - weight ``[K/16, C/4, kh, kw, 16, 4]`` int8, zero-padded to multiples of 16 and 4, and
   the per-channel ``128 * sum(W[k])``: both computed in Relax from the OIHW weight, so
   ``LiftTransformParams`` moves them out of the inference into a once-at-load function.
@@ -42,6 +41,7 @@ from typing import Any
 
 from mmdet_regptq.deploy.tvm.avx2 import LANES as AVX2_LANES
 from mmdet_regptq.deploy.tvm.avx2 import conv_avx2_kernel
+from mmdet_regptq.deploy.tvm.conv_input import conv_geometry, input_pack, out_size
 from mmdet_regptq.deploy.tvm.schedule import largest_divisor
 
 __all__ = ['has_vnni', 'has_avx2', 'int8_kernel', 'INT8_KERNELS', 'conv_vnni_kernel',
@@ -89,10 +89,6 @@ def int8_kernel(target: Any, requested: str = 'auto') -> str:
     return requested
 
 
-def _out_size(size: int, pad_sum: int, kernel: int, stride: int, dilation: int) -> int:
-    return (size + pad_sum - dilation * (kernel - 1) - 1) // stride + 1
-
-
 def _tiles(k_blocks: int, out_w: int) -> tuple[int, int]:
     tk = 2 if k_blocks % 2 == 0 else 1
     tx = largest_divisor(out_w, min(12, _MAX_ACCUMULATORS // tk))
@@ -114,18 +110,16 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
     """
     from tvm.script import tirx as T
 
-    pt, pl, pb, pr = pads
     sh, sw = stride
     dh, dw = dilation
-    CB, KO = -(-c // 4), -(-k // 16)
-    HP, WP = h + pt + pb, w + pl + pr
-    OH, OW = _out_size(h, pt + pb, kh, sh, dh), _out_size(w, pl + pr, kw, sw, dw)
+    CB, HP, WP, OH, OW = conv_geometry(c, h, w, kh, kw, pads, stride, dilation)
+    KO = -(-k // 16)
     TK, TX = _tiles(KO, OW)
     XO, PER_IMAGE = OW // TX, KO // TK * OH
-    TILES, ROWS = n * PER_IMAGE, n * CB * HP
-    N, C, H, W, K, KH, KW, PT, PL = n, c, h, w, k, kh, kw, pt, pl
+    TILES = n * PER_IMAGE
+    N, C, H, W, K, KH, KW = n, c, h, w, k, kh, kw
     IN_DTYPE = input_dtype
-    SHIFT, PAD = (128, 128) if input_dtype == 'int8' else (0, pad_code)
+    pack = input_pack(n, c, h, w, pads, input_dtype, pad_code, 'vnni_pack')
 
     @T.prim_func(s_tir=True)
     def conv_vnni(x: T.Buffer((N, C, H, W), IN_DTYPE),
@@ -134,29 +128,7 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                   out: T.Buffer((N, K, OH, OW), 'int32')):
         T.func_attr({'tirx.noalias': True, 'regptq_scheduled': True})
         data = T.alloc_buffer((N * CB, HP, WP, 4), 'uint8')
-        for row in T.parallel(ROWS):
-            with T.sblock('vnni_pack'):
-                vr = T.axis.spatial(ROWS, row)
-                T.reads(x[0:N, 0:C, 0:H, 0:W])
-                T.writes(data[vr // HP, vr % HP, 0:WP, 0:4])
-                if vr % HP >= PT and vr % HP < H + PT:
-                    # border columns, then the row itself: four channels interleaved,
-                    # read along x's rows (no per-byte bounds check: vectorizable)
-                    for col, ci in T.grid(PL, 4):
-                        data[vr // HP, vr % HP, col, ci] = T.uint8(PAD)
-                    for col, ci in T.grid(WP - W - PL, 4):
-                        data[vr // HP, vr % HP, W + PL + col, ci] = T.uint8(PAD)
-                    for col in T.serial(W):
-                        for ci in T.unroll(4):
-                            data[vr // HP, vr % HP, col + PL, ci] = T.Select(
-                                (vr // HP) % CB * 4 + ci < C,
-                                T.Cast('uint8', T.Cast('int32', x[
-                                    vr // HP // CB, T.min((vr // HP) % CB * 4 + ci, C - 1),
-                                    vr % HP - PT, col]) + SHIFT),
-                                T.uint8(PAD))
-                else:
-                    for col, ci in T.grid(WP, 4):
-                        data[vr // HP, vr % HP, col, ci] = T.uint8(PAD)
+        pack(x, data)
         for t in T.parallel(TILES):
             with T.sblock('vnni_tile'):
                 vt = T.axis.spatial(TILES, t)
@@ -269,7 +241,7 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
     build_kernel = conv_vnni_kernel if isa == 'vnni' else conv_avx2_kernel
     kernel = build_kernel(n, c, h, wd, k, kh, kw, pads4, (sh, sw), (dh, dw),
                           'uint8' if unsigned else 'int8', offset if unsigned else 0)
-    out_h, out_w = _out_size(h, pt + pb, kh, sh, dh), _out_size(wd, pl + pr, kw, sw, dw)
+    out_h, out_w = out_size(h, pt + pb, kh, sh, dh), out_size(wd, pl + pr, kw, sw, dw)
     prefix = f'conv_{isa}_u8z{offset}_' if unsigned else f'conv_{isa}_'
     name = (f'{prefix}n{n}_c{c}_k{k}_{h}x{wd}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_'
             f'p{"_".join(map(str, pads4))}')
