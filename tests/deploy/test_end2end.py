@@ -178,6 +178,17 @@ def _assert_wrapper_runs_the_work_dir(result, work: Path) -> None:
     np.testing.assert_array_equal(outs['labels'][0].numpy(), labels)
 
 
+def _assert_tvm_work_dir_gives_predict(model, result, work, run_without_torch) -> None:
+    """The mmdeploy wrapper and the torch-free runtime of a TVM work dir both give the
+    fake-quant model's detections (boxes within 1e-3 relative)."""
+    _assert_wrapper_runs_the_work_dir(result, work)
+    found = run_without_torch(work, IMAGES)
+    for image in IMAGES:
+        want = _predict(model, image)
+        got = _as_arrays(found[str(image)])
+        _assert_same(got, (want[0], np.round(want[1], 4), want[2]), rtol=1e-3)
+
+
 def test_tvm_int4_end2end_runs_without_torch_and_matches_predict(quantized, tmp_path,
                                                                 run_without_torch):
     """TVM INT4 (raw graph) + the NumPy post-processor, run without torch."""
@@ -187,12 +198,7 @@ def test_tvm_int4_end2end_runs_without_torch_and_matches_predict(quantized, tmp_
     spec = json.loads((work / 'spec.json').read_text())
     assert spec['backend'] == 'tvm_int4' and spec['postprocess']['score_factors']
     assert any('same labels' in note for note in result.notes), result.notes
-    _assert_wrapper_runs_the_work_dir(result, work)
-    found = run_without_torch(work, IMAGES)
-    for image in IMAGES:
-        want = _predict(model, image)
-        got = _as_arrays(found[str(image)])
-        _assert_same(got, (want[0], np.round(want[1], 4), want[2]), rtol=1e-3)
+    _assert_tvm_work_dir_gives_predict(model, result, work, run_without_torch)
 
 
 def test_tensorrt_end2end_graph_has_the_efficient_nms_plugin(single_thread, tmp_path):
@@ -241,12 +247,7 @@ def test_tvm_int4_end2end_two_stage_runs_without_torch_and_matches_predict(quant
     assert (work / spec['model'] / 'model.so').is_file()
     assert (work / spec['roi_model'] / 'model.so').is_file()
     assert any('same labels' in note for note in result.notes), result.notes
-    _assert_wrapper_runs_the_work_dir(result, work)
-    found = run_without_torch(work, IMAGES)
-    for image in IMAGES:
-        want = _predict(model, image)
-        got = _as_arrays(found[str(image)])
-        _assert_same(got, (want[0], np.round(want[1], 4), want[2]), rtol=1e-3)
+    _assert_tvm_work_dir_gives_predict(model, result, work, run_without_torch)
 
 
 def test_yolov5_end2end_graph_gives_the_heads_predict_in_ort(single_thread, tmp_path):
