@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from mmdet_regptq.bench.child import RESULT_PREFIX, read_result, run_child
+from mmdet_regptq.bench.metrics import bbox_metrics
 from mmdet_regptq.bench.models import REPO_ROOT as ROOT
 from mmdet_regptq.bench.models import SYNTHETIC_DETECTORS
 from mmdet_regptq.bench.specs import parse_bits, parse_method
@@ -89,8 +90,7 @@ def run_one(detector: str, method: str, bits: str, args: argparse.Namespace) -> 
             calib_seconds = h.result['seconds']
     return {
         'detector': detector, 'method': label, 'bits': bits if method != 'FP' else 'fp32',
-        'bbox_mAP': metrics['coco/bbox_mAP'], 'bbox_mAP_50': metrics['coco/bbox_mAP_50'],
-        'bbox_mAP_75': metrics['coco/bbox_mAP_75'],
+        **bbox_metrics(metrics),
         'iters': args.iters if method != 'FP' and trains else 0,
         'num_images': args.num_images if method != 'FP' else 0,
         'calib_seconds': round(calib_seconds, 1),

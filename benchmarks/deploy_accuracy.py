@@ -52,6 +52,7 @@ import logging
 import os
 from pathlib import Path
 
+from mmdet_regptq.bench.metrics import bbox_metrics
 from mmdet_regptq.bench.models import REPO_ROOT as ROOT
 from mmdet_regptq.bench.models import SYNTHETIC_DETECTORS as DETECTORS
 from mmdet_regptq.bench.specs import parse_bits, parse_method
@@ -137,10 +138,10 @@ def fake_quant(detector: str, bits: str, args: argparse.Namespace, work: Path
     if bits == 'fp32':
         cfg.custom_hooks = []
         metrics = Runner.from_cfg(cfg).test()
-        return 100 * metrics['coco/bbox_mAP'], Path(cfg.load_from)
+        return 100 * bbox_metrics(metrics)['bbox_mAP'], Path(cfg.load_from)
     cfg.custom_hooks = [quant_hook(bits, args)]
     metrics = Runner.from_cfg(cfg).test()
-    return 100 * metrics['coco/bbox_mAP'], work / 'quantized.pth'
+    return 100 * bbox_metrics(metrics)['bbox_mAP'], work / 'quantized.pth'
 
 
 #: ``--symmetric-int8-weights``: 8-bit weights per output channel, symmetric (ONNX Runtime
@@ -174,7 +175,7 @@ def fake_quant_static(detector: str, bits: str, checkpoint: Path, args: argparse
     cfg.load_from = str(float_checkpoint(detector, args))
     cfg.custom_hooks = [] if bits == 'fp32' else [
         quant_hook(bits, args, quantized_checkpoint=str(checkpoint), save=False)]
-    return 100 * Runner.from_cfg(cfg).test()['coco/bbox_mAP']
+    return 100 * bbox_metrics(Runner.from_cfg(cfg).test())['bbox_mAP']
 
 
 def runtime_ap(work_dir: Path, cfg) -> float:
@@ -320,7 +321,7 @@ def deployed(detector: str, backend: str, checkpoint: Path, args: argparse.Names
     if not result.backend_files:
         raise RuntimeError(f'{backend}: no backend files ({result.notes})')
     metrics = evaluate(deploy_cfg, str(cfg_path), result.backend_files, work_dir=work)
-    return 100 * metrics['coco/bbox_mAP']
+    return 100 * bbox_metrics(metrics)['bbox_mAP']
 
 
 def main(argv: list[str] | None = None) -> int:

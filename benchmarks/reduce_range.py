@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from mmdet_regptq.bench.child import RESULT_PREFIX, run_child
+from mmdet_regptq.bench.metrics import bbox_metrics
 from mmdet_regptq.bench.models import REPO_ROOT as ROOT
 from mmdet_regptq.bench.models import SYNTHETIC_DETECTORS
 from mmdet_regptq.table import Table
@@ -68,8 +69,7 @@ def run_one(detector: str, method: str, grid: str, args: argparse.Namespace) -> 
     seconds = next((h.result['seconds'] for h in runner.hooks
                     if type(h).__name__ == 'RegPTQHook' and h.result is not None), 0.0)
     return {'detector': detector, 'method': method, 'weights': grid,
-            'bbox_mAP': metrics['coco/bbox_mAP'], 'bbox_mAP_50': metrics['coco/bbox_mAP_50'],
-            'bbox_mAP_75': metrics['coco/bbox_mAP_75'], 'iters': args.iters if trains else 0,
+            **bbox_metrics(metrics), 'iters': args.iters if trains else 0,
             'num_images': args.num_images, 'calib_seconds': round(seconds, 1)}
 
 
