@@ -97,6 +97,13 @@ def _coder_spec(coder: Any) -> dict:
     return spec
 
 
+def _nms_test_cfg(test_cfg: Any, keys: Sequence[str]) -> dict:
+    """The ``keys`` a head's ``test_cfg`` sets, plus its NMS IoU threshold."""
+    out = {k: test_cfg[k] for k in keys if k in test_cfg}
+    out['nms'] = dict(iou_threshold=float(test_cfg['nms']['iou_threshold']))
+    return out
+
+
 def dense_postprocess_spec(detector: nn.Module, input_shape: Sequence[int]
                            ) -> tuple[dict, list[np.ndarray]]:
     """Post-processing settings and priors of a dense head for ``DensePostProcessor``."""
@@ -106,9 +113,8 @@ def dense_postprocess_spec(detector: nn.Module, input_shape: Sequence[int]
     head = detector.bbox_head
     coder = head.bbox_coder
     coder_spec = _coder_spec(coder)
-    cfg = {k: v for k, v in dict(head.test_cfg).items()
-           if k in ('nms_pre', 'score_thr', 'min_bbox_size', 'max_per_img')}
-    cfg['nms'] = dict(iou_threshold=float(head.test_cfg['nms']['iou_threshold']))
+    cfg = _nms_test_cfg(head.test_cfg, ('nms_pre', 'score_thr', 'min_bbox_size',
+                                        'max_per_img'))
     spec = dict(kind='dense', num_classes=int(head.num_classes),
                 cls_out_channels=int(head.cls_out_channels),
                 use_sigmoid=bool(head.use_sigmoid_cls),
@@ -168,11 +174,6 @@ def two_stage_postprocess_spec(detector: nn.Module, input_shape: Sequence[int],
     priors = rpn.prior_generator.grid_priors([s.shape[-2:] for s in scores],
                                              dtype=torch.float32, device='cpu')
 
-    def nms_cfg(cfg: Any, keys: Sequence[str]) -> dict:
-        out = {k: cfg[k] for k in keys if k in cfg}
-        out['nms'] = dict(iou_threshold=float(cfg['nms']['iou_threshold']))
-        return out
-
     spec = dict(
         kind='two_stage', input_shape=[int(v) for v in input_shape],
         num_rois=int(num_rois), roi_input=ROI_INPUT,
@@ -180,8 +181,8 @@ def two_stage_postprocess_spec(detector: nn.Module, input_shape: Sequence[int],
                  use_sigmoid=bool(rpn.use_sigmoid_cls),
                  encode_size=int(rpn.bbox_coder.encode_size),
                  coder=_coder_spec(rpn.bbox_coder),
-                 test_cfg=nms_cfg(rpn.test_cfg, ('nms_pre', 'max_per_img',
-                                                 'min_bbox_size'))),
+                 test_cfg=_nms_test_cfg(rpn.test_cfg, ('nms_pre', 'max_per_img',
+                                                       'min_bbox_size'))),
         roi=dict(strides=[int(s) for s in extractor.featmap_strides],
                  output_size=[int(v) for v in layer.output_size],
                  sampling_ratio=int(layer.sampling_ratio), aligned=bool(layer.aligned),
@@ -190,7 +191,8 @@ def two_stage_postprocess_spec(detector: nn.Module, input_shape: Sequence[int],
                   reg_class_agnostic=bool(bbox_head.reg_class_agnostic),
                   encode_size=int(bbox_head.bbox_coder.encode_size),
                   coder=_coder_spec(bbox_head.bbox_coder),
-                  test_cfg=nms_cfg(roi_head.test_cfg, ('score_thr', 'max_per_img'))))
+                  test_cfg=_nms_test_cfg(roi_head.test_cfg,
+                                         ('score_thr', 'max_per_img'))))
     return spec, [p.numpy() for p in priors]
 
 

@@ -80,6 +80,24 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray, iou_thr
     return nms(boxes + offsets[:, None], scores, iou_threshold, max_num)
 
 
+def size_mask(boxes: np.ndarray, min_size: float | None) -> np.ndarray:
+    """Boxes wider and taller than ``min_size`` (mmdet's ``min_bbox_size``; ``None`` or
+    negative: every box)."""
+    if min_size is None or min_size < 0:
+        return np.ones(len(boxes), bool)
+    return ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
+
+
+def nms_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                   cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Class-aware NMS with ``cfg['nms']['iou_threshold']`` and ``max_per_img`` (100) →
+    ``(dets [N, 5], labels [N])``."""
+    keep = batched_nms(boxes, scores, labels, float(cfg['nms']['iou_threshold']),
+                       int(cfg.get('max_per_img', 100)))
+    dets = np.concatenate([boxes[keep], scores[keep, None]], 1).astype(_F32)
+    return dets, labels[keep].astype(np.int64)
+
+
 def _clip(boxes: np.ndarray, max_shape: Sequence[int]) -> np.ndarray:
     boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, max_shape[1])
     boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, max_shape[0])
@@ -186,15 +204,8 @@ class DensePostProcessor:
     def __call__(self, raw: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         parts = [self.level(i, raw) for i in range(len(self.priors))]
         boxes, scores, labels, valid = (np.concatenate(t) for t in zip(*parts))
-        min_size = self.cfg.get('min_bbox_size', -1)
-        if min_size is not None and min_size >= 0:
-            valid &= ((boxes[:, 2] - boxes[:, 0]) > min_size) & \
-                ((boxes[:, 3] - boxes[:, 1]) > min_size)
-        boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
-        keep = batched_nms(boxes, scores, labels, float(self.cfg['nms']['iou_threshold']),
-                           int(self.cfg.get('max_per_img', 100)))
-        dets = np.concatenate([boxes[keep], scores[keep, None]], 1).astype(_F32)
-        return dets, labels[keep].astype(np.int64)
+        valid &= size_mask(boxes, self.cfg.get('min_bbox_size', -1))
+        return nms_detections(boxes[valid], scores[valid], labels[valid], self.cfg)
 
 
 class YOLOv5PostProcessor:

@@ -17,19 +17,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from mmdet_regptq.deploy.runtime.postprocess import (_F32, _sigmoid, _softmax, _top_k,
-                                                     batched_nms, decode)
+                                                     batched_nms, decode, nms_detections,
+                                                     size_mask)
 from mmdet_regptq.deploy.runtime.roi_align import extract_roi_features
 
 __all__ = ['TwoStagePostProcessor', 'TwoStagePipeline']
 
 #: a graph as the runtime calls it: named inputs → named outputs
 Graph = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
-
-
-def _size_mask(boxes: np.ndarray, min_size: float | None) -> np.ndarray:
-    if min_size is None or min_size < 0:
-        return np.ones(len(boxes), bool)
-    return ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
 
 
 class TwoStagePostProcessor:
@@ -72,7 +67,7 @@ class TwoStagePostProcessor:
             scores.append(score)
             levels.append(np.full(len(idx), level, np.int64))
         boxes, scores, levels = (np.concatenate(t) for t in (boxes, scores, levels))
-        valid = _size_mask(boxes, cfg.get('min_bbox_size', -1))
+        valid = size_mask(boxes, cfg.get('min_bbox_size', -1))
         boxes, scores, levels = boxes[valid], scores[valid], levels[valid]
         keep = batched_nms(boxes, scores, levels, float(cfg['nms']['iou_threshold']),
                            int(cfg.get('max_per_img', 1000)))
@@ -103,11 +98,7 @@ class TwoStagePostProcessor:
         labels = np.tile(np.arange(num_classes, dtype=np.int64), len(proposals))
         scores = scores.reshape(-1)
         valid = np.nonzero(scores > _F32(cfg.get('score_thr', 0.0)))[0]
-        boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
-        keep = batched_nms(boxes, scores, labels, float(cfg['nms']['iou_threshold']),
-                           int(cfg.get('max_per_img', 100)))
-        dets = np.concatenate([boxes[keep], scores[keep, None]], 1).astype(_F32)
-        return dets, labels[keep]
+        return nms_detections(boxes[valid], scores[valid], labels[valid], cfg)
 
 
 class TwoStagePipeline:
