@@ -223,6 +223,33 @@ def tvm_int4_variants(onnx_file: Path, work: Path, name: str, builds: list, post
     return runs
 
 
+def _static_meta(size: int) -> dict:
+    """The image meta of a ``size`` x ``size`` input fed as is (no resize, no padding)."""
+    return dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
+                scale_factor=(1.0, 1.0), batch_input_shape=(size, size))
+
+
+def export_two_stage_onnx(model: torch.nn.Module, x: torch.Tensor, num_rois: int,
+                          stem: Path, int4: bool) -> tuple[Path, Path, list]:
+    """Graph 1 (features + RPN outputs) and graph 2 (the box head on ``num_rois`` RoIs) of a
+    two-stage detector as ``STEM.onnx`` / ``STEM_roi.onnx`` (opset 21 with INT4 weights,
+    else 17); returns the two paths and a calibration feed of each."""
+    from mmdet_regptq.deploy import export_onnx
+    from mmdet_regptq.deploy.detectors.two_stage import (ROI_INPUT, RoIStage, RpnStage,
+                                                         TwoStageHost)
+
+    size = x.shape[-1]
+    stage1 = RpnStage(model).eval()
+    names = stage1.output_names(x)
+    roi_x = TwoStageHost(model, num_rois).sample_roi_features(stage1, x, [_static_meta(size)])
+    paths = stem.with_name(f'{stem.name}.onnx'), stem.with_name(f'{stem.name}_roi.onnx')
+    opset = 21 if int4 else 17
+    export_onnx(stage1, x, paths[0], output_names=names, int4_weights=int4, opset=opset)
+    export_onnx(RoIStage(model).eval(), roi_x, paths[1], input_names=[ROI_INPUT],
+                output_names=RoIStage.output_names, int4_weights=int4, opset=opset)
+    return paths[0], paths[1], [{'input': x.numpy()}, {ROI_INPUT: roi_x.numpy()}]
+
+
 def two_stage_variants(name: str, cfg: Any, checkpoint: str | None, size: int, work: Path,
                        tvm: bool, w8a8: dict | None = None
                        ) -> dict[str, Callable[[np.ndarray], Any]]:
@@ -230,28 +257,17 @@ def two_stage_variants(name: str, cfg: Any, checkpoint: str | None, size: int, w
     import onnx
     from mmdet.structures import DetDataSample
 
-    from mmdet_regptq.deploy import build_detector, export_onnx, make_ort_int8, \
-        quantize_for_deploy
+    from mmdet_regptq.deploy import build_detector, make_ort_int8, quantize_for_deploy
     from mmdet_regptq.deploy.tvm.build import build_artifact
-    from mmdet_regptq.deploy.detectors.two_stage import (ROI_INPUT, RoIStage, RpnStage,
-                                                         TwoStageHost, num_rois_of)
+    from mmdet_regptq.deploy.detectors.two_stage import (ROI_INPUT, RpnStage, TwoStageHost,
+                                                         num_rois_of)
 
     x = torch.randn(1, 3, size, size)
-    meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
-                scale_factor=(1.0, 1.0), batch_input_shape=(size, size))
+    meta = _static_meta(size)
     num_rois = num_rois_of(cfg)
 
     def export_pair(model: torch.nn.Module, tag: str, int4: bool) -> tuple[Path, Path, list]:
-        stage1 = RpnStage(model).eval()
-        names = stage1.output_names(x)
-        roi_x = TwoStageHost(model, num_rois).sample_roi_features(stage1, x, [meta])
-        paths = work / f'{name}_{tag}.onnx', work / f'{name}_{tag}_roi.onnx'
-        export_onnx(stage1, x, paths[0], output_names=names, int4_weights=int4, opset=17
-                    if not int4 else 21)
-        export_onnx(RoIStage(model).eval(), roi_x, paths[1], input_names=[ROI_INPUT],
-                    output_names=RoIStage.output_names, int4_weights=int4,
-                    opset=17 if not int4 else 21)
-        return paths[0], paths[1], [{'input': x.numpy()}, {ROI_INPUT: roi_x.numpy()}]
+        return export_two_stage_onnx(model, x, num_rois, work / f'{name}_{tag}', int4)
 
     def pipeline(host: TwoStageHost, names: list[str], graph1: Graph, graph2: Graph
                  ) -> Callable[[np.ndarray], Any]:
@@ -407,10 +423,9 @@ def two_stage_tvm_int4_variants(name: str, cfg: Any, checkpoint: str | None, siz
     decoding + NMS of ``deploy/runtime/two_stage.py``; one row per build."""
     import onnx
 
-    from mmdet_regptq.deploy import build_detector, export_onnx, quantize_for_deploy
+    from mmdet_regptq.deploy import build_detector, quantize_for_deploy
     from mmdet_regptq.deploy.detectors.spec import two_stage_postprocess_spec
-    from mmdet_regptq.deploy.detectors.two_stage import (ROI_INPUT, RoIStage, RpnStage,
-                                                         TwoStageHost, num_rois_of)
+    from mmdet_regptq.deploy.detectors.two_stage import num_rois_of
     from mmdet_regptq.deploy.runtime.two_stage import TwoStagePipeline, TwoStagePostProcessor
     from mmdet_regptq.deploy.tvm.build import build_artifact, host_target
     from mmdet_regptq.deploy.tvm.runner import TvmRunner
@@ -418,15 +433,7 @@ def two_stage_tvm_int4_variants(name: str, cfg: Any, checkpoint: str | None, siz
     q4 = build_detector(cfg, checkpoint)
     quantize_for_deploy(q4, quant=W4A4, method=dict(type='MinMax'), input_shape=(size, size))
     num_rois = num_rois_of(cfg)
-    stage1 = RpnStage(q4).eval()
-    names = stage1.output_names(x)
-    meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
-                scale_factor=(1.0, 1.0), batch_input_shape=(size, size))
-    roi_x = TwoStageHost(q4, num_rois).sample_roi_features(stage1, x, [meta])
-    paths = work / f'{name}_e2e_w4a4.onnx', work / f'{name}_e2e_w4a4_roi.onnx'
-    export_onnx(stage1, x, paths[0], output_names=names, int4_weights=True)
-    export_onnx(RoIStage(q4).eval(), roi_x, paths[1], input_names=[ROI_INPUT],
-                output_names=RoIStage.output_names, int4_weights=True)
+    paths = export_two_stage_onnx(q4, x, num_rois, work / f'{name}_e2e_w4a4', int4=True)[:2]
     post = TwoStagePostProcessor(*two_stage_postprocess_spec(q4, (size, size), num_rois))
     runs = {}
     for label, mcpu, kernel in builds:
