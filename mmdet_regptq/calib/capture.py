@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Itera
 import torch
 from torch import Tensor, nn
 
+from ..quant.utils import removing
 from ._tree import detach_to, float_tensors, tree_map
 from ._utils import quant_disabled, requires_grad
 from .activation import ChainTap
 from .cache import ActivationCache, CacheEntry
-from .trace import ForwardFn, StopForward, removing, run_forward
+from .trace import ForwardFn, StopForward, run_forward
 from .units import ReconUnit
 
 if TYPE_CHECKING:

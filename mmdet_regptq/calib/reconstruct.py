@@ -17,13 +17,13 @@ import torch
 from mmengine.logging import MMLogger
 from torch import Tensor, nn
 
+from ..quant.utils import removing
 from ._tree import detach_to, float_tensors, tree_map, tree_tensors
 from ._utils import model_device, requires_grad
 from . import dist as calib_dist
 from .cache import ActivationCache, CacheEntry
 from .losses import ReconContext, ReconLoss
 from .tail import TailRunner
-from .trace import removing
 from .units import ReconUnit
 
 

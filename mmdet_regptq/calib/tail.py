@@ -31,10 +31,11 @@ from mmengine.logging import MMLogger
 from torch import nn
 
 from ..quant import QuantModule
+from ..quant.utils import removing
 from ._tree import detach_to, tree_map
 from ._utils import model_device, quant_disabled
 from .cache import GiB, ActivationCache, CacheEntry
-from .trace import CallRecord, ForwardFn, StopForward, removing, run_forward, trace_calls
+from .trace import CallRecord, ForwardFn, StopForward, run_forward, trace_calls
 from .units import ReconUnit
 
 #: ``substitute(call_index) -> (args, kwargs)`` replacing the unit's inputs of that call.

@@ -7,12 +7,12 @@ order of the units) and :class:`TailRunner` (which calls precede a unit).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+
+from ..quant.utils import removing
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
@@ -42,17 +42,6 @@ class CallRecord:
     def encloses(self, other: 'CallRecord') -> bool:
         """Whether ``other`` ran inside this call."""
         return self.start < other.start and other.end < self.end
-
-
-@contextlib.contextmanager
-def removing(handles: list[RemovableHandle]) -> Iterator[list[RemovableHandle]]:
-    """Remove the hook handles appended to ``handles`` when the block ends."""
-    try:
-        yield handles
-    finally:
-        for handle in handles:
-            handle.remove()
-        handles.clear()
 
 
 def run_forward(model: nn.Module, forward_fn: ForwardFn, batch: Any) -> tuple[Any, bool]:

@@ -18,7 +18,7 @@ from .fold_bn import fold_bn
 from .modules import QuantConv2d, QuantLinear, QuantModule, QuantMultiheadAttention
 from .policy import QuantPolicy
 from .quantizers import Quantizer
-from .utils import eval_mode, replace_module
+from .utils import eval_mode, removing, replace_module
 
 __all__ = ['WRAPPERS', 'SAFE_SUBCLASSES', 'LayerInfo', 'QuantReport', 'quantize_model',
            'find_quantizable', 'iter_quant_modules', 'set_quant_state', 'set_drop_prob',
@@ -154,14 +154,10 @@ def find_quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _first_executed(model: nn.Module, layers: list[tuple[str, nn.Module]],
                     example_forward: Callable[[nn.Module], Any]) -> str | None:
     order: list[str] = []
-    handles = [module.register_forward_pre_hook(lambda *_, n=name: order.append(n))
-               for name, module in layers]
-    try:
-        with eval_mode(model), torch.no_grad():
-            example_forward(model)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = [module.register_forward_pre_hook(lambda *_, n=name: order.append(n))
+             for name, module in layers]
+    with removing(hooks), eval_mode(model), torch.no_grad():
+        example_forward(model)
     return order[0] if order else None
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .utils import eval_mode, replace_module
+from .utils import eval_mode, removing, replace_module
 
 __all__ = ['fold_bn', 'fold_conv_bn']
 
@@ -59,19 +59,17 @@ def _trace_conv_bn(model: nn.Module, example_forward: Callable[[nn.Module], Any]
         same = entry is not None and entry[0] is x and entry[1] == x._version
         bn_sources[module].append(entry[2] if same else None)
 
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, _BN_TYPES):
-            handles.append(module.register_forward_pre_hook(bn_pre_hook))
-    try:
-        with eval_mode(model), torch.no_grad():
-            example_forward(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-        produced.clear()
+    with removing([]) as handles:
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                handles.append(module.register_forward_hook(conv_hook))
+            elif isinstance(module, _BN_TYPES):
+                handles.append(module.register_forward_pre_hook(bn_pre_hook))
+        try:
+            with eval_mode(model), torch.no_grad():
+                example_forward(model)
+        finally:
+            produced.clear()
     return bn_sources, conv_calls
 
 

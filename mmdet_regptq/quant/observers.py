@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .convert import iter_quant_modules
 from .quantizers import Quantizer
 from .quantizers.functional import normalize_axis, to_channel_rows
+from .utils import removing
 
 __all__ = ['ActivationObserver', 'ParallelInit', 'init_activation_quantizers']
 
@@ -190,22 +191,21 @@ def init_activation_quantizers(model: nn.Module, run_forward: Callable[[], None]
     """
     targets = _input_quantizers(model)
     observers: dict[int, ActivationObserver] = {}
-    handles = []
-    for _, q in targets:
-        obs = ActivationObserver(per_channel=getattr(q, 'per_channel', False),
-                                 ch_axis=getattr(q, 'ch_axis', 1), max_elements=max_elements,
-                                 seed=seed)
-        observers[id(q)] = obs
-        handles.append(q.register_forward_pre_hook(lambda _m, args, o=obs: o.update(args[0])))
-        q.enabled = False
-    try:
-        with torch.no_grad():
-            run_forward()
-    finally:
-        for handle in handles:
-            handle.remove()
+    with removing([]) as handles:
         for _, q in targets:
-            q.enabled = True
+            obs = ActivationObserver(per_channel=getattr(q, 'per_channel', False),
+                                     ch_axis=getattr(q, 'ch_axis', 1),
+                                     max_elements=max_elements, seed=seed)
+            observers[id(q)] = obs
+            handles.append(q.register_forward_pre_hook(
+                lambda _m, args, o=obs: o.update(args[0])))
+            q.enabled = False
+        try:
+            with torch.no_grad():
+                run_forward()
+        finally:
+            for _, q in targets:
+                q.enabled = True
     if parallel is not None:
         for _, q in targets:
             parallel.merge(observers[id(q)])

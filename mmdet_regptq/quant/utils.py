@@ -1,12 +1,14 @@
-"""Small model-surgery helpers: find where a module is registered, swap it, eval mode."""
+"""Small model-surgery helpers: find where a module is registered, swap it, eval mode,
+hooks that come off when a block ends."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Iterator
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ['module_locations', 'replace_module', 'eval_mode']
+__all__ = ['module_locations', 'replace_module', 'eval_mode', 'removing']
 
 
 def module_locations(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str, str]]:
@@ -58,3 +60,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+@contextmanager
+def removing(handles: list[RemovableHandle]) -> Iterator[list[RemovableHandle]]:
+    """Remove the hook handles appended to ``handles`` when the block ends, even on error,
+    so a failed forward never leaves a hook behind on the user's model."""
+    try:
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+        handles.clear()

@@ -31,13 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from ...registry import PTQ_METHODS
+from ...quant.utils import removing
 from .._tree import detach_to, float_tensors, tree_map
 from .._utils import quant_disabled, requires_grad
 from .. import dist as calib_dist
 from ..cache import ActivationCache, CacheEntry
 from ..capture import GradLoss
 from ..losses import PredictionKL, ReconLoss
-from ..trace import removing
 from ..units import ReconUnit
 from .base import check_int
 from .qdrop import QDrop
