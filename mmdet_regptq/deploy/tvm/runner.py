@@ -72,4 +72,14 @@ class TvmRunner:
                                            self.device))
         out = self.vm['main'](*args, *self.weights)
         outs = [out] if hasattr(out, 'numpy') else list(out)
-        return {name: o.numpy() for name, o in zip(self.output_names, outs)}
+        return {name: _view(o) for name, o in zip(self.output_names, outs)}
+
+
+def _view(tensor: Any) -> np.ndarray:
+    """A read-only NumPy view of a VM output (DLPack, no copy): copying RetinaNet's
+    7.9 MB of raw head outputs into fresh arrays took ~1.1 ms per run. The view keeps the
+    tensor (and its storage) alive; the VM allocates each run's outputs anew, so a later
+    run does not overwrite it. Read-only in case an output is a compiled-in constant."""
+    array = np.from_dlpack(tensor)
+    array.flags.writeable = False
+    return array
