@@ -196,3 +196,70 @@ def test_uint8_codes_times_int8_weights_take_one_kernel_call_bit_exact(kernel, m
     ref = torch.nn.functional.conv2d(torch.from_numpy(x.astype(np.float64) - z_x),
                                      torch.from_numpy(weight).double(), stride=2, padding=1)
     assert np.array_equal(got.astype(np.int64), ref.numpy().astype(np.int64))
+
+
+def _epilogue_module(c, k, hw, weight, scale, bias, fuse):
+    """``main(x)``: a 3x3 conv through ``emit_conv_vnni`` and the epilogue our integer
+    graph puts after it (float rescale, bias, ReLU, quantize to the next layer's codes)."""
+    import tvm
+    from tvm import relax
+
+    from mmdet_regptq.deploy.tvm.vnni import emit_conv_vnni
+
+    bb = relax.BlockBuilder()
+    x = relax.Var('x', relax.TensorType((1, c, hw, hw), 'int8'))
+    with bb.function('main', [x]):
+        with bb.dataflow():
+            acc = bb.emit(emit_conv_vnni(bb, x, relax.const(weight), 1, 1, 1,
+                                         fuse_epilogue=fuse))
+            y = bb.emit(relax.op.astype(acc, 'float32'))
+            y = bb.emit(relax.op.add(relax.op.multiply(y, relax.const(scale)),
+                                     relax.const(bias)))
+            y = bb.emit(relax.op.nn.relu(y))
+            y = bb.emit(relax.op.quantize(y, relax.const(np.float32(0.05)),
+                                          relax.const(np.int8(-8)), axis=1, out_dtype='int8'))
+            out = bb.emit_output(relax.op.clip(y, -8, 7))
+        bb.emit_func_output(out)
+    return bb.get(), tvm
+
+
+def _fused_kernels(module) -> list[str]:
+    """Names of the functions in which FuseOps put a VNNI kernel together with other ops."""
+    import tvm
+    from tvm import relax
+
+    with host_target():
+        mod = tvm.transform.Sequential([
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(),
+            relax.transform.FuseTIR()])(module)
+    return [gv.name_hint for gv, _ in mod.functions_items()
+            if gv.name_hint.startswith('fused_conv_vnni')]
+
+
+@pytest.mark.skipif(not has_vnni(host_target()), reason='this CPU has no AVX-512 VNNI')
+@pytest.mark.parametrize('k,fusable', [(64, True), (40, False)])
+def test_fused_epilogue_gives_the_same_codes(k, fusable):
+    """The epilogue fused into the kernel (computed per tile) gives the same int8 codes as
+    the separate pass, bit for bit; a K that is not a multiple of the tile's 32 channels
+    stays unfused (and still correct)."""
+    from tvm import relax
+
+    from mmdet_regptq.deploy.tvm.vnni import epilogue_fusable
+
+    c, hw = 32, 24
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-8, 8, (k, c, 3, 3)).astype(np.int8)
+    scale = (rng.random((k, 1, 1)) * 0.004 + 0.001).astype(np.float32)
+    bias = rng.standard_normal((k, 1, 1)).astype(np.float32)
+    xs = [rng.integers(-8, 8, (1, c, hw, hw)).astype(np.int8) for _ in range(4)]
+    assert epilogue_fusable(k, hw) == fusable
+    outs = []
+    for fuse in (True, False):
+        module, tvm = _epilogue_module(c, k, hw, weight, scale, bias, fuse)
+        assert bool(_fused_kernels(module)) == (fuse and fusable)
+        vm = relax.VirtualMachine(_build(module, host_target()), tvm.cpu())
+        outs.append([vm['main'](tvm.runtime.tensor(x)).numpy() for x in xs])
+    for fused, separate in zip(*outs):
+        assert fused.dtype == np.int8 and len(np.unique(fused)) > 4    # not all clipped
+        np.testing.assert_array_equal(fused, separate)

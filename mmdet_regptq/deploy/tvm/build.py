@@ -188,14 +188,17 @@ def _conv_integer_converter(float_exact: frozenset = frozenset(), kernel: str | 
                 if vnni_applicable(_dtype(x), _dtype(w), x_zp is not None or w_zp is not None):
                     isa = _kernel_for(kernel, w, bounds or {})
                     if isa:
-                        out, label = emit_conv_vnni(bb, x, w, *conv_args, isa=isa), isa
+                        out = emit_conv_vnni(bb, x, w, *conv_args, isa=isa,
+                                             fuse_epilogue=True)
+                        label = isa
                 elif _dtype(x) == 'uint8' and z_x is not None and _dtype(w) == 'int8' \
                         and w_zp is None:
                     # 8-bit activation codes, centred int8 weights (W4A8): the kernel takes
                     # them as they are (zero point folded into its per-channel shift)
                     isa = _kernel_for(kernel, w, bounds or {})
                     if isa:
-                        out = emit_conv_vnni(bb, x, w, *conv_args, z_x, isa=isa)
+                        out = emit_conv_vnni(bb, x, w, *conv_args, z_x, isa=isa,
+                                             fuse_epilogue=True)
                         label = isa
                 elif _dtype(x) == 'uint8' and z_x is not None and _dtype(w) in ('uint8', 'int8'):
                     # the 8-bit first layer: uint8 codes with a zero point, 8-bit weights

@@ -10,7 +10,11 @@ intrinsic), so the kernel is written directly in TVMScript with the LLVM intrins
 One PrimFunc per convolution shape, called from Relax with ``call_tir``:
 
 - input ``[N, C, H, W]`` int8 (centred codes), output ``[N, K, OH, OW]`` int32, so the
-  float rescale / ReLU / requantize that follows stays a plain elementwise loop;
+  float rescale / ReLU / requantize that follows stays a plain elementwise loop; Relax
+  ``FuseOps`` fuses that loop into the kernel (``fuse_epilogue``, where ``K`` is a
+  multiple of a tile's channels), and ``tvm/schedule.py`` computes it per tile, right
+  after the tile's int32 rows are written (still in cache; the int32 buffer shrinks to
+  one tile's rows);
 - inside, first (in parallel) a padded **uint8** copy of the input in the blocked layout
   ``[N * C/4, H+pads, W+pads, 4]`` = code + 128 (padding = 128, i.e. code 0), one padded
   row per iteration without a bounds test per byte (``tvm/conv_input.py``, shared with the
@@ -45,12 +49,15 @@ from mmdet_regptq.deploy.tvm.conv_input import conv_geometry, input_pack, out_si
 from mmdet_regptq.deploy.tvm.schedule import largest_divisor
 
 __all__ = ['has_vnni', 'has_avx2', 'int8_kernel', 'INT8_KERNELS', 'conv_vnni_kernel',
-           'emit_conv_vnni', 'emit_conv_vnni_wide', 'emit_matmul_vnni', 'vnni_applicable']
+           'emit_conv_vnni', 'emit_conv_vnni_wide', 'emit_matmul_vnni', 'vnni_applicable',
+           'epilogue_fusable']
 
 #: The integer convolution kernels a build can select (``'auto'``: from the target).
 INT8_KERNELS = ('auto', 'vnni', 'avx2', 'generic')
 
 _MAX_ACCUMULATORS = 24
+#: Relax ``OpPatternKind.kOutEWiseFusable`` (a conv2d-like op elementwise ops fuse into)
+_OUT_ELEMWISE_FUSABLE = 4
 
 
 def _has_feature(target: Any, feature: str) -> bool:
@@ -125,7 +132,8 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
     def conv_vnni(x: T.Buffer((N, C, H, W), IN_DTYPE),
                   weight: T.Buffer((KO, CB, KH, KW, 16, 4), 'int8'),
                   shift: T.Buffer((K,), 'int32'),
-                  out: T.Buffer((N, K, OH, OW), 'int32')):
+                  out: T.Buffer((T.int64(N), T.int64(K), T.int64(OH), T.int64(OW)), 'int32')):
+        # out's shape in int64 as in the legalized Relax ops: FuseTIR maps one buffer type
         T.func_attr({'tirx.noalias': True, 'regptq_scheduled': True})
         data = T.alloc_buffer((N * CB, HP, WP, 4), 'uint8')
         pack(x, data)
@@ -134,11 +142,17 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                 vt = T.axis.spatial(TILES, t)
                 T.reads(data[0:N * CB, 0:HP, 0:WP, 0:4], weight[0:KO, 0:CB, 0:KH, 0:KW, 0:16, 0:4],
                         shift[0:K])
-                T.writes(out[0:N, 0:K, 0:OH, 0:OW])
+                # the rows this tile writes (exact: a fused epilogue is computed at the tile)
+                T.writes(out[vt // PER_IMAGE,
+                             vt % PER_IMAGE // OH * TK * 16:
+                             T.min(vt % PER_IMAGE // OH * TK * 16 + TK * 16, K),
+                             vt % OH, 0:OW])
                 acc = T.alloc_buffer((TK, TX * 16), 'int32', scope='local')
-                image = vt // PER_IMAGE                  # the tile: image, channel block, row
-                k_block = vt % PER_IMAGE // OH * TK
-                y = vt % OH
+                # the tile: image, channel block, row (bound values, not mutable locals:
+                # buffer regions are then analysable, e.g. to shrink a fused epilogue's)
+                image = T.bind(vt // PER_IMAGE)
+                k_block = T.bind(vt % PER_IMAGE // OH * TK)
+                y = T.bind(vt % OH)
                 for xo in T.serial(XO):
                     for a in T.unroll(TK):
                         for b in T.unroll(TX):
@@ -171,6 +185,14 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
     return conv_vnni
 
 
+def epilogue_fusable(k: int, out_w: int) -> bool:
+    """Whether the elementwise ops after a VNNI convolution with ``k`` output channels and
+    ``out_w`` output columns may be fused into it: every tile then writes whole blocks of
+    ``16 * TK`` channels (``k`` a multiple), so the epilogue is computed per tile."""
+    tk, _ = _tiles(-(-k // 16), out_w)
+    return k % (16 * tk) == 0
+
+
 def vnni_applicable(x_dtype: str, w_dtype: str, has_zero_points: bool) -> bool:
     """The kernel covers centred int8 x int8 operands without zero points."""
     return x_dtype == 'int8' and w_dtype == 'int8' and not has_zero_points
@@ -191,7 +213,7 @@ def _pads(value: Any) -> list[int]:
 
 def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
                    dilations: Any, groups: int = 1, x_zero_point: int | None = None,
-                   isa: str = 'vnni') -> Any:
+                   isa: str = 'vnni', fuse_epilogue: bool = False) -> Any:
     """Relax: int32 ``conv2d(x, w)`` (NCHW / OIHW, int8 operands) through the VNNI kernel
     (``isa='vnni'``) or the AVX2 kernel (``isa='avx2'``: ``w`` must be within
     ``|w| <= 64``, which the caller checks: ``avx2.weights_fit_avx2``).
@@ -205,6 +227,13 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
         groups: grouped convolutions run one kernel per group, concatenated.
         x_zero_point: for a ``uint8`` ``x`` (codes): its zero point; the result is then
             the convolution of ``x - x_zero_point``.
+        fuse_epilogue: let Relax ``FuseOps`` fuse the elementwise ops that follow (the
+            float rescale, bias, ReLU, quantize) into the kernel (``op_pattern``
+            ``kOutEWiseFusable``), computed per tile right after it
+            (``schedule._schedule_fused_tile``): the int32 result is read back from cache
+            instead of a separate pass over memory. VNNI, ungrouped, and only where
+            :func:`epilogue_fusable`; the caller passes it where only elementwise ops can
+            follow (not the split 8-bit layer or a matrix product).
 
     Returns:
         ``[N, K, OH, OW]`` int32, equal to the integer convolution.
@@ -245,7 +274,10 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
     prefix = f'conv_{isa}_u8z{offset}_' if unsigned else f'conv_{isa}_'
     name = (f'{prefix}n{n}_c{c}_k{k}_{h}x{wd}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_'
             f'p{"_".join(map(str, pads4))}')
-    gv = bb.add_func(kernel.with_attr('global_symbol', name), name)
+    kernel = kernel.with_attr('global_symbol', name)
+    if fuse_epilogue and isa == 'vnni' and epilogue_fusable(k, out_w):
+        kernel = kernel.with_attr('op_pattern', _OUT_ELEMWISE_FUSABLE)
+    gv = bb.add_func(kernel, name)
     return relax.call_tir(gv, [x, weight, shift],
                           relax.TensorType((n, k, out_h, out_w), 'int32'))
 
