@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from mmdet_regptq.deploy.onnx.graph import GraphIndex, attrs
 from mmdet_regptq.deploy.tvm.packed import PackedWeight, shift_weight_value
 
-__all__ = ['IntegerReport', 'PackedWeight', 'to_integer_graph']
+__all__ = ['IntegerReport', 'PackedWeight', 'to_integer_graph', 'merge_duplicate_nodes']
 
 logger = logging.getLogger(__name__)
 
@@ -344,10 +344,67 @@ def to_integer_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, IntegerRe
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(rewriter.new_inits)
+    merged = merge_duplicate_nodes(out)
+    if merged:
+        logger.info('integer graph: %d duplicate elementwise nodes merged', merged)
     _remove_dead(out)
     onnx.checker.check_model(out, full_check=True)
     logger.info('integer graph: %s', report.summary())
     return out, report
+
+
+#: ops :func:`merge_duplicate_nodes` merges: deterministic and elementwise
+_MERGEABLE = frozenset({'QuantizeLinear', 'DequantizeLinear', 'Clip', 'Cast', 'Sub', 'Add',
+                        'Mul', 'Relu'})
+
+
+def merge_duplicate_nodes(model: onnx.ModelProto) -> int:
+    """Merge nodes that compute the same value: the same elementwise op (``_MERGEABLE``)
+    with the same attributes on the same inputs (constants compared by value), e.g. the
+    two or three activation quantizers of the convs that read one tensor (FPN outputs
+    into the class and box towers, a ResNet stage into the next stage, its shortcut and
+    the FPN lateral; calibrated on the same tensor, so the same scale). One quantize pass
+    instead of several, and with one consumer left the float tensor's quantize fuses into
+    the producing convolution (``tvm/vnni.py``). Graph outputs are kept. Returns the
+    number of nodes removed (their consumers read the kept node's output)."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    keys: dict[str, tuple] = {}
+
+    def operand(name: str) -> tuple:
+        if name not in keys:
+            init = inits.get(name)
+            keys[name] = (('value', init.data_type, tuple(init.dims),
+                           numpy_helper.to_array(init).tobytes()) if init is not None
+                          else ('tensor', name))
+        return keys[name]
+
+    rename: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    kept = []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        if node.op_type == 'Constant' and len(node.output) == 1 and node.attribute \
+                and node.attribute[0].name == 'value':
+            t = node.attribute[0].t
+            keys[node.output[0]] = ('value', t.data_type, tuple(t.dims),
+                                    numpy_helper.to_array(t).tobytes())
+        elif node.op_type in _MERGEABLE and node.domain in ('', 'ai.onnx') and \
+                len(node.output) == 1 and node.output[0] not in outputs:
+            key = (node.op_type, tuple(operand(i) for i in node.input),
+                   tuple(sorted(a.SerializeToString() for a in node.attribute)))
+            if key in seen:
+                rename[node.output[0]] = seen[key]
+                continue
+            seen[key] = node.output[0]
+        kept.append(node)
+    removed = len(graph.node) - len(kept)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return removed
 
 
 def _remove_dead(model: onnx.ModelProto) -> None:
