@@ -18,6 +18,10 @@ SHAPES = [
     (1, 16, 18, 12, 12, 3, 1, 2, (2, 2, 2, 2), 1),
     (2, 8, 16, 10, 10, 3, 2, 1, (0, 1, 1, 0), 1),
     (1, 16, 8, 7, 7, 3, 1, 1, (1, 1, 1, 1), 4),
+    # output rows of 16k columns at row stride 1: the column-lane kernel
+    (2, 20, 24, 9, 32, 3, 1, 2, (2, 2, 2, 2), 1),
+    (1, 16, 18, 12, 48, 1, 1, 1, (0, 0, 0, 0), 1),
+    (1, 12, 40, 6, 16, 3, (2, 1), 1, (1, 1, 1, 1), 1),
 ]
 
 
@@ -238,16 +242,18 @@ def _fused_kernels(module) -> list[str]:
 
 
 @pytest.mark.skipif(not has_vnni(host_target()), reason='this CPU has no AVX-512 VNNI')
-@pytest.mark.parametrize('k,fusable', [(64, True), (40, False)])
-def test_fused_epilogue_gives_the_same_codes(k, fusable):
+@pytest.mark.parametrize('k,hw,fusable', [(64, 24, True), (40, 24, False), (40, 32, True),
+                                           (36, 32, False)])
+def test_fused_epilogue_gives_the_same_codes(k, hw, fusable):
     """The epilogue fused into the kernel (computed per tile) gives the same int8 codes as
-    the separate pass, bit for bit; a K that is not a multiple of the tile's 32 channels
+    the separate pass, bit for bit; a K that is not a multiple of a tile's channels (32 on
+    the channel-lane kernel, 24 columns here; 8 on the column-lane kernel, 32 columns)
     stays unfused (and still correct)."""
     from tvm import relax
 
     from mmdet_regptq.deploy.tvm.vnni import epilogue_fusable
 
-    c, hw = 32, 24
+    c = 32
     rng = np.random.default_rng(0)
     weight = rng.integers(-8, 8, (k, c, 3, 3)).astype(np.int8)
     scale = (rng.random((k, 1, 1)) * 0.004 + 0.001).astype(np.float32)

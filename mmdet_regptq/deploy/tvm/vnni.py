@@ -50,7 +50,7 @@ from mmdet_regptq.deploy.tvm.schedule import largest_divisor
 
 __all__ = ['has_vnni', 'has_avx2', 'int8_kernel', 'INT8_KERNELS', 'conv_vnni_kernel',
            'emit_conv_vnni', 'emit_conv_vnni_wide', 'emit_matmul_vnni', 'vnni_applicable',
-           'epilogue_fusable']
+           'epilogue_fusable', 'conv_vnni_cols_kernel', 'cols_applicable', 'COLS_TK']
 
 #: The integer convolution kernels a build can select (``'auto'``: from the target).
 INT8_KERNELS = ('auto', 'vnni', 'avx2', 'generic')
@@ -185,10 +185,112 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
     return conv_vnni
 
 
-def epilogue_fusable(k: int, out_w: int) -> bool:
-    """Whether the elementwise ops after a VNNI convolution with ``k`` output channels and
-    ``out_w`` output columns may be fused into it: every tile then writes whole blocks of
-    ``16 * TK`` channels (``k`` a multiple), so the epilogue is computed per tile."""
+#: output channels per tile of the column-lane kernel (:func:`conv_vnni_cols_kernel`)
+COLS_TK = 8
+
+
+def cols_applicable(stride_w: int, out_w: int) -> bool:
+    """Whether :func:`conv_vnni_cols_kernel` takes a convolution: stride 1 along the row
+    (16 neighbouring output columns read 64 contiguous packed bytes) and whole vectors of
+    16 output columns."""
+    return stride_w == 1 and out_w % 16 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def conv_vnni_cols_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
+                          pads: tuple[int, int, int, int], stride: tuple[int, int],
+                          dilation: tuple[int, int], input_dtype: str = 'int8',
+                          pad_code: int = 0) -> Any:
+    """The VNNI convolution with output **columns** as the vector lanes (stride 1 along
+    rows, ``OW`` a multiple of 16; :func:`cols_applicable`): the same arguments, weight
+    layout and result as :func:`conv_vnni_kernel`.
+
+    One ``vpdpbusd`` takes 16 neighbouring pixels of four input channels (64 contiguous
+    bytes of the packed input) against one output channel's four weights broadcast, so
+    an accumulator holds 16 neighbouring output columns of one channel: it is stored to
+    NCHW as it is, where :func:`conv_vnni_kernel` (channels as lanes) transposes in
+    registers, which costs as much as the products in a 1x1 conv of few channels. Tile:
+    ``COLS_TK`` output channels x ``TV`` vectors of 16 columns of one row.
+    """
+    from tvm.script import tirx as T
+
+    sh, _ = stride
+    dh, dw = dilation
+    CB, HP, WP, OH, OW = conv_geometry(c, h, w, kh, kw, pads, stride, dilation)
+    if not cols_applicable(stride[1], OW):
+        raise ValueError(f'column-lane kernel: stride {stride}, {OW} output columns; needs '
+                         'stride 1 along the row and a multiple of 16 columns')
+    KO = -(-k // 16)
+    TK = COLS_TK
+    TV = largest_divisor(OW // 16, 3)
+    XO, PER_IMAGE = OW // (16 * TV), -(-k // TK) * OH      # tiles: TK channels of one row
+    TILES = n * PER_IMAGE
+    N, C, H, W, K, KH, KW = n, c, h, w, k, kh, kw
+    IN_DTYPE = input_dtype
+    pack = input_pack(n, c, h, w, pads, input_dtype, pad_code, 'vnni_pack')
+
+    @T.prim_func(s_tir=True)
+    def conv_vnni_cols(x: T.Buffer((N, C, H, W), IN_DTYPE),
+                       weight: T.Buffer((KO, CB, KH, KW, 16, 4), 'int8'),
+                       shift: T.Buffer((K,), 'int32'),
+                       out: T.Buffer((T.int64(N), T.int64(K), T.int64(OH), T.int64(OW)),
+                                     'int32')):
+        T.func_attr({'tirx.noalias': True, 'regptq_scheduled': True})
+        data = T.alloc_buffer((N * CB, HP, WP, 4), 'uint8')
+        pack(x, data)
+        for t in T.parallel(TILES):
+            with T.sblock('vnni_tile'):
+                vt = T.axis.spatial(TILES, t)
+                T.reads(data[0:N * CB, 0:HP, 0:WP, 0:4], weight[0:KO, 0:CB, 0:KH, 0:KW, 0:16, 0:4],
+                        shift[0:K])
+                T.writes(out[vt // PER_IMAGE,
+                             vt % PER_IMAGE // OH * TK:
+                             T.min(vt % PER_IMAGE // OH * TK + TK, K),
+                             vt % OH, 0:OW])
+                acc = T.alloc_buffer((TK, TV * 16), 'int32', scope='local')
+                image = T.bind(vt // PER_IMAGE)
+                channel = T.bind(vt % PER_IMAGE // OH * TK)     # first output channel
+                y = T.bind(vt % OH)
+                for xo in T.serial(XO):
+                    for a in T.unroll(TK):
+                        for b in T.unroll(TV):
+                            acc[a, T.ramp(b * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+                    for cb in T.serial(CB):
+                        for qy in T.serial(KH):
+                            for qx in T.serial(KW):
+                                for a in T.unroll(TK):
+                                    for b in T.unroll(TV):
+                                        acc[a, T.ramp(b * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                            T.llvm_lookup_intrinsic_id(
+                                                'llvm.x86.avx512.vpdpbusd.512'),
+                                            acc[a, T.ramp(b * 16, 1, 16)],
+                                            T.reinterpret(data.vload(
+                                                [image * CB + cb, y * sh + qy * dh,
+                                                 (xo * TV + b) * 16 + qx * dw, 0], 'uint8x64'),
+                                                dtype='int8x64'),
+                                            T.reinterpret(T.broadcast(T.reinterpret(
+                                                weight.vload([channel // 16, cb, qy, qx,
+                                                              channel % 16 + a, 0], 'int8x4'),
+                                                dtype='int32'), 16), dtype='int8x64'),
+                                            dtype='int32x16')
+                    for a in T.unroll(TK):
+                        for b in T.unroll(TV):
+                            if channel + a < K:
+                                out[image, channel + a, y,
+                                    T.ramp((xo * TV + b) * 16, 1, 16)] = (
+                                    acc[a, T.ramp(b * 16, 1, 16)]
+                                    - T.broadcast(shift[channel + a], 16))
+
+    return conv_vnni_cols
+
+
+def epilogue_fusable(k: int, out_w: int, stride_w: int = 1) -> bool:
+    """Whether the elementwise ops after a VNNI convolution with ``k`` output channels,
+    ``out_w`` output columns and row stride ``stride_w`` may be fused into it: every tile
+    then writes whole blocks of channels (``COLS_TK`` on the column-lane kernel, ``16 *
+    TK`` on the other; ``k`` a multiple), so the epilogue is computed per tile."""
+    if cols_applicable(stride_w, out_w):
+        return k % COLS_TK == 0
     tk, _ = _tiles(-(-k // 16), out_w)
     return k % (16 * tk) == 0
 
@@ -267,15 +369,18 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
         relax.op.sum(relax.op.astype(w, 'int32'), axis=[1, 2, 3]),
         relax.const(offset, 'int32')))
     pads4 = (pt, pl, pb, pr)
-    build_kernel = conv_vnni_kernel if isa == 'vnni' else conv_avx2_kernel
+    out_h, out_w = out_size(h, pt + pb, kh, sh, dh), out_size(wd, pl + pr, kw, sw, dw)
+    cols = isa == 'vnni' and cols_applicable(sw, out_w)
+    build_kernel = (conv_vnni_cols_kernel if cols else conv_vnni_kernel) if isa == 'vnni' \
+        else conv_avx2_kernel
     kernel = build_kernel(n, c, h, wd, k, kh, kw, pads4, (sh, sw), (dh, dw),
                           'uint8' if unsigned else 'int8', offset if unsigned else 0)
-    out_h, out_w = out_size(h, pt + pb, kh, sh, dh), out_size(wd, pl + pr, kw, sw, dw)
-    prefix = f'conv_{isa}_u8z{offset}_' if unsigned else f'conv_{isa}_'
+    label = f'{isa}_cols' if cols else isa
+    prefix = f'conv_{label}_u8z{offset}_' if unsigned else f'conv_{label}_'
     name = (f'{prefix}n{n}_c{c}_k{k}_{h}x{wd}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_'
             f'p{"_".join(map(str, pads4))}')
     kernel = kernel.with_attr('global_symbol', name)
-    if fuse_epilogue and isa == 'vnni' and epilogue_fusable(k, out_w):
+    if fuse_epilogue and isa == 'vnni' and epilogue_fusable(k, out_w, sw):
         kernel = kernel.with_attr('op_pattern', _OUT_ELEMWISE_FUSABLE)
     gv = bb.add_func(kernel, name)
     return relax.call_tir(gv, [x, weight, shift],
