@@ -22,6 +22,7 @@ SHAPES = [
     (2, 20, 24, 9, 32, 3, 1, 2, (2, 2, 2, 2), 1),
     (1, 16, 18, 12, 48, 1, 1, 1, (0, 0, 0, 0), 1),
     (1, 12, 40, 6, 16, 3, (2, 1), 1, (1, 1, 1, 1), 1),
+    (1, 8, 54, 5, 64, 3, 1, 1, (1, 1, 1, 1), 1),
 ]
 
 
@@ -243,12 +244,13 @@ def _fused_kernels(module) -> list[str]:
 
 @pytest.mark.skipif(not has_vnni(host_target()), reason='this CPU has no AVX-512 VNNI')
 @pytest.mark.parametrize('k,hw,fusable', [(64, 24, True), (40, 24, False), (40, 32, True),
-                                           (36, 32, False)])
+                                           (54, 32, True), (11, 32, False)])
 def test_fused_epilogue_gives_the_same_codes(k, hw, fusable):
     """The epilogue fused into the kernel (computed per tile) gives the same int8 codes as
     the separate pass, bit for bit; a K that is not a multiple of a tile's channels (32 on
-    the channel-lane kernel, 24 columns here; 8 on the column-lane kernel, 32 columns)
-    stays unfused (and still correct)."""
+    the channel-lane kernel, 24 columns here; a divisor of K from 4 to 8 on the
+    column-lane kernel, 32 columns: 6 for K = 54, none for K = 11) stays unfused (and
+    still correct)."""
     from tvm import relax
 
     from mmdet_regptq.deploy.tvm.vnni import epilogue_fusable
