@@ -271,3 +271,45 @@ def test_fused_epilogue_gives_the_same_codes(k, hw, fusable):
     for fused, separate in zip(*outs):
         assert fused.dtype == np.int8 and len(np.unique(fused)) > 4    # not all clipped
         np.testing.assert_array_equal(fused, separate)
+
+
+@pytest.mark.skipif(not has_vnni(host_target()), reason='this CPU has no AVX-512 VNNI')
+@pytest.mark.parametrize('k,stride,z_w', [(16, 2, 'channel'), (12, 1, 'scalar'), (16, 2, None)])
+def test_vnni_conv_of_uint8_weight_codes_is_bit_exact(k, stride, z_w):
+    """The 8-bit first layer in one kernel call: uint8 input codes minus their zero point
+    times uint8 weight codes minus theirs (per channel, scalar, none), the full code
+    ranges at the edges."""
+    import tvm
+    from tvm import relax
+
+    from mmdet_regptq.deploy.tvm.schedule import cpu_pipeline
+    from mmdet_regptq.deploy.tvm.vnni import emit_conv_vnni_u8_weights
+
+    n, c, h, kernel, pads, z_x = 1, 3, 21, 7, 3, 114
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (n, c, h, h)).astype(np.uint8)
+    x[0, 0, 0, :4] = [0, 255, 0, 255]
+    weight = rng.integers(0, 256, (k, c, kernel, kernel)).astype(np.uint8)
+    weight[0, 0, 0, :3] = [0, 255, 0]
+    zero = {'channel': rng.integers(0, 256, k).astype(np.uint8),
+            'scalar': np.array(200, np.uint8), None: None}[z_w]
+    bb = relax.BlockBuilder()
+    xv = relax.Var('x', relax.TensorType(x.shape, 'uint8'))
+    wv = relax.Var('w', relax.TensorType(weight.shape, 'uint8'))
+    with bb.function('main', [xv, wv]):
+        with bb.dataflow():
+            zp = None if zero is None else relax.const(zero)
+            y = bb.emit(emit_conv_vnni_u8_weights(bb, xv, wv, zp, stride, pads, 1, z_x))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    target = host_target()
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target,
+                                          relax_pipeline=cpu_pipeline(target)), tvm.cpu())
+    got = vm['main'](tvm.runtime.tensor(x), tvm.runtime.tensor(weight)).numpy()
+    centred_w = weight.astype(np.float64) - (0 if zero is None else
+                                             zero.astype(np.float64).reshape(-1, 1, 1, 1))
+    padded = torch.nn.functional.pad(torch.from_numpy(x.astype(np.float64) - z_x),
+                                     (pads,) * 4)
+    ref = torch.nn.functional.conv2d(padded, torch.from_numpy(centred_w), stride=stride)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got.astype(np.int64), ref.numpy().astype(np.int64))

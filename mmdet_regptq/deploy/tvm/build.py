@@ -45,8 +45,9 @@ from mmdet_regptq.deploy.tvm.integer_graph import IntegerReport, PackedWeight, t
 from mmdet_regptq.deploy.tvm.runner import ARTIFACT_FILES
 from mmdet_regptq.deploy.tvm.schedule import cpu_pipeline
 from mmdet_regptq.deploy.tvm.avx2 import weights_fit_avx2
-from mmdet_regptq.deploy.tvm.vnni import (emit_conv_vnni, emit_conv_vnni_wide, emit_matmul_vnni,
-                                          int8_kernel, vnni_applicable)
+from mmdet_regptq.deploy.tvm.vnni import (emit_conv_vnni, emit_conv_vnni_u8_weights,
+                                          emit_conv_vnni_wide, emit_matmul_vnni, int8_kernel,
+                                          vnni_applicable)
 from mmdet_regptq.quant.packing import pack_int
 
 __all__ = ['host_target', 'deploy_target', 'TARGET_CPU_MCPU', 'extra_onnx_converters',
@@ -169,8 +170,10 @@ def _conv_integer_converter(float_exact: frozenset = frozenset(), kernel: str | 
         With ``kernel`` ``'vnni'`` (``'avx2'``), int8 x int8 layers without zero points use
         the AVX-512 VNNI kernel of ``tvm/vnni.py`` (the AVX2 kernel of ``tvm/avx2.py``,
         for weights within ``|w| <= 64``) instead, and so do uint8 activations with a
-        constant zero point (the 8-bit first layer; the centred weight split into two int8
-        halves); exact int32; ``used`` maps their weight names to the kernel.
+        constant zero point (the 8-bit first layer: with uint8 weight codes on VNNI one
+        kernel call with the codes as they are, ``vnni.emit_conv_vnni_u8_weights``, else
+        the centred weight split into two int8 halves); exact int32; ``used`` maps their
+        weight names to the kernel.
         """
 
         @classmethod
@@ -200,6 +203,12 @@ def _conv_integer_converter(float_exact: frozenset = frozenset(), kernel: str | 
                         out = emit_conv_vnni(bb, x, w, *conv_args, z_x, isa=isa,
                                              fuse_epilogue=True)
                         label = isa
+                elif _dtype(x) == 'uint8' and z_x is not None and _dtype(w) == 'uint8' \
+                        and kernel == 'vnni' and conv_args[3] == 1:
+                    # the 8-bit first layer with uint8 weight codes: one VNNI call, the
+                    # codes as they are (zero points subtracted after)
+                    out = emit_conv_vnni_u8_weights(bb, x, w, w_zp, *conv_args[:3], z_x)
+                    label = kernel
                 elif _dtype(x) == 'uint8' and z_x is not None and _dtype(w) in ('uint8', 'int8'):
                     # the 8-bit first layer: uint8 codes with a zero point, 8-bit weights
                     out = emit_conv_vnni_wide(bb, x, bb.normalize(_centred(bb, w, w_zp)),

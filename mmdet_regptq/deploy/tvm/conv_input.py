@@ -50,7 +50,7 @@ def conv_geometry(c: int, h: int, w: int, kh: int, kw: int,
 
 
 def input_pack(n: int, c: int, h: int, w: int, pads: tuple[int, int, int, int],
-               input_dtype: str, pad_code: int, name: str) -> Any:
+               input_dtype: str, pad_code: int, name: str, signed_codes: bool = False) -> Any:
     """A TVMScript macro ``pack(x, data)``: fills ``data`` ``[N * C/4, H+pads, W+pads, 4]``
     uint8 from ``x`` ``[N, C, H, W]`` (module doc), in parallel over the padded rows.
 
@@ -61,6 +61,8 @@ def input_pack(n: int, c: int, h: int, w: int, pads: tuple[int, int, int, int],
             ``'uint8'`` (stored as they are, padded with ``pad_code``).
         pad_code: the padding value of a ``uint8`` input (its zero point).
         name: the name of the pack's block (``'vnni_pack'``, ``'avx2_pack'``).
+        signed_codes: a ``uint8`` input stored as ``code - 128`` in int8 bits (padded with
+            ``pad_code - 128``), for a kernel that takes the input as the signed operand.
     """
     from tvm.script import tirx as T
 
@@ -72,6 +74,10 @@ def input_pack(n: int, c: int, h: int, w: int, pads: tuple[int, int, int, int],
     CB, HP, WP, ROWS = geo.quads, geo.padded_h, geo.padded_w, n * geo.quads * geo.padded_h
     NAME = name
     SHIFT, PAD = (128, 128) if input_dtype == 'int8' else (0, pad_code)
+    if signed_codes:
+        if input_dtype != 'uint8':
+            raise ValueError('signed_codes: only for a uint8 input')
+        SHIFT, PAD = 128, (pad_code + 128) % 256       # x - 128 as an int8 bit pattern
 
     @T.macro
     def pack(x, data):

@@ -49,6 +49,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
+
 from mmdet_regptq.deploy.tvm.avx2 import LANES as AVX2_LANES
 from mmdet_regptq.deploy.tvm.avx2 import conv_avx2_kernel
 from mmdet_regptq.deploy.tvm.conv_input import conv_geometry, input_pack, out_size
@@ -56,7 +58,8 @@ from mmdet_regptq.deploy.tvm.schedule import largest_divisor
 
 __all__ = ['has_vnni', 'has_avx2', 'int8_kernel', 'INT8_KERNELS', 'conv_vnni_kernel',
            'emit_conv_vnni', 'emit_conv_vnni_wide', 'emit_matmul_vnni', 'vnni_applicable',
-           'epilogue_fusable', 'conv_vnni_cols_kernel', 'cols_applicable', 'COLS_TK']
+           'epilogue_fusable', 'conv_vnni_cols_kernel', 'cols_applicable', 'COLS_TK',
+           'emit_conv_vnni_u8_weights']
 
 #: The integer convolution kernels a build can select (``'auto'``: from the target).
 INT8_KERNELS = ('auto', 'vnni', 'avx2', 'generic')
@@ -112,14 +115,17 @@ def _tiles(k_blocks: int, out_w: int) -> tuple[int, int]:
 def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                      pads: tuple[int, int, int, int], stride: tuple[int, int],
                      dilation: tuple[int, int], input_dtype: str = 'int8',
-                     pad_code: int = 0) -> Any:
+                     pad_code: int = 0, unsigned_weights: bool = False) -> Any:
     """The PrimFunc ``(x, packed weight, shift, out)`` for one shape.
 
     ``x`` is the ``[N, C, H, W]`` int8 input, ``out`` the ``[N, K, OH, OW]`` int32 result
     (NCHW, so the float epilogue that follows stays a plain elementwise loop); the
     padded uint8 copy of ``x`` in the blocked layout (module doc) is built inside, in
     parallel, before the tiles run. A ``uint8`` input (codes with a zero point) is used as
-    it is and padded with ``pad_code`` (its zero point).
+    it is and padded with ``pad_code`` (its zero point). With ``unsigned_weights`` the
+    operands swap sides: the weight bytes are ``vpdpbusd``'s unsigned operand (8-bit
+    codes 0..255) and the input its signed one (``uint8`` codes stored minus 128;
+    :func:`emit_conv_vnni_u8_weights`).
     """
     from tvm.script import tirx as T
 
@@ -132,7 +138,9 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
     TILES = n * PER_IMAGE
     N, C, H, W, K, KH, KW = n, c, h, w, k, kh, kw
     IN_DTYPE = input_dtype
-    pack = input_pack(n, c, h, w, pads, input_dtype, pad_code, 'vnni_pack')
+    SWAP = bool(unsigned_weights)
+    pack = input_pack(n, c, h, w, pads, input_dtype, pad_code, 'vnni_pack',
+                      signed_codes=SWAP)
 
     @T.prim_func(s_tir=True)
     def conv_vnni(x: T.Buffer((N, C, H, W), IN_DTYPE),
@@ -168,17 +176,36 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                             for qx in T.serial(KW):
                                 for a in T.unroll(TK):
                                     for b in T.unroll(TX):
-                                        acc[a, T.ramp(b * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                            T.llvm_lookup_intrinsic_id(
-                                                'llvm.x86.avx512.vpdpbusd.512'),
-                                            acc[a, T.ramp(b * 16, 1, 16)],
-                                            T.reinterpret(T.broadcast(T.reinterpret(data.vload(
-                                                [image * CB + cb, y * sh + qy * dh,
-                                                 (xo * TX + b) * sw + qx * dw, 0], 'uint8x4'),
-                                                dtype='int32'), 16), dtype='int8x64'),
-                                            weight.vload([k_block + a, cb, qy, qx, 0, 0],
-                                                         'int8x64'),
-                                            dtype='int32x16')
+                                        if SWAP:        # weights unsigned, input signed
+                                            acc[a, T.ramp(b * 16, 1, 16)] = \
+                                                T.call_llvm_pure_intrin(
+                                                    T.llvm_lookup_intrinsic_id(
+                                                        'llvm.x86.avx512.vpdpbusd.512'),
+                                                    acc[a, T.ramp(b * 16, 1, 16)],
+                                                    weight.vload([k_block + a, cb, qy, qx, 0, 0],
+                                                                 'int8x64'),
+                                                    T.reinterpret(T.broadcast(T.reinterpret(
+                                                        data.vload([image * CB + cb,
+                                                                    y * sh + qy * dh,
+                                                                    (xo * TX + b) * sw + qx * dw,
+                                                                    0], 'uint8x4'),
+                                                        dtype='int32'), 16), dtype='int8x64'),
+                                                    dtype='int32x16')
+                                        else:
+                                            acc[a, T.ramp(b * 16, 1, 16)] = \
+                                                T.call_llvm_pure_intrin(
+                                                    T.llvm_lookup_intrinsic_id(
+                                                        'llvm.x86.avx512.vpdpbusd.512'),
+                                                    acc[a, T.ramp(b * 16, 1, 16)],
+                                                    T.reinterpret(T.broadcast(T.reinterpret(
+                                                        data.vload([image * CB + cb,
+                                                                    y * sh + qy * dh,
+                                                                    (xo * TX + b) * sw + qx * dw,
+                                                                    0], 'uint8x4'),
+                                                        dtype='int32'), 16), dtype='int8x64'),
+                                                    weight.vload([k_block + a, cb, qy, qx, 0, 0],
+                                                                 'int8x64'),
+                                                    dtype='int32x16')
                     # write-back transposed in registers: per output channel one vector
                     # of TX neighbouring columns (a contiguous NCHW store)
                     for a in T.unroll(TK):
@@ -445,6 +472,69 @@ def emit_conv_vnni_wide(bb: Any, x: Any, w: Any, strides: Any, pads: Any, dilati
     h_part = relax.op.strided_slice(acc, axes=[1], begin=[0], end=[k])
     l_part = relax.op.strided_slice(acc, axes=[1], begin=[k], end=[2 * k])
     return relax.op.add(relax.op.multiply(h_part, relax.const(16, 'int32')), l_part)
+
+
+def emit_conv_vnni_u8_weights(bb: Any, x: Any, w: Any, w_zero_point: Any, strides: Any,
+                              pads: Any, dilations: Any, x_zero_point: int) -> Any:
+    """Relax: int32 ``conv2d(x - z_x, w - z_w)`` for uint8 codes ``x`` (constant zero point
+    ``z_x``) and **uint8** weight codes ``w`` ``[K, C, kh, kw]`` with zero points ``z_w``
+    (a scalar or one per output channel; None: 0): the 8-bit first layer, in one VNNI
+    kernel call of ``K`` channels instead of :func:`emit_conv_vnni_wide`'s ``2K``.
+
+    ``w - z_w`` spans up to [-255, 255], but the codes ``w`` fit ``vpdpbusd``'s unsigned
+    operand and ``x - 128`` its signed one, so the kernel computes
+    ``S = sum w (x - 128) + (128 - z_x) sum w = sum w (x - z_x)`` (padding is ``x = z_x``,
+    so every tap counts alike), and
+
+        conv(x - z_x, w - z_w) = S - z_w * sum_window(x - z_x)
+
+    with the window sums of ``x - z_x`` over the input channels (one-channel float
+    convolutions with ones, a row then a column; exact: integers below 2^24). Every step
+    is an exact integer.
+    """
+    from tvm import relax
+
+    n, c, h, wd = (int(d) for d in x.ty.shape)
+    k, _, kh, kw = (int(d) for d in w.ty.shape)
+    sh, sw = _pair(strides)
+    dh, dw = _pair(dilations)
+    pt, pl, pb, pr = _pads(pads)
+    cp, kp = -(-c // 4) * 4, -(-k // 16) * 16
+    w8 = bb.normalize(relax.op.astype(w, 'int8'))         # the same bytes, 0..255 as read
+    w_padded = relax.op.nn.pad(w8, [0, kp - k, 0, cp - c, 0, 0, 0, 0], pad_value=0.0)
+    weight = bb.normalize(relax.op.permute_dims(
+        relax.op.reshape(w_padded, (kp // 16, 16, cp // 4, 4, kh, kw)), [0, 2, 4, 5, 1, 3]))
+    sum_w = relax.op.sum(relax.op.astype(w, 'int32'), axis=[1, 2, 3])
+    shift = bb.normalize(relax.op.multiply(sum_w, relax.const(int(x_zero_point) - 128,
+                                                              'int32')))
+    pads4 = (pt, pl, pb, pr)
+    out_h, out_w = out_size(h, pt + pb, kh, sh, dh), out_size(wd, pl + pr, kw, sw, dw)
+    kernel = conv_vnni_kernel(n, c, h, wd, k, kh, kw, pads4, (sh, sw), (dh, dw), 'uint8',
+                              int(x_zero_point), unsigned_weights=True)
+    name = (f'conv_vnni_u8w_z{x_zero_point}_n{n}_c{c}_k{k}_{h}x{wd}_{kh}x{kw}_s{sh}x{sw}_'
+            f'd{dh}x{dw}_p{"_".join(map(str, pads4))}')
+    kernel = kernel.with_attr('global_symbol', name)
+    tk, _ = _tiles(-(-k // 16), out_w)
+    if k % (16 * tk) == 0:                        # whole tiles: the epilogue may fuse
+        kernel = kernel.with_attr('op_pattern', _OUT_ELEMWISE_FUSABLE)
+    gv = bb.add_func(kernel, name)
+    acc = bb.normalize(relax.call_tir(gv, [x, weight, shift],
+                                      relax.TensorType((n, k, out_h, out_w), 'int32')))
+    if w_zero_point is None:
+        return acc
+    centred = relax.op.subtract(relax.op.astype(x, 'int32'),
+                                relax.const(int(x_zero_point), 'int32'))
+    summed = relax.op.astype(relax.op.sum(centred, axis=[1], keepdims=True), 'float32')
+    # the window sums as a row pass then a column pass of ones (14 adds an output, not 49)
+    rows = relax.op.nn.conv2d(summed, relax.const(np.ones((1, 1, 1, kw), np.float32)),
+                              strides=(1, sw), padding=(0, pl, 0, pr), dilation=(1, dw))
+    window = relax.op.astype(relax.op.nn.conv2d(
+        rows, relax.const(np.ones((1, 1, kh, 1), np.float32)), strides=(sh, 1),
+        padding=(pt, 0, pb, 0), dilation=(dh, 1)), 'int32')
+    z_w = bb.normalize(relax.op.astype(w_zero_point, 'int32'))
+    z_w = relax.op.reshape(relax.op.broadcast_to(relax.op.reshape(z_w, (-1,)), (k,)),
+                           (1, k, 1, 1))
+    return relax.op.subtract(acc, relax.op.multiply(z_w, window))
 
 
 def emit_matmul_vnni(bb: Any, a: Any, b: Any, isa: str = 'vnni') -> Any:
