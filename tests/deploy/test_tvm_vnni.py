@@ -313,3 +313,33 @@ def test_vnni_conv_of_uint8_weight_codes_is_bit_exact(k, stride, z_w):
     ref = torch.nn.functional.conv2d(padded, torch.from_numpy(centred_w), stride=stride)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got.astype(np.int64), ref.numpy().astype(np.int64))
+
+
+@pytest.mark.skipif(not has_vnni(host_target()), reason='this CPU has no AVX-512 VNNI')
+def test_column_lane_kernel_takes_uint8_codes_bit_exact():
+    """uint8 activation codes with a zero point (W4A8) on the column-lane kernel (row
+    stride 1, 32 output columns): equal to the int64 convolution of ``x - z_x``."""
+    import tvm
+    from tvm import relax
+
+    from mmdet_regptq.deploy.tvm.vnni import cols_applicable, emit_conv_vnni
+
+    n, c, k, h, w, z_x = 1, 12, 16, 5, 32, 37
+    assert cols_applicable(1, w)
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (n, c, h, w)).astype(np.uint8)
+    x[0, 0, 0, :2] = [0, 255]
+    weight = rng.integers(-128, 128, (k, c, 3, 3)).astype(np.int8)
+    bb = relax.BlockBuilder()
+    xv = relax.Var('x', relax.TensorType(x.shape, 'uint8'))
+    wv = relax.Var('w', relax.TensorType(weight.shape, 'int8'))
+    with bb.function('main', [xv, wv]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(emit_conv_vnni(bb, xv, wv, 1, 1, 1, 1, z_x)))
+        bb.emit_func_output(out)
+    assert any('vnni_cols' in gv.name_hint for gv, _ in bb.get().functions_items())
+    vm = relax.VirtualMachine(_build(bb.get(), host_target()), tvm.cpu())
+    got = vm['main'](tvm.runtime.tensor(x), tvm.runtime.tensor(weight)).numpy()
+    padded = torch.nn.functional.pad(torch.from_numpy(x.astype(np.float64) - z_x), (1,) * 4)
+    ref = torch.nn.functional.conv2d(padded, torch.from_numpy(weight).double())
+    np.testing.assert_array_equal(got.astype(np.int64), ref.numpy().astype(np.int64))
