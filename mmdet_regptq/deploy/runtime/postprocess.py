@@ -133,11 +133,33 @@ def decode(coder: Mapping[str, Any], priors: np.ndarray, deltas: np.ndarray,
     return _clip(boxes, max_shape) if coder['clip_border'] else boxes
 
 
+#: :func:`_top_k` prefilters arrays of at least this many times ``k`` values
+TOPK_PREFILTER = 64
+
+
 def _top_k(values: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` largest values, largest first (a partition, then a sort of the
-    ``k``: a full argsort of a 512x512 RetinaNet's first level took 60 ms)."""
-    idx = np.argpartition(-values, k - 1)[:k] if 0 < k < values.size else \
-        np.arange(values.size)
+    ``k``: a full argsort of a 512x512 RetinaNet's first level took 60 ms).
+
+    On a long array (>= ``TOPK_PREFILTER * k``, e.g. RetinaNet's 885k first-level logits
+    for ``k = 1000``) the partition itself took ~7 ms; a threshold from every ``step``-th
+    value (a ``16 k`` sample) first keeps the values at or above it, a few thousand, and
+    the partition runs on those. Exact: with at least ``k`` values kept, every one of the
+    ``k`` largest is among them (else the full partition runs)."""
+    if not 0 < k < values.size:
+        idx = np.arange(values.size)
+    else:
+        idx = None
+        if values.size >= TOPK_PREFILTER * k:
+            step = values.size // (16 * k)
+            sample = values[::step]
+            rank = min(sample.size, 4 * (k // step) + 64)     # ~4x k values above it
+            threshold = np.partition(sample, sample.size - rank)[sample.size - rank]
+            kept = np.flatnonzero(values >= threshold)
+            if kept.size >= k:
+                idx = kept[np.argpartition(-values[kept], k - 1)[:k]]
+        if idx is None:
+            idx = np.argpartition(-values, k - 1)[:k]
     return idx[np.argsort(-values[idx], kind='stable')]
 
 
