@@ -84,15 +84,16 @@ def roi_align(feat: np.ndarray, boxes: np.ndarray, output_size: Sequence[int],
     count = np.maximum(grid_h * grid_w, 1).astype(_F32)
     wy, y0, y1 = _axis_weights(scaled[:, 1], bin_h, grid_h, out_h, height)
     wx, x0, x1 = _axis_weights(scaled[:, 0], bin_w, grid_w, out_w, width)
-    for k in range(len(boxes)):
-        if y1[k] <= y0[k] or x1[k] <= x0[k]:
-            continue
-        window = np.ascontiguousarray(feat[:, y0[k]:y1[k], x0[k]:x1[k]])
-        h = window.shape[1]
-        cols = window.reshape(-1, window.shape[2]) @ wx[k, :, x0[k]:x1[k]].T   # [C * h, w']
-        cols = cols.reshape(channels, h, out_w).transpose(1, 0, 2).reshape(h, -1)
-        pooled = wy[k, :, y0[k]:y1[k]] @ cols                                 # [h', C * w']
-        out[k] = pooled.reshape(out_h, channels, out_w).transpose(1, 0, 2) / count[k]
+    # per RoI on its window of the map in place (no copy of the window): [out_h, h] @
+    # [C, h, w] → [C, out_h, w] (a GEMM per channel), then one [C * out_h, w] @ [w, out_w]
+    # GEMM into the output
+    wxt = np.ascontiguousarray(wx.transpose(0, 2, 1)) / count[:, None, None]
+    todo = np.nonzero((y1 > y0) & (x1 > x0))[0]
+    flat = out.reshape(len(boxes), channels * out_h, out_w)
+    for k, a, b, c, d in zip(todo.tolist(), y0[todo].tolist(), y1[todo].tolist(),
+                             x0[todo].tolist(), x1[todo].tolist()):
+        rows = np.matmul(wy[k, :, a:b], feat[:, a:b, c:d]).reshape(-1, d - c)
+        np.matmul(rows, wxt[k, c:d], out=flat[k])
     return out
 
 

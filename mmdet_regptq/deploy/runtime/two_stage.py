@@ -47,8 +47,9 @@ class TwoStagePostProcessor:
         """``[K, 4]`` RPN proposals, best first (``RPNHead.predict_by_feat``, one image)."""
         rpn, cfg = self.rpn, self.rpn['test_cfg']
         nms_pre = int(cfg.get('nms_pre', -1))
-        boxes, scores, levels = [], [], []
-        for level, priors in enumerate(self.priors):
+        priors, deltas, scores, levels = [], [], [], []
+        size = int(rpn['encode_size'])
+        for level, anchors in enumerate(self.priors):
             logits = raw[f'raw1_{level}'][0]                   # [A * c, H, W]
             channels = int(rpn['cls_out_channels'])
             flat = logits.transpose(1, 2, 0).reshape(-1, channels)
@@ -61,12 +62,18 @@ class TwoStagePostProcessor:
                 prob = _softmax(flat)[:, :-1].reshape(-1)
                 idx = _top_k(prob, nms_pre if 0 < nms_pre < prob.size else prob.size)
                 score = prob[idx]
-            deltas = raw[f'raw2_{level}'][0].transpose(1, 2, 0).reshape(
-                -1, int(rpn['encode_size']))[idx]
-            boxes.append(decode(rpn['coder'], priors[idx], deltas, self.input_shape))
+            # the kept anchors' deltas straight from the [A * size, H, W] map (index =
+            # position * A + anchor), not a transposed copy of the whole map
+            delta = raw[f'raw2_{level}'][0]
+            pos, anchor = np.divmod(idx, len(delta) // size)
+            deltas.append(delta.reshape(-1, size, delta.shape[1] * delta.shape[2])[
+                anchor, :, pos])
+            priors.append(anchors[idx])
             scores.append(score)
             levels.append(np.full(len(idx), level, np.int64))
-        boxes, scores, levels = (np.concatenate(t) for t in (boxes, scores, levels))
+        priors, deltas, scores, levels = (np.concatenate(t) for t in
+                                          (priors, deltas, scores, levels))
+        boxes = decode(rpn['coder'], priors, deltas, self.input_shape)   # all levels at once
         valid = size_mask(boxes, cfg.get('min_bbox_size', -1))
         boxes, scores, levels = boxes[valid], scores[valid], levels[valid]
         keep = batched_nms(boxes, scores, levels, float(cfg['nms']['iou_threshold']),
