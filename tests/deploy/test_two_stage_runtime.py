@@ -18,20 +18,22 @@ IMAGE = ROOT / 'data/synthetic/val/000007.jpg'
 @pytest.mark.parametrize('sampling_ratio', [0, 2])
 @pytest.mark.parametrize('aligned', [True, False])
 def test_numpy_roi_align_equals_mmcv(sampling_ratio, aligned):
-    """RoIs of every size (zero-sized, sub-pixel, larger than the map, partly outside)."""
+    """RoIs of every size (zero-sized, sub-pixel, larger than the map, partly outside), on
+    a strided (non-contiguous) map: the NumPy kernel reads each RoI's window in place."""
     from mmcv.ops import roi_align as mmcv_roi_align
 
     from mmdet_regptq.deploy.runtime.roi_align import roi_align
 
     rng = np.random.default_rng(0)
-    feat = rng.standard_normal((5, 24, 30)).astype(np.float32)
+    feat = rng.standard_normal((10, 24, 30)).astype(np.float32)[::2]
+    assert not feat.flags.c_contiguous
     xy = rng.uniform(-40, 260, (300, 2))
     wh = np.concatenate([rng.uniform(0, 4, (100, 2)), rng.uniform(0, 300, (200, 2))])
     boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
     boxes[:4, 2:] = boxes[:4, :2]
     rois = torch.cat([torch.zeros(len(boxes), 1), torch.from_numpy(boxes)], 1)
-    want = mmcv_roi_align(torch.from_numpy(feat)[None], rois, (7, 6), 1 / 8, sampling_ratio,
-                          'avg', aligned).numpy()
+    want = mmcv_roi_align(torch.from_numpy(feat.copy())[None], rois, (7, 6), 1 / 8,
+                          sampling_ratio, 'avg', aligned).numpy()
     got = roi_align(feat, boxes, (7, 6), 1 / 8, sampling_ratio, aligned)
     assert np.abs(want).max() > 0.1
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
