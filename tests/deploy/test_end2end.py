@@ -324,10 +324,12 @@ def test_numpy_post_processor_gives_the_graphs_detections(float_model, name):
     (['python', '-m', 'mmdet_regptq.deploy.run', 'work', 'a.jpg'], True),
     (['python', '-X', 'importtime', '-W', 'ignore', '-m', 'mmdet_regptq.deploy.run'], True),
     (['python', '-m' + 'mmdet_regptq.deploy.run', 'work'], True),
+    (['python', '-m', 'mmdet_regptq.deploy.onnx.avx2_shim', 'work_dirs/shim'], True),
+    (['python', '-m', 'mmdet_regptq.deploy.onnx'], False),
     (['python', '-m', 'pytest', 'tests'], False),
     (['python', 'tools/deploy.py', '-m', 'mmdet_regptq.deploy.run'], False),
     (['python', '-c', 'import mmdet_regptq'], False)])
-def test_only_the_runtime_entry_skips_the_torch_imports(monkeypatch, argv, expected):
+def test_only_the_light_entries_skip_the_torch_imports(monkeypatch, argv, expected):
     from mmdet_regptq._runtime_entry import runtime_only
 
     monkeypatch.setattr(sys, 'orig_argv', argv)

@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -264,6 +265,18 @@ def test_avx2_shim_keeps_answering_cpuid_under_a_programs_own_segv_handler(tmp_p
     assert crash.stdout.split()[-1:] == ['AVX2']
     assert crash.returncode == -11, (crash.returncode, crash.stderr[-2000:])
     assert 'Segmentation fault' in crash.stderr
+
+
+def test_shim_cli_prints_only_the_library_path(tmp_path):
+    """``SHIM=$(python -m mmdet_regptq.deploy.onnx.avx2_shim DIR)`` as the docs use it:
+    stdout is the path alone (no mmengine log lines from the package imports)."""
+    done = subprocess.run([sys.executable, '-m', 'mmdet_regptq.deploy.onnx.avx2_shim',
+                           str(tmp_path / 'shim')], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines == [str(tmp_path / 'shim' / 'libcpuid_avx2.so')]
+    assert Path(lines[0]).is_file()
 
 
 # ---------------------------------------------------------------- deploy config / CLI
