@@ -58,6 +58,24 @@ def _compile(*shape):
     return relax.VirtualMachine(_build(_conv_module(*shape), host_target()), tvm.cpu())
 
 
+def _conv_main(emit, x: np.ndarray, weight: np.ndarray):
+    """``main(x, w)`` of one ``emit(bb, x_var, w_var)`` convolution, as a module and its
+    output on ``x``, ``weight`` (built for this CPU)."""
+    import tvm
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    xv = relax.Var('x', relax.TensorType(x.shape, str(x.dtype)))
+    wv = relax.Var('w', relax.TensorType(weight.shape, str(weight.dtype)))
+    with bb.function('main', [xv, wv]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(emit(bb, xv, wv)))
+        bb.emit_func_output(out)
+    module = bb.get()
+    vm = relax.VirtualMachine(_build(module, host_target()), tvm.cpu())
+    return module, vm['main'](tvm.runtime.tensor(x), tvm.runtime.tensor(weight)).numpy()
+
+
 def test_vnni_kernel_lowers_to_vpdpbusd_for_a_vnni_target():
     """Runs on any machine: cross-compiled for a VNNI CPU (``cascadelake``), the kernel's
     inner loop is ``vpdpbusd`` on zmm registers. (Its values need such a CPU to run on:
@@ -103,10 +121,6 @@ def test_has_vnni_is_false_for_a_cpu_without_it():
 def test_vnni_wide_conv_of_uint8_codes_is_bit_exact(groups):
     """The 8-bit first layer: uint8 codes minus their zero point times centred 8-bit
     weights in [-255, 255] (split into two int8 halves)."""
-    import tvm
-    from tvm import relax
-
-    from mmdet_regptq.deploy.tvm.schedule import cpu_pipeline
     from mmdet_regptq.deploy.tvm.vnni import emit_conv_vnni_wide
 
     n, c, k, h, kernel, stride, pads, z_x = 1, 4, 12, 15, 7, 2, 3, 37
@@ -114,18 +128,8 @@ def test_vnni_wide_conv_of_uint8_codes_is_bit_exact(groups):
     x = rng.integers(0, 256, (n, c, h, h)).astype(np.uint8)
     weight = rng.integers(-255, 256, (k, c // groups, kernel, kernel)).astype(np.int16)
     weight[0, 0, 0, :3] = [-255, 255, -16]
-    bb = relax.BlockBuilder()
-    xv = relax.Var('x', relax.TensorType(x.shape, 'uint8'))
-    wv = relax.Var('w', relax.TensorType(weight.shape, 'int16'))
-    with bb.function('main', [xv, wv]):
-        with bb.dataflow():
-            y = bb.emit(emit_conv_vnni_wide(bb, xv, wv, stride, pads, 1, groups, z_x))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    target = host_target()
-    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target,
-                                          relax_pipeline=cpu_pipeline(target)), tvm.cpu())
-    got = vm['main'](tvm.runtime.tensor(x), tvm.runtime.tensor(weight)).numpy()
+    _, got = _conv_main(lambda bb, xv, wv: emit_conv_vnni_wide(bb, xv, wv, stride, pads, 1,
+                                                               groups, z_x), x, weight)
     centred = torch.from_numpy(x.astype(np.float64) - z_x)
     ref = torch.nn.functional.conv2d(centred, torch.from_numpy(weight).double(), stride=stride,
                                      padding=pads, groups=groups).numpy().astype(np.int64)
@@ -279,10 +283,8 @@ def test_vnni_conv_of_uint8_weight_codes_is_bit_exact(k, stride, z_w):
     """The 8-bit first layer in one kernel call: uint8 input codes minus their zero point
     times uint8 weight codes minus theirs (per channel, scalar, none), the full code
     ranges at the edges."""
-    import tvm
     from tvm import relax
 
-    from mmdet_regptq.deploy.tvm.schedule import cpu_pipeline
     from mmdet_regptq.deploy.tvm.vnni import emit_conv_vnni_u8_weights
 
     n, c, h, kernel, pads, z_x = 1, 3, 21, 7, 3, 114
@@ -293,19 +295,9 @@ def test_vnni_conv_of_uint8_weight_codes_is_bit_exact(k, stride, z_w):
     weight[0, 0, 0, :3] = [0, 255, 0]
     zero = {'channel': rng.integers(0, 256, k).astype(np.uint8),
             'scalar': np.array(200, np.uint8), None: None}[z_w]
-    bb = relax.BlockBuilder()
-    xv = relax.Var('x', relax.TensorType(x.shape, 'uint8'))
-    wv = relax.Var('w', relax.TensorType(weight.shape, 'uint8'))
-    with bb.function('main', [xv, wv]):
-        with bb.dataflow():
-            zp = None if zero is None else relax.const(zero)
-            y = bb.emit(emit_conv_vnni_u8_weights(bb, xv, wv, zp, stride, pads, 1, z_x))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    target = host_target()
-    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target,
-                                          relax_pipeline=cpu_pipeline(target)), tvm.cpu())
-    got = vm['main'](tvm.runtime.tensor(x), tvm.runtime.tensor(weight)).numpy()
+    zp = None if zero is None else relax.const(zero)
+    _, got = _conv_main(lambda bb, xv, wv: emit_conv_vnni_u8_weights(bb, xv, wv, zp, stride,
+                                                                     pads, 1, z_x), x, weight)
     centred_w = weight.astype(np.float64) - (0 if zero is None else
                                              zero.astype(np.float64).reshape(-1, 1, 1, 1))
     padded = torch.nn.functional.pad(torch.from_numpy(x.astype(np.float64) - z_x),
@@ -319,9 +311,6 @@ def test_vnni_conv_of_uint8_weight_codes_is_bit_exact(k, stride, z_w):
 def test_column_lane_kernel_takes_uint8_codes_bit_exact():
     """uint8 activation codes with a zero point (W4A8) on the column-lane kernel (row
     stride 1, 32 output columns): equal to the int64 convolution of ``x - z_x``."""
-    import tvm
-    from tvm import relax
-
     from mmdet_regptq.deploy.tvm.vnni import cols_applicable, emit_conv_vnni
 
     n, c, k, h, w, z_x = 1, 12, 16, 5, 32, 37
@@ -330,16 +319,9 @@ def test_column_lane_kernel_takes_uint8_codes_bit_exact():
     x = rng.integers(0, 256, (n, c, h, w)).astype(np.uint8)
     x[0, 0, 0, :2] = [0, 255]
     weight = rng.integers(-128, 128, (k, c, 3, 3)).astype(np.int8)
-    bb = relax.BlockBuilder()
-    xv = relax.Var('x', relax.TensorType(x.shape, 'uint8'))
-    wv = relax.Var('w', relax.TensorType(weight.shape, 'int8'))
-    with bb.function('main', [xv, wv]):
-        with bb.dataflow():
-            out = bb.emit_output(bb.emit(emit_conv_vnni(bb, xv, wv, 1, 1, 1, 1, z_x)))
-        bb.emit_func_output(out)
-    assert any('vnni_cols' in gv.name_hint for gv, _ in bb.get().functions_items())
-    vm = relax.VirtualMachine(_build(bb.get(), host_target()), tvm.cpu())
-    got = vm['main'](tvm.runtime.tensor(x), tvm.runtime.tensor(weight)).numpy()
+    module, got = _conv_main(lambda bb, xv, wv: emit_conv_vnni(bb, xv, wv, 1, 1, 1, 1, z_x),
+                             x, weight)
+    assert any('vnni_cols' in gv.name_hint for gv, _ in module.functions_items())
     padded = torch.nn.functional.pad(torch.from_numpy(x.astype(np.float64) - z_x), (1,) * 4)
     ref = torch.nn.functional.conv2d(padded, torch.from_numpy(weight).double())
     np.testing.assert_array_equal(got.astype(np.int64), ref.numpy().astype(np.int64))
