@@ -176,36 +176,21 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                             for qx in T.serial(KW):
                                 for a in T.unroll(TK):
                                     for b in T.unroll(TX):
-                                        if SWAP:        # weights unsigned, input signed
-                                            acc[a, T.ramp(b * 16, 1, 16)] = \
-                                                T.call_llvm_pure_intrin(
-                                                    T.llvm_lookup_intrinsic_id(
-                                                        'llvm.x86.avx512.vpdpbusd.512'),
-                                                    acc[a, T.ramp(b * 16, 1, 16)],
-                                                    weight.vload([k_block + a, cb, qy, qx, 0, 0],
-                                                                 'int8x64'),
-                                                    T.reinterpret(T.broadcast(T.reinterpret(
-                                                        data.vload([image * CB + cb,
-                                                                    y * sh + qy * dh,
-                                                                    (xo * TX + b) * sw + qx * dw,
-                                                                    0], 'uint8x4'),
-                                                        dtype='int32'), 16), dtype='int8x64'),
-                                                    dtype='int32x16')
-                                        else:
-                                            acc[a, T.ramp(b * 16, 1, 16)] = \
-                                                T.call_llvm_pure_intrin(
-                                                    T.llvm_lookup_intrinsic_id(
-                                                        'llvm.x86.avx512.vpdpbusd.512'),
-                                                    acc[a, T.ramp(b * 16, 1, 16)],
-                                                    T.reinterpret(T.broadcast(T.reinterpret(
-                                                        data.vload([image * CB + cb,
-                                                                    y * sh + qy * dh,
-                                                                    (xo * TX + b) * sw + qx * dw,
-                                                                    0], 'uint8x4'),
-                                                        dtype='int32'), 16), dtype='int8x64'),
-                                                    weight.vload([k_block + a, cb, qy, qx, 0, 0],
-                                                                 'int8x64'),
-                                                    dtype='int32x16')
+                                        # one operand unsigned, the other signed: the
+                                        # packed input, or with SWAP the weight codes
+                                        acc[a, T.ramp(b * 16, 1, 16)] = T.call_llvm_pure_intrin(
+                                            T.llvm_lookup_intrinsic_id(
+                                                'llvm.x86.avx512.vpdpbusd.512'),
+                                            acc[a, T.ramp(b * 16, 1, 16)],
+                                            *_operands(SWAP, T.reinterpret(T.broadcast(
+                                                T.reinterpret(data.vload(
+                                                    [image * CB + cb, y * sh + qy * dh,
+                                                     (xo * TX + b) * sw + qx * dw, 0],
+                                                    'uint8x4'), dtype='int32'), 16),
+                                                dtype='int8x64'),
+                                                weight.vload([k_block + a, cb, qy, qx, 0, 0],
+                                                             'int8x64')),
+                                            dtype='int32x16')
                     # write-back transposed in registers: per output channel one vector
                     # of TX neighbouring columns (a contiguous NCHW store)
                     for a in T.unroll(TK):
@@ -221,6 +206,13 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
 #: output channels per tile of the column-lane kernel (:func:`conv_vnni_cols_kernel`), at
 #: most; a K it does not divide gets the largest divisor of K from 4 up, so every tile is
 #: whole (e.g. K = 54, a RetinaNet class map: 6) and the epilogue can be fused
+def _operands(swap: bool, packed_input: Any, weights: Any) -> tuple[Any, Any]:
+    """``vpdpbusd``'s (unsigned, signed) operands: the packed input codes and the weights,
+    or with ``swap`` (uint8 weight codes, :func:`emit_conv_vnni_u8_weights`) the other way
+    round."""
+    return (weights, packed_input) if swap else (packed_input, weights)
+
+
 COLS_TK = 8
 
 
@@ -335,6 +327,12 @@ def epilogue_fusable(k: int, out_w: int, stride_w: int = 1) -> bool:
     TK`` on the other; ``k`` a multiple), so the epilogue is computed per tile."""
     if cols_applicable(stride_w, out_w):
         return k % _cols_tiles(k, out_w)[0] == 0
+    return _whole_row_tiles(k, out_w)
+
+
+def _whole_row_tiles(k: int, out_w: int) -> bool:
+    """Whether :func:`conv_vnni_kernel`'s tiles (``16 * TK`` channels) cover ``k`` output
+    channels exactly, so that an epilogue fused into it is computed per tile."""
     tk, _ = _tiles(-(-k // 16), out_w)
     return k % (16 * tk) == 0
 
@@ -514,8 +512,7 @@ def emit_conv_vnni_u8_weights(bb: Any, x: Any, w: Any, w_zero_point: Any, stride
     name = (f'conv_vnni_u8w_z{x_zero_point}_n{n}_c{c}_k{k}_{h}x{wd}_{kh}x{kw}_s{sh}x{sw}_'
             f'd{dh}x{dw}_p{"_".join(map(str, pads4))}')
     kernel = kernel.with_attr('global_symbol', name)
-    tk, _ = _tiles(-(-k // 16), out_w)
-    if k % (16 * tk) == 0:                        # whole tiles: the epilogue may fuse
+    if _whole_row_tiles(k, out_w):               # the epilogue may fuse
         kernel = kernel.with_attr('op_pattern', _OUT_ELEMWISE_FUSABLE)
     gv = bb.add_func(kernel, name)
     acc = bb.normalize(relax.call_tir(gv, [x, weight, shift],
