@@ -48,6 +48,22 @@ class ResidualNet(nn.Module):
         return self.out(p)
 
 
+class AddNet(nn.Module):
+    """An add read by a quantized conv and by a conv the policy keeps FP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(3, 16, 3, padding=1)
+        self.q = nn.Conv2d(16, 16, 3, padding=1)
+        self.f = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.g = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.a(x) + self.b(x)
+        return self.g(torch.relu(self.q(s))), self.g(torch.relu(self.f(s)))
+
+
 def make_quantized(policy: dict, seed: int = 0, net: type[nn.Module] | None = None
                    ) -> tuple[nn.Module, torch.Tensor]:
     """A calibrated (MinMax) ``net`` (default TinyNet) and its calibration input

@@ -34,7 +34,10 @@ dequantized weights: slower than FP32 (measured in BUILD_NOTES / ``benchmarks/de
    when that quantizer's ``uint8`` zero point 0 clamps negatives anyway: exact);
 5. each float SiLU ``Sigmoid(x) → Mul(x, σ)`` becomes one ``com.microsoft.QuickGelu``
    (``alpha = 1``, the same function; :func:`~mmdet_regptq.deploy.onnx.silu.fuse_silu`),
-   which ORT fuses itself on float graphs but not between Q/DQ nodes.
+   which ORT fuses itself on float graphs but not between Q/DQ nodes;
+6. a float-weight layer (``fp_layers``) that reads a dequantized tensor reads it through
+   its own per-axis ``DequantizeLinear`` (same values), so that ORT does not quantize its
+   weight to int8 (:mod:`~mmdet_regptq.deploy.onnx.float_layers`).
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from mmdet_regptq.deploy.onnx.float_layers import per_axis_inputs_for_float_layers
 from mmdet_regptq.deploy.onnx.graph import GraphIndex, attrs
 from mmdet_regptq.deploy.onnx.silu import fuse_silu
 from mmdet_regptq.quant import QuantGrid, qparams_from_range
@@ -148,6 +152,8 @@ class OrtInt8Report:
         widened: weights that would fit int8 but stay uint8 with a zero point, because
             ORT's u8 x s8 kernel would saturate on them on the target CPU.
         silu_fused: ``Sigmoid → Mul`` pairs (SiLU) replaced by one ``QuickGelu``.
+        float_kept: float-weight layers given a per-axis dequantized input so that ORT
+            keeps their weights float.
         target_cpu: the ``target_cpu`` the layout was chosen for (``'host'`` resolved to
             ``'avx2'`` / ``'vnni'``).
     """
@@ -159,6 +165,7 @@ class OrtInt8Report:
     integer_adds: list[str] = field(default_factory=list)
     widened: list[str] = field(default_factory=list)
     silu_fused: int = 0
+    float_kept: list[str] = field(default_factory=list)
     target_cpu: str = ''
 
     def summary(self) -> str:
@@ -167,6 +174,8 @@ class OrtInt8Report:
                 f'{self.merged} duplicate QuantizeLinear merged, '
                 f'{len(self.integer_adds)} adds in integers, '
                 f'{self.silu_fused} SiLU as QuickGelu'
+                + (f', {len(self.float_kept)} float layers on a per-axis dequantized input'
+                   if self.float_kept else '')
                 + (f' (target CPU {self.target_cpu})' if self.target_cpu else '')
                 + (f', {len(self.widened)} weights kept uint8 (no VNNI: u8 x s8 would '
                    'saturate)' if self.widened else ''))
@@ -575,6 +584,7 @@ def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np
     out.graph.initializer.extend(new_inits)
     report.integer_adds = integer_adds(out)
     report.silu_fused = fuse_silu(out)
+    report.float_kept = per_axis_inputs_for_float_layers(out)
     onnx.checker.check_model(out, full_check=True)
     logger.info('ORT INT8: %s', report.summary())
     return out, report
