@@ -207,9 +207,10 @@ def test_uint8_codes_times_int8_weights_take_one_kernel_call_bit_exact(kernel, m
     assert np.array_equal(got.astype(np.int64), ref.numpy().astype(np.int64))
 
 
-def _epilogue_module(c, k, hw, weight, scale, bias, fuse):
-    """``main(x)``: a 3x3 conv through ``emit_conv_vnni`` and the epilogue our integer
-    graph puts after it (float rescale, bias, ReLU, quantize to the next layer's codes)."""
+def _epilogue_module(c, k, hw, weight, scale, bias, fuse, isa='vnni'):
+    """``main(x)``: a 3x3 conv through ``emit_conv_vnni`` (``isa``'s kernel) and the
+    epilogue our integer graph puts after it (float rescale, bias, ReLU, quantize to the
+    next layer's codes)."""
     import tvm
     from tvm import relax
 
@@ -219,7 +220,7 @@ def _epilogue_module(c, k, hw, weight, scale, bias, fuse):
     x = relax.Var('x', relax.TensorType((1, c, hw, hw), 'int8'))
     with bb.function('main', [x]):
         with bb.dataflow():
-            acc = bb.emit(emit_conv_vnni(bb, x, relax.const(weight), 1, 1, 1,
+            acc = bb.emit(emit_conv_vnni(bb, x, relax.const(weight), 1, 1, 1, isa=isa,
                                          fuse_epilogue=fuse))
             y = bb.emit(relax.op.astype(acc, 'float32'))
             y = bb.emit(relax.op.add(relax.op.multiply(y, relax.const(scale)),
@@ -233,7 +234,8 @@ def _epilogue_module(c, k, hw, weight, scale, bias, fuse):
 
 
 def _fused_kernels(module) -> list[str]:
-    """Names of the functions in which FuseOps put a VNNI kernel together with other ops."""
+    """Names of the functions in which FuseOps put one of our kernels together with other
+    ops."""
     import tvm
     from tvm import relax
 
@@ -243,21 +245,27 @@ def _fused_kernels(module) -> list[str]:
             relax.transform.FoldConstant(), relax.transform.FuseOps(),
             relax.transform.FuseTIR()])(module)
     return [gv.name_hint for gv, _ in mod.functions_items()
-            if gv.name_hint.startswith('fused_conv_vnni')]
+            if gv.name_hint.startswith(('fused_conv_vnni', 'fused_conv_avx2'))]
 
 
-@pytest.mark.skipif(not has_vnni(host_target()), reason='this CPU has no AVX-512 VNNI')
-@pytest.mark.parametrize('k,hw,fusable', [(64, 24, True), (40, 24, False), (40, 32, True),
-                                           (54, 32, True), (11, 32, False)])
-def test_fused_epilogue_gives_the_same_codes(k, hw, fusable):
+@pytest.mark.parametrize('isa,k,hw,fusable', [
+    ('vnni', 64, 24, True), ('vnni', 40, 24, False), ('vnni', 40, 32, True),
+    ('vnni', 54, 32, True), ('vnni', 11, 32, False),
+    ('avx2', 64, 24, True), ('avx2', 40, 24, True), ('avx2', 54, 32, False),
+    ('avx2', 11, 32, False)])
+def test_fused_epilogue_gives_the_same_codes(isa, k, hw, fusable):
     """The epilogue fused into the kernel (computed per tile) gives the same int8 codes as
-    the separate pass, bit for bit; a K that is not a multiple of a tile's channels (32 on
-    the channel-lane kernel, 24 columns here; a divisor of K from 4 to 8 on the
-    column-lane kernel, 32 columns: 6 for K = 54, none for K = 11) stays unfused (and
-    still correct)."""
+    the separate pass, bit for bit; a K that is not a multiple of a tile's channels stays
+    unfused (and still correct). VNNI: 32 channels on the channel-lane kernel (24 columns
+    here), a divisor of K from 4 to 8 on the column-lane kernel (32 columns: 6 for K = 54,
+    none for K = 11); AVX2: 16 channels where K / 8 is even, else 8."""
     from tvm import relax
 
-    from mmdet_regptq.deploy.tvm.vnni import epilogue_fusable
+    from mmdet_regptq.deploy.tvm.avx2 import epilogue_fusable_avx2
+    from mmdet_regptq.deploy.tvm.vnni import epilogue_fusable, has_avx2
+
+    if not (has_vnni if isa == 'vnni' else has_avx2)(host_target()):
+        pytest.skip(f'this CPU has no {isa.upper()}')
 
     c = 32
     rng = np.random.default_rng(0)
@@ -265,10 +273,11 @@ def test_fused_epilogue_gives_the_same_codes(k, hw, fusable):
     scale = (rng.random((k, 1, 1)) * 0.004 + 0.001).astype(np.float32)
     bias = rng.standard_normal((k, 1, 1)).astype(np.float32)
     xs = [rng.integers(-8, 8, (1, c, hw, hw)).astype(np.int8) for _ in range(4)]
-    assert epilogue_fusable(k, hw) == fusable
+    assert (epilogue_fusable(k, hw) if isa == 'vnni' else epilogue_fusable_avx2(k, hw)) \
+        == fusable
     outs = []
     for fuse in (True, False):
-        module, tvm = _epilogue_module(c, k, hw, weight, scale, bias, fuse)
+        module, tvm = _epilogue_module(c, k, hw, weight, scale, bias, fuse, isa)
         assert bool(_fused_kernels(module)) == (fuse and fusable)
         vm = relax.VirtualMachine(_build(module, host_target()), tvm.cpu())
         outs.append([vm['main'](tvm.runtime.tensor(x)).numpy() for x in xs])

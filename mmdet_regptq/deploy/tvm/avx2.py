@@ -24,7 +24,10 @@ Layout and tiling are ``tvm/vnni.py``'s with 256-bit vectors: the padded uint8 i
 (``tvm/conv_input.py``), the weight
 ``[K/8, C/4, kh, kw, 8, 4]`` int8 (lifted out of the inference), ``TK`` blocks of 8
 output channels x ``TX`` output columns of accumulators (<= 10 of the 16 ymm registers:
-the others hold the ones, a broadcast input, the weights and the int16 pair sums).
+the others hold the ones, a broadcast input, the weights and the int16 pair sums). As
+there, the float epilogue that follows (rescale, bias, ReLU, quantize) is fused into the
+kernel and computed per tile where the tiles cover whole channel blocks
+(:func:`epilogue_fusable_avx2`).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from typing import Any
 from mmdet_regptq.deploy.tvm.conv_input import conv_geometry, input_pack
 from mmdet_regptq.deploy.tvm.schedule import largest_divisor
 
-__all__ = ['MAX_WEIGHT', 'conv_avx2_kernel', 'weights_fit_avx2']
+__all__ = ['MAX_WEIGHT', 'conv_avx2_kernel', 'epilogue_fusable_avx2', 'weights_fit_avx2']
 
 #: The largest weight magnitude whose u8 x s8 pair sums cannot saturate int16:
 #: ``2 * 255 * 64 = 32640 <= 32767``.
@@ -47,6 +50,14 @@ def weights_fit_avx2(max_abs_weight: int | None) -> bool:
     """Whether weights of magnitude ``<= max_abs_weight`` are exact on the AVX2 kernel
     (None: unknown, so not)."""
     return max_abs_weight is not None and 0 <= max_abs_weight <= MAX_WEIGHT
+
+
+def epilogue_fusable_avx2(k: int, out_w: int) -> bool:
+    """Whether the elementwise ops after an AVX2 convolution with ``k`` output channels
+    and ``out_w`` output columns may be fused into it: every tile then writes whole blocks
+    of ``8 * TK`` channels (``k`` a multiple), so the epilogue is computed per tile."""
+    tk, _ = _tiles(-(-k // LANES), out_w)
+    return k % (LANES * tk) == 0
 
 
 def _tiles(k_blocks: int, out_w: int) -> tuple[int, int]:
@@ -80,7 +91,8 @@ def conv_avx2_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
     def conv_avx2(x: T.Buffer((N, C, H, W), IN_DTYPE),
                   weight: T.Buffer((KO, CB, KH, KW, 8, 4), 'int8'),
                   shift: T.Buffer((K,), 'int32'),
-                  out: T.Buffer((N, K, OH, OW), 'int32')):
+                  out: T.Buffer((T.int64(N), T.int64(K), T.int64(OH), T.int64(OW)), 'int32')):
+        # out's shape in int64 as in the legalized Relax ops: FuseTIR maps one buffer type
         T.func_attr({'tirx.noalias': True, 'regptq_scheduled': True})
         data = T.alloc_buffer((N * CB, HP, WP, 4), 'uint8')
         pack(x, data)
@@ -89,11 +101,16 @@ def conv_avx2_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                 vt = T.axis.spatial(TILES, t)
                 T.reads(data[0:N * CB, 0:HP, 0:WP, 0:4], weight[0:KO, 0:CB, 0:KH, 0:KW, 0:8, 0:4],
                         shift[0:K])
-                T.writes(out[0:N, 0:K, 0:OH, 0:OW])
+                # the rows this tile writes (exact: a fused epilogue is computed at the tile)
+                T.writes(out[vt // PER_IMAGE,
+                             vt % PER_IMAGE // OH * TK * 8:
+                             T.min(vt % PER_IMAGE // OH * TK * 8 + TK * 8, K),
+                             vt % OH, 0:OW])
                 acc = T.alloc_buffer((TK, TX * 8), 'int32', scope='local')
-                image = vt // PER_IMAGE                  # the tile: image, channel block, row
-                k_block = vt % PER_IMAGE // OH * TK
-                y = vt % OH
+                # the tile: image, channel block, row (bound values: analysable regions)
+                image = T.bind(vt // PER_IMAGE)
+                k_block = T.bind(vt % PER_IMAGE // OH * TK)
+                y = T.bind(vt % OH)
                 for xo in T.serial(XO):
                     for a in T.unroll(TK):
                         for b in T.unroll(TX):

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 _LANES = 16           # int32/float32 lanes of a 512-bit vector
 #: the tile blocks of our own convolution kernels that an epilogue may be fused into
-_TILE_BLOCKS = ('vnni_tile',)
+_TILE_BLOCKS = ('vnni_tile', 'avx2_tile')
 #: output-channel register tiles, first that divides: odd ones too, so that e.g. YOLO's
 #: 255-channel head (3 x 85) gets 5 accumulator vectors instead of 1 (3.6x slower)
 _TILE_F = (8, 6, 5, 4, 3, 2, 1)
@@ -156,7 +156,7 @@ def schedule_cpu(mod: Any) -> Any:
             continue
         names = [sch.get(b).name_hint for b in blocks]
         if any(n in _TILE_BLOCKS for n in names):
-            _schedule_fused_tile(sch, names)        # a VNNI kernel with its epilogue fused
+            _schedule_fused_tile(sch, names)        # our kernel with its epilogue fused
             out = _replace(out, gv, sch.mod['main'])
             continue
         changed = _inline_elementwise(sch, names)
@@ -190,10 +190,11 @@ def schedule_cpu(mod: Any) -> Any:
 
 
 def _schedule_fused_tile(sch: Any, names: list[str]) -> None:
-    """A VNNI convolution (``tvm/vnni.py``) with the elementwise ops that follow it fused
-    in by ``FuseOps`` (its float rescale, bias, ReLU, quantize, clip): the ops are inlined
-    into one block, computed inside the kernel's parallel tile loop right after each
-    tile (the tile's int32 rows still in cache), its columns vectorized. A block that
+    """A VNNI or AVX2 convolution (``tvm/vnni.py``, ``tvm/avx2.py``) with the elementwise
+    ops that follow it fused in by ``FuseOps`` (its float rescale, bias, ReLU, quantize,
+    clip): the ops are inlined into one block, computed inside the kernel's parallel tile
+    loop right after each tile (the tile's int32 rows still in cache), its columns
+    vectorized. A block that
     cannot be inlined (it writes an output) or moved is moved after the previous one, or
     at worst scheduled alone as a spatial block; the values are the same either way."""
     tile = next(n for n in names if n in _TILE_BLOCKS)

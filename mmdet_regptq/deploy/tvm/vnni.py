@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from mmdet_regptq.deploy.tvm.avx2 import LANES as AVX2_LANES
-from mmdet_regptq.deploy.tvm.avx2 import conv_avx2_kernel
+from mmdet_regptq.deploy.tvm.avx2 import conv_avx2_kernel, epilogue_fusable_avx2
 from mmdet_regptq.deploy.tvm.conv_input import conv_geometry, input_pack, out_size
 from mmdet_regptq.deploy.tvm.schedule import largest_divisor
 
@@ -375,8 +375,8 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
             float rescale, bias, ReLU, quantize) into the kernel (``op_pattern``
             ``kOutEWiseFusable``), computed per tile right after it
             (``schedule._schedule_fused_tile``): the int32 result is read back from cache
-            instead of a separate pass over memory. VNNI, ungrouped, and only where
-            :func:`epilogue_fusable`; the caller passes it where only elementwise ops can
+            instead of a separate pass over memory. Ungrouped, and only where
+            :func:`epilogue_fusable` (AVX2: ``avx2.epilogue_fusable_avx2``); the caller passes it where only elementwise ops can
             follow (not the split 8-bit layer or a matrix product).
 
     Returns:
@@ -422,7 +422,8 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
     name = (f'{prefix}n{n}_c{c}_k{k}_{h}x{wd}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_'
             f'p{"_".join(map(str, pads4))}')
     kernel = kernel.with_attr('global_symbol', name)
-    if fuse_epilogue and isa == 'vnni' and epilogue_fusable(k, out_w, sw):
+    if fuse_epilogue and (epilogue_fusable(k, out_w, sw) if isa == 'vnni'
+                          else epilogue_fusable_avx2(k, out_w)):
         kernel = kernel.with_attr('op_pattern', _OUT_ELEMWISE_FUSABLE)
     gv = bb.add_func(kernel, name)
     return relax.call_tir(gv, [x, weight, shift],
