@@ -33,8 +33,10 @@ def _target(mcpu):
     return tvm.target.Target({'kind': 'llvm', 'mcpu': mcpu})
 
 
-def _conv_module(n, c, k, h, w, kernel, stride, dilation, pads, groups, isa='avx2'):
-    """A Relax module ``main(x, w)``: one convolution through ``emit_conv_vnni(isa=...)``."""
+def _conv_module(n, c, k, h, w, kernel, stride, dilation, pads, groups, isa='avx2',
+                 max_weight=None):
+    """A Relax module ``main(x, w)``: one convolution through ``emit_conv_vnni(isa=...)``
+    (``max_weight``: the ``max |w|`` the AVX2 kernel may assume)."""
     from tvm import relax
 
     from mmdet_regptq.deploy.tvm.vnni import emit_conv_vnni
@@ -45,7 +47,7 @@ def _conv_module(n, c, k, h, w, kernel, stride, dilation, pads, groups, isa='avx
     with bb.function('main', [x, wv]):
         with bb.dataflow():
             y = bb.emit(emit_conv_vnni(bb, x, wv, stride, list(pads), dilation, groups,
-                                       isa=isa))
+                                       isa=isa, max_weight=max_weight))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     return bb.get()
@@ -66,12 +68,12 @@ def _reference(x, weight, stride, dilation, pads, groups):
                                       dilation=dilation, groups=groups).numpy().astype(np.int64)
 
 
-def _run_conv(shape, x, weight, isa='avx2'):
+def _run_conv(shape, x, weight, isa='avx2', max_weight=None):
     import tvm
     from tvm import relax
 
-    vm = relax.VirtualMachine(_build(_conv_module(*shape, isa=isa), _target('haswell')),
-                              tvm.cpu())
+    vm = relax.VirtualMachine(_build(_conv_module(*shape, isa=isa, max_weight=max_weight),
+                                     _target('haswell')), tvm.cpu())
     return vm['main'](tvm.runtime.tensor(x), tvm.runtime.tensor(weight)).numpy()
 
 
@@ -132,6 +134,70 @@ def test_avx2_conv_is_bit_exact(shape):
     assert np.array_equal(out.astype(np.int64), ref)
 
 
+@pytest.mark.parametrize('peak,sums', [(8, 8), (15, 4), (16, 4), (17, 3), (32, 2), (64, 1),
+                                       (65, 1), (1, 16), (None, 1)])
+def test_int16_sums_stay_within_int16(peak, sums):
+    """How many pair sums (each up to ``2 * 255 * |w|``) the kernel adds in int16, and the
+    weight limit that many allow, which the runner checks at load."""
+    from mmdet_regptq.deploy.tvm.avx2 import int16_sums, weight_limit
+
+    assert int16_sums(peak) == sums
+    if peak is not None and peak <= 64:
+        assert sums * 2 * 255 * peak <= 32767 and weight_limit(sums) >= peak
+        assert sums == 16 or (sums + 1) * 2 * 255 * peak > 32767
+
+
+#: layers whose kernels add pair sums in int16 (>= 32 input channels per group, > 1x1)
+INT16_SHAPES = [
+    (1, 64, 64, 16, 16, 3, 1, 1, (1, 1, 1, 1), 1),
+    (2, 40, 24, 9, 11, 3, 2, 1, (1, 1, 1, 1), 1),     # 10 channel blocks: 5 per widening
+    (1, 64, 18, 12, 12, 3, 1, 2, (2, 2, 2, 2), 1),
+    (1, 64, 16, 10, 10, 3, 1, 1, (0, 1, 1, 0), 2),
+    (1, 96, 40, 7, 7, 5, 1, 1, (2, 2, 2, 2), 1),
+]
+
+
+@pytest.mark.parametrize('c,kh,peak,group', [(64, 3, 8, 8), (64, 3, 15, 4), (40, 3, 8, 5),
+                                             (64, 1, 8, 1), (16, 3, 8, 1), (64, 3, 64, 1),
+                                             (64, 3, None, 1), (96, 3, 2, 12)])
+def test_int16_group_per_layer(c, kh, peak, group):
+    from mmdet_regptq.deploy.tvm.avx2 import int16_group
+
+    assert int16_group(c, kh, kh, peak) == group
+
+
+@needs_avx2
+@pytest.mark.parametrize('peak', [8, 15, 16])
+@pytest.mark.parametrize('shape', INT16_SHAPES, ids=[f'n{s[0]}c{s[1]}k{s[2]}s{s[6]}d{s[7]}'
+                                                     f'g{s[9]}' for s in INT16_SHAPES])
+def test_avx2_int16_sums_are_bit_exact(shape, peak):
+    """Weights within ``peak`` (4-bit: 8, centred asymmetric 4-bit: 15, the split first
+    layer's halves: 16): several steps' pair sums added in int16 before widening, at the
+    worst case (every input code + 128 = 255 and every weight ``+-peak`` on some outputs),
+    equal to the int64 reference."""
+    n, c, k, h, w, kernel, stride, dilation, pads, groups = shape
+    rng = np.random.default_rng(1)
+    x = rng.integers(-128, 128, (n, c, h, w)).astype(np.int8)
+    weight = rng.integers(-peak, peak + 1, (k, c // groups, kernel, kernel)).astype(np.int8)
+    x[0, :, :4, :4] = 127
+    weight[0], weight[-1] = peak, -peak
+    out = _run_conv(shape, x, weight, max_weight=peak)
+    assert np.array_equal(out.astype(np.int64),
+                          _reference(x, weight, stride, dilation, pads, groups))
+
+
+def test_int16_sums_kernel_adds_pair_sums_before_widening():
+    """The kernel of a 4-bit layer (64 input channels: 16 blocks of 4) widens once per 8
+    blocks, not once per step: fewer ``vpmaddwd`` than ``vpmaddubsw`` in its code."""
+    shape = (1, 64, 16, 8, 8, 3, 1, 1, (1, 1, 1, 1), 1)
+    asm = {}
+    for peak in (64, 8):
+        executable = _build(_conv_module(*shape, max_weight=peak), _target('haswell'))
+        asm[peak] = ''.join(m.inspect_source('asm') for m in executable.mod.imports)
+    assert asm[64].count('vpmaddwd') >= asm[64].count('vpmaddubsw')
+    assert 4 * asm[8].count('vpmaddwd') <= asm[8].count('vpmaddubsw')
+
+
 @needs_avx2
 def test_weights_that_could_saturate_take_the_generic_schedule():
     """``|w| > 64``: the kernel's int16 pair sums would saturate (shown on the kernel
@@ -189,6 +255,9 @@ def test_w4a4_model_built_for_avx2_matches_the_fake_quant_model(w4a4, tmp_path):
     meta = json.loads(Path(files[2]).read_text())
     assert meta['int8_kernel'] == 'avx2' and '"mcpu":"haswell"' in meta['target']
     assert sorted(meta['kernels'].values()) == ['avx2_int8'] * 3 + ['avx2_int8_split']
+    limits = meta['avx2_weight_limits']      # 4-bit weights: several int16 sums per widening
+    assert sorted(limits) == sorted(k for k, v in meta['kernels'].items() if v == 'avx2_int8')
+    assert all(8 <= v < 64 for v in limits.values())
     out = TvmRunner(Path(files[0]).parent)({'input': x})
     with torch.no_grad():
         ref = model(x)
@@ -197,8 +266,9 @@ def test_w4a4_model_built_for_avx2_matches_the_fake_quant_model(w4a4, tmp_path):
     stored = dict(np.load(files[1]))
     first_avx2 = next(i for i, w in enumerate(meta['weights'])
                       if meta['kernels'][w['name']] == 'avx2_int8')
-    stored[f'w{first_avx2}.zero_point'] = stored[f'w{first_avx2}.zero_point'] + 100
+    limit = limits[meta['weights'][first_avx2]['name']]
+    stored[f'w{first_avx2}.zero_point'] = stored[f'w{first_avx2}.zero_point'] + limit
     np.savez(files[1], **stored)
-    with pytest.raises(ValueError, match=r'max \|w\| = .* > 64, but the artifact runs it on '
-                                         'the AVX2 kernel'):
+    with pytest.raises(ValueError, match=rf'max \|w\| = \d+ > {limit}, but the artifact runs '
+                                         rf'it on the AVX2 kernel built for \|w\| <= {limit}'):
         TvmRunner(Path(files[0]).parent)

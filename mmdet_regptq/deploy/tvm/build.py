@@ -44,7 +44,8 @@ from mmdet_regptq.deploy.tvm.fast_sigmoid import fast_sigmoid_pass
 from mmdet_regptq.deploy.tvm.integer_graph import IntegerReport, PackedWeight, to_integer_graph
 from mmdet_regptq.deploy.tvm.runner import ARTIFACT_FILES
 from mmdet_regptq.deploy.tvm.schedule import cpu_pipeline
-from mmdet_regptq.deploy.tvm.avx2 import weights_fit_avx2
+from mmdet_regptq.deploy.tvm.avx2 import int16_sums, weights_fit_avx2
+from mmdet_regptq.deploy.tvm.avx2 import weight_limit as avx2_weight_limit
 from mmdet_regptq.deploy.tvm.vnni import (emit_conv_vnni, emit_conv_vnni_u8_weights,
                                           emit_conv_vnni_wide, emit_matmul_vnni, int8_kernel,
                                           vnni_applicable)
@@ -192,7 +193,8 @@ def _conv_integer_converter(float_exact: frozenset = frozenset(), kernel: str | 
                     isa = _kernel_for(kernel, w, bounds or {})
                     if isa:
                         out = emit_conv_vnni(bb, x, w, *conv_args, isa=isa,
-                                             fuse_epilogue=True)
+                                             fuse_epilogue=True,
+                                             max_weight=_max_abs(w, bounds or {}))
                         label = isa
                 elif _dtype(x) == 'uint8' and z_x is not None and _dtype(w) == 'int8' \
                         and w_zp is None:
@@ -201,7 +203,8 @@ def _conv_integer_converter(float_exact: frozenset = frozenset(), kernel: str | 
                     isa = _kernel_for(kernel, w, bounds or {})
                     if isa:
                         out = emit_conv_vnni(bb, x, w, *conv_args, z_x, isa=isa,
-                                             fuse_epilogue=True)
+                                             fuse_epilogue=True,
+                                             max_weight=_max_abs(w, bounds or {}))
                         label = isa
                 elif _dtype(x) == 'uint8' and z_x is not None and _dtype(w) == 'uint8' \
                         and kernel == 'vnni' and conv_args[3] == 1:
@@ -257,7 +260,7 @@ def _matmul_integer_converter(fallback: type, kernel: str | None = None,
                     vnni_applicable(_dtype(a), _dtype(b), zero_points):
                 if used is not None:
                     used[_var_name(b)] = isa
-                return emit_matmul_vnni(bb, a, b, isa=isa)
+                return emit_matmul_vnni(bb, a, b, isa=isa, max_weight=_max_abs(b, bounds or {}))
             return fallback._impl_v10(bb, inputs, attr, params)
 
     return MatMulInteger
@@ -463,6 +466,8 @@ def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: boo
                 kernels=None if report is None else {
                     k: _KERNEL_LABELS[used[k]] if k in used else f'{v}_accumulate'
                     for k, v in report.accumulate.items()},
+                avx2_weight_limits={k: avx2_weight_limit(int16_sums(bounds.get(k)))
+                                    for k, v in used.items() if v == 'avx2'},
                 layers=None if report is None else {k: list(v) for k, v in report.layers.items()})
     (work_dir / 'meta.json').write_text(json.dumps(meta, indent=1))
     return [str(work_dir / f) for f in ARTIFACT_FILES], report

@@ -20,13 +20,15 @@ __all__ = ['TvmRunner', 'ARTIFACT_FILES', 'check_avx2_weight']
 ARTIFACT_FILES = ('model.so', 'weights.npz', 'meta.json')
 
 
-def check_avx2_weight(name: str, value: np.ndarray) -> None:
-    """Refuse a weight the AVX2 kernel would compute wrongly (``|w| > 64`` saturates its
-    int16 pair sums): a ``weights.npz`` that does not match the build."""
+def check_avx2_weight(name: str, value: np.ndarray, limit: int = AVX2_MAX_WEIGHT) -> None:
+    """Refuse a weight the AVX2 kernel would compute wrongly: a ``weights.npz`` that does
+    not match the build. ``limit``: the ``max |w|`` the layer's kernel was built for (64
+    when each step's int16 pair sums are widened at once, less when several are added in
+    int16 first, ``meta.json``'s ``avx2_weight_limits``)."""
     peak = int(np.abs(value.astype(np.int64)).max(initial=0))
-    if peak > AVX2_MAX_WEIGHT:
-        raise ValueError(f'weight {name}: max |w| = {peak} > {AVX2_MAX_WEIGHT}, but the '
-                         'artifact runs it on the AVX2 kernel (exact only within +-64); '
+    if peak > limit:
+        raise ValueError(f'weight {name}: max |w| = {peak} > {limit}, but the artifact runs '
+                         f'it on the AVX2 kernel built for |w| <= {limit} (int16 sums); '
                          'rebuild the artifact from these weights')
 
 
@@ -49,11 +51,13 @@ class TvmRunner:
         self.vm = relax.VirtualMachine(lib, self.device)
         stored = np.load(directory / 'weights.npz')
         kernels = self.meta.get('kernels') or {}
+        limits = self.meta.get('avx2_weight_limits') or {}
         self.weights = []
         for i, wmeta in enumerate(self.meta['weights']):
             value = unpack_weight(stored[f'w{i}.words'], stored[f'w{i}.zero_point'], wmeta)
             if kernels.get(wmeta['name']) == 'avx2_int8':
-                check_avx2_weight(wmeta['name'], value)
+                check_avx2_weight(wmeta['name'], value,
+                                  limits.get(wmeta['name'], AVX2_MAX_WEIGHT))
             self.weights.append(tvm.runtime.tensor(value, self.device))
         if self.meta.get('transform_params'):
             # weight layout changes (e.g. the VNNI blocking), once, at load

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from mmdet_regptq.deploy.tvm.avx2 import LANES as AVX2_LANES
-from mmdet_regptq.deploy.tvm.avx2 import conv_avx2_kernel, epilogue_fusable_avx2
+from mmdet_regptq.deploy.tvm.avx2 import conv_avx2_kernel, epilogue_fusable_avx2, int16_group
 from mmdet_regptq.deploy.tvm.conv_input import conv_geometry, input_pack, out_size
 from mmdet_regptq.deploy.tvm.schedule import largest_divisor
 
@@ -357,7 +357,8 @@ def _pads(value: Any) -> list[int]:
 
 def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
                    dilations: Any, groups: int = 1, x_zero_point: int | None = None,
-                   isa: str = 'vnni', fuse_epilogue: bool = False) -> Any:
+                   isa: str = 'vnni', fuse_epilogue: bool = False,
+                   max_weight: int | None = None) -> Any:
     """Relax: int32 ``conv2d(x, w)`` (NCHW / OIHW, int8 operands) through the VNNI kernel
     (``isa='vnni'``) or the AVX2 kernel (``isa='avx2'``: ``w`` must be within
     ``|w| <= 64``, which the caller checks: ``avx2.weights_fit_avx2``).
@@ -378,6 +379,9 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
             instead of a separate pass over memory. Ungrouped, and only where
             :func:`epilogue_fusable` (AVX2: ``avx2.epilogue_fusable_avx2``); the caller passes it where only elementwise ops can
             follow (not the split 8-bit layer or a matrix product).
+        max_weight: ``max |w|`` of ``w`` (AVX2 kernel: the smaller it is, the more
+            ``vpmaddubsw`` pair sums are added in int16 before widening,
+            ``avx2.int16_group``; None = up to 64).
 
     Returns:
         ``[N, K, OH, OW]`` int32, equal to the integer convolution.
@@ -389,7 +393,8 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
         ws = bb.normalize(relax.op.split(w, groups, axis=0))
         parts = [bb.normalize(emit_conv_vnni(
             bb, bb.normalize(relax.TupleGetItem(xs, g)), bb.normalize(relax.TupleGetItem(ws, g)),
-            strides, pads, dilations, 1, x_zero_point, isa)) for g in range(groups)]
+            strides, pads, dilations, 1, x_zero_point, isa, max_weight=max_weight))
+            for g in range(groups)]
         return relax.op.concat(parts, axis=1)
 
     n, c, h, wd = (int(d) for d in x.ty.shape)
@@ -415,12 +420,14 @@ def emit_conv_vnni(bb: Any, x: Any, w: Any, strides: Any, pads: Any,
     cols = isa == 'vnni' and cols_applicable(sw, out_w)
     build_kernel = (conv_vnni_cols_kernel if cols else conv_vnni_kernel) if isa == 'vnni' \
         else conv_avx2_kernel
+    sums = int16_group(c, kh, kw, max_weight) if isa == 'avx2' else 1
     kernel = build_kernel(n, c, h, wd, k, kh, kw, pads4, (sh, sw), (dh, dw),
-                          'uint8' if unsigned else 'int8', offset if unsigned else 0)
+                          'uint8' if unsigned else 'int8', offset if unsigned else 0,
+                          **({'sums': sums} if isa == 'avx2' else {}))
     label = f'{isa}_cols' if cols else isa
     prefix = f'conv_{label}_u8z{offset}_' if unsigned else f'conv_{label}_'
     name = (f'{prefix}n{n}_c{c}_k{k}_{h}x{wd}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_'
-            f'p{"_".join(map(str, pads4))}')
+            f'p{"_".join(map(str, pads4))}' + (f'_i16x{sums}' if sums > 1 else ''))
     kernel = kernel.with_attr('global_symbol', name)
     if fuse_epilogue and (epilogue_fusable(k, out_w, sw) if isa == 'vnni'
                           else epilogue_fusable_avx2(k, out_w)):
@@ -456,7 +463,7 @@ def emit_conv_vnni_wide(bb: Any, x: Any, w: Any, strides: Any, pads: Any, dilati
         both = relax.op.concat([hi, lo], axis=0)
     both = bb.normalize(relax.op.astype(both, 'int8'))
     acc = bb.normalize(emit_conv_vnni(bb, x, both, strides, pads, dilations, groups,
-                                      x_zero_point, isa))
+                                      x_zero_point, isa, max_weight=16))
     if groups > 1:
         per = k // groups
         outs = []
@@ -535,7 +542,8 @@ def emit_conv_vnni_u8_weights(bb: Any, x: Any, w: Any, w_zero_point: Any, stride
     return relax.op.subtract(acc, relax.op.multiply(z_w, window))
 
 
-def emit_matmul_vnni(bb: Any, a: Any, b: Any, isa: str = 'vnni') -> Any:
+def emit_matmul_vnni(bb: Any, a: Any, b: Any, isa: str = 'vnni',
+                     max_weight: int | None = None) -> Any:
     """Relax: int32 ``a @ b`` (``[M, K]`` x ``[K, N]``, int8) through the VNNI kernel.
 
     A matrix product is a 1x1 convolution of a ``1 x M`` image with ``K`` channels: the
@@ -550,5 +558,5 @@ def emit_matmul_vnni(bb: Any, a: Any, b: Any, isa: str = 'vnni') -> Any:
     n = int(b.ty.shape[1])
     x = bb.normalize(relax.op.reshape(relax.op.permute_dims(a, [1, 0]), (1, k, 1, m)))
     w = bb.normalize(relax.op.reshape(relax.op.permute_dims(b, [1, 0]), (n, k, 1, 1)))
-    acc = bb.normalize(emit_conv_vnni(bb, x, w, 1, 0, 1, isa=isa))
+    acc = bb.normalize(emit_conv_vnni(bb, x, w, 1, 0, 1, isa=isa, max_weight=max_weight))
     return relax.op.permute_dims(relax.op.reshape(acc, (n, m)), [1, 0])
