@@ -166,6 +166,22 @@ def test_int16_group_per_layer(c, kh, peak, group):
     assert int16_group(c, kh, kh, peak) == group
 
 
+@pytest.mark.parametrize('shape,peak,limit', [([64, 64, 3, 3], 8, 8), ([64, 64, 3, 3], 12, 16),
+                                              ([16, 8, 3, 3], 8, 64), ([64, 64, 1, 1], 8, 64),
+                                              ([3136, 256], 8, 64)])
+def test_avx2_weight_limit_recorded_per_layer(shape, peak, limit):
+    """What ``meta.json`` records for the runner's check: the ``max |w|`` the layer's kernel
+    is exact for (a 2-D weight is a matrix product: a 1x1 kernel), and the runner refuses
+    more."""
+    from mmdet_regptq.deploy.tvm.build import _avx2_limit
+    from mmdet_regptq.deploy.tvm.runner import check_avx2_weight
+
+    assert _avx2_limit(shape, peak) == limit
+    check_avx2_weight('w', np.full(3, limit), limit)
+    with pytest.raises(ValueError, match=rf'max \|w\| = {limit + 1} > {limit}'):
+        check_avx2_weight('w', np.full(3, -limit - 1), limit)
+
+
 @needs_avx2
 @pytest.mark.parametrize('peak', [8, 15, 16])
 @pytest.mark.parametrize('shape', INT16_SHAPES, ids=[f'n{s[0]}c{s[1]}k{s[2]}s{s[6]}d{s[7]}'
@@ -255,9 +271,9 @@ def test_w4a4_model_built_for_avx2_matches_the_fake_quant_model(w4a4, tmp_path):
     meta = json.loads(Path(files[2]).read_text())
     assert meta['int8_kernel'] == 'avx2' and '"mcpu":"haswell"' in meta['target']
     assert sorted(meta['kernels'].values()) == ['avx2_int8'] * 3 + ['avx2_int8_split']
-    limits = meta['avx2_weight_limits']      # 4-bit weights: several int16 sums per widening
+    limits = meta['avx2_weight_limits']      # TinyNet's layers are too narrow for int16 sums
     assert sorted(limits) == sorted(k for k, v in meta['kernels'].items() if v == 'avx2_int8')
-    assert all(8 <= v < 64 for v in limits.values())
+    assert set(limits.values()) == {64}
     out = TvmRunner(Path(files[0]).parent)({'input': x})
     with torch.no_grad():
         ref = model(x)

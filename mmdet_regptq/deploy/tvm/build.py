@@ -44,7 +44,7 @@ from mmdet_regptq.deploy.tvm.fast_sigmoid import fast_sigmoid_pass
 from mmdet_regptq.deploy.tvm.integer_graph import IntegerReport, PackedWeight, to_integer_graph
 from mmdet_regptq.deploy.tvm.runner import ARTIFACT_FILES
 from mmdet_regptq.deploy.tvm.schedule import cpu_pipeline
-from mmdet_regptq.deploy.tvm.avx2 import int16_sums, weights_fit_avx2
+from mmdet_regptq.deploy.tvm.avx2 import int16_group, weights_fit_avx2
 from mmdet_regptq.deploy.tvm.avx2 import weight_limit as avx2_weight_limit
 from mmdet_regptq.deploy.tvm.vnni import (emit_conv_vnni, emit_conv_vnni_u8_weights,
                                           emit_conv_vnni_wide, emit_matmul_vnni, int8_kernel,
@@ -466,11 +466,19 @@ def build_artifact(model: onnx.ModelProto, work_dir: str | Path, *, integer: boo
                 kernels=None if report is None else {
                     k: _KERNEL_LABELS[used[k]] if k in used else f'{v}_accumulate'
                     for k, v in report.accumulate.items()},
-                avx2_weight_limits={k: avx2_weight_limit(int16_sums(bounds.get(k)))
+                avx2_weight_limits={k: _avx2_limit(shapes[k], bounds.get(k))
                                     for k, v in used.items() if v == 'avx2'},
                 layers=None if report is None else {k: list(v) for k, v in report.layers.items()})
     (work_dir / 'meta.json').write_text(json.dumps(meta, indent=1))
     return [str(work_dir / f) for f in ARTIFACT_FILES], report
+
+
+def _avx2_limit(shape: Sequence[int], max_abs_weight: int | None) -> int:
+    """The ``max |w|`` an AVX2 layer's kernel is exact for: a conv weight ``[K, C/g, kh,
+    kw]`` (each group's kernel sees ``C/g`` channels) or a matrix ``[K, N]`` (a 1x1 conv
+    over ``K`` channels), with the int16 sums :func:`avx2.int16_group` gave it."""
+    c, kh, kw = (shape[1], shape[2], shape[3]) if len(shape) == 4 else (shape[0], 1, 1)
+    return avx2_weight_limit(int16_group(c, kh, kw, max_abs_weight))
 
 
 #: ``meta.json`` ``kernels`` label of a layer on a fast kernel (``_split``: the 8-bit first
