@@ -178,19 +178,13 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
                                     for b in T.unroll(TX):
                                         # one operand unsigned, the other signed: the
                                         # packed input, or with SWAP the weight codes
-                                        acc[a, T.ramp(b * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                            T.llvm_lookup_intrinsic_id(
-                                                'llvm.x86.avx512.vpdpbusd.512'),
-                                            acc[a, T.ramp(b * 16, 1, 16)],
-                                            *_operands(SWAP, T.reinterpret(T.broadcast(
-                                                T.reinterpret(data.vload(
-                                                    [image * CB + cb, y * sh + qy * dh,
-                                                     (xo * TX + b) * sw + qx * dw, 0],
-                                                    'uint8x4'), dtype='int32'), 16),
-                                                dtype='int8x64'),
+                                        acc[a, T.ramp(b * 16, 1, 16)] = _vpdpbusd(
+                                            T, acc[a, T.ramp(b * 16, 1, 16)],
+                                            *_operands(SWAP, _broadcast4(T, data.vload(
+                                                [image * CB + cb, y * sh + qy * dh,
+                                                 (xo * TX + b) * sw + qx * dw, 0], 'uint8x4')),
                                                 weight.vload([k_block + a, cb, qy, qx, 0, 0],
-                                                             'int8x64')),
-                                            dtype='int32x16')
+                                                             'int8x64')))
                     # write-back transposed in registers: per output channel one vector
                     # of TX neighbouring columns (a contiguous NCHW store)
                     for a in T.unroll(TK):
@@ -206,6 +200,19 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
 #: output channels per tile of the column-lane kernel (:func:`conv_vnni_cols_kernel`), at
 #: most; a K it does not divide gets the largest divisor of K from 4 up, so every tile is
 #: whole (e.g. K = 54, a RetinaNet class map: 6) and the epilogue can be fused
+def _vpdpbusd(T: Any, acc: Any, unsigned: Any, signed: Any) -> Any:
+    """``acc`` (int32x16) plus the 4-byte dot products of ``unsigned`` and ``signed``
+    (int8x64 each)."""
+    return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('llvm.x86.avx512.vpdpbusd.512'),
+                                   acc, unsigned, signed, dtype='int32x16')
+
+
+def _broadcast4(T: Any, four_bytes: Any) -> Any:
+    """4 bytes repeated over the 64 byte lanes of a zmm register (int8x64)."""
+    return T.reinterpret(T.broadcast(T.reinterpret(four_bytes, dtype='int32'), 16),
+                         dtype='int8x64')
+
+
 def _operands(swap: bool, packed_input: Any, weights: Any) -> tuple[Any, Any]:
     """``vpdpbusd``'s (unsigned, signed) operands: the packed input codes and the weights,
     or with ``swap`` (uint8 weight codes, :func:`emit_conv_vnni_u8_weights`) the other way
@@ -295,20 +302,15 @@ def conv_vnni_cols_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: i
                             for qx in T.serial(KW):
                                 for a in T.unroll(TK):
                                     for b in T.unroll(TV):
-                                        acc[a, T.ramp(b * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                                            T.llvm_lookup_intrinsic_id(
-                                                'llvm.x86.avx512.vpdpbusd.512'),
-                                            acc[a, T.ramp(b * 16, 1, 16)],
+                                        acc[a, T.ramp(b * 16, 1, 16)] = _vpdpbusd(
+                                            T, acc[a, T.ramp(b * 16, 1, 16)],
                                             T.reinterpret(data.vload(
                                                 [image * CB + cb, y * sh + qy * dh,
                                                  (xo * TV + b) * 16 + qx * dw, 0], 'uint8x64'),
                                                 dtype='int8x64'),
-                                            T.reinterpret(T.broadcast(T.reinterpret(
-                                                weight.vload([(channel + a) // 16, cb, qy,
-                                                              qx, (channel + a) % 16, 0],
-                                                             'int8x4'),
-                                                dtype='int32'), 16), dtype='int8x64'),
-                                            dtype='int32x16')
+                                            _broadcast4(T, weight.vload(
+                                                [(channel + a) // 16, cb, qy, qx,
+                                                 (channel + a) % 16, 0], 'int8x4')))
                     for a in T.unroll(TK):
                         for b in T.unroll(TV):
                             if channel + a < K:
