@@ -24,17 +24,17 @@ __all__ = ['per_axis_inputs_for_float_layers']
 _WEIGHTED_OPS = ('Conv', 'ConvTranspose', 'Gemm')
 
 
-def _input_channels(node: onnx.NodeProto, weight: onnx.TensorProto) -> tuple[int, int]:
-    """``(axis, size)`` of the channel axis of ``node``'s input 0."""
+def _input_channels(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
+    """The size of axis 1 (the channels) of ``node``'s input 0."""
     dims = list(weight.dims)
     a = attrs(node)
     if node.op_type == 'Conv':
-        return 1, dims[1] * int(a.get('group', 1))
+        return dims[1] * int(a.get('group', 1))
     if node.op_type == 'ConvTranspose':
-        return 1, dims[0]
+        return dims[0]
     if a.get('transA', 0):
         raise ValueError(f'{node.name}: Gemm with transA=1 is not supported here')
-    return 1, dims[1] if a.get('transB', 0) else dims[0]
+    return dims[1] if a.get('transB', 0) else dims[0]
 
 
 def _is_float_initializer(index: GraphIndex, name: str) -> bool:
@@ -66,7 +66,7 @@ def per_axis_inputs_for_float_layers(model: onnx.ModelProto) -> list[str]:
         zero = index.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
         if scale is None or scale.size != 1 or (zero is not None and zero.size != 1):
             continue
-        axis, channels = _input_channels(node, index.inits[node.input[1]])
+        channels = _input_channels(node, index.inits[node.input[1]])
         key = f'{node.input[0]}.per_axis{len(changed)}'
         new_inits.append(numpy_helper.from_array(
             np.full(channels, scale.reshape(()), scale.dtype), f'{key}.scale'))
@@ -76,7 +76,7 @@ def per_axis_inputs_for_float_layers(model: onnx.ModelProto) -> list[str]:
                 np.full(channels, zero.reshape(()), zero.dtype), f'{key}.zero_point'))
             inputs.append(f'{key}.zero_point')
         added.setdefault(dq.output[0], []).append(helper.make_node(
-            'DequantizeLinear', inputs, [key], name=f'{key}/DequantizeLinear', axis=axis))
+            'DequantizeLinear', inputs, [key], name=f'{key}/DequantizeLinear', axis=1))
         node.input[0] = key
         changed.append(node.name or node.output[0])
     if not changed:
