@@ -37,7 +37,10 @@ dequantized weights: slower than FP32 (measured in BUILD_NOTES / ``benchmarks/de
    which ORT fuses itself on float graphs but not between Q/DQ nodes;
 6. a float-weight layer (``fp_layers``) that reads a dequantized tensor reads it through
    its own per-axis ``DequantizeLinear`` (same values), so that ORT does not quantize its
-   weight to int8 (:mod:`~mmdet_regptq.deploy.onnx.float_layers`).
+   weight to int8 (:mod:`~mmdet_regptq.deploy.onnx.float_layers`);
+7. a float ``Concat`` that only our next quantizer reads joins its inputs' 8-bit codes
+   instead (each input quantized with that quantizer's parameters, above SPPF's
+   ``MaxPool`` and nearest ``Resize``: exact; :mod:`~mmdet_regptq.deploy.onnx.concat`).
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from mmdet_regptq.deploy.onnx.concat import integer_concats
 from mmdet_regptq.deploy.onnx.float_layers import per_axis_inputs_for_float_layers
 from mmdet_regptq.deploy.onnx.graph import GraphIndex, attrs
 from mmdet_regptq.deploy.onnx.silu import fuse_silu
@@ -154,6 +158,7 @@ class OrtInt8Report:
         silu_fused: ``Sigmoid → Mul`` pairs (SiLU) replaced by one ``QuickGelu``.
         float_kept: float-weight layers given a per-axis dequantized input so that ORT
             keeps their weights float.
+        integer_concats: Concat nodes that now join 8-bit codes instead of floats.
         target_cpu: the ``target_cpu`` the layout was chosen for (``'host'`` resolved to
             ``'avx2'`` / ``'vnni'``).
     """
@@ -166,6 +171,7 @@ class OrtInt8Report:
     widened: list[str] = field(default_factory=list)
     silu_fused: int = 0
     float_kept: list[str] = field(default_factory=list)
+    integer_concats: list[str] = field(default_factory=list)
     target_cpu: str = ''
 
     def summary(self) -> str:
@@ -174,6 +180,8 @@ class OrtInt8Report:
                 f'{self.merged} duplicate QuantizeLinear merged, '
                 f'{len(self.integer_adds)} adds in integers, '
                 f'{self.silu_fused} SiLU as QuickGelu'
+                + (f', {len(self.integer_concats)} concats in 8 bits'
+                   if self.integer_concats else '')
                 + (f', {len(self.float_kept)} float layers on a per-axis dequantized input'
                    if self.float_kept else '')
                 + (f' (target CPU {self.target_cpu})' if self.target_cpu else '')
@@ -583,6 +591,7 @@ def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(new_inits)
     report.integer_adds = integer_adds(out)
+    report.integer_concats = integer_concats(out)
     report.silu_fused = fuse_silu(out)
     report.float_kept = per_axis_inputs_for_float_layers(out)
     onnx.checker.check_model(out, full_check=True)
