@@ -40,7 +40,10 @@ dequantized weights: slower than FP32 (measured in BUILD_NOTES / ``benchmarks/de
    weight to int8 (:mod:`~mmdet_regptq.deploy.onnx.float_layers`);
 7. a float ``Concat`` that only our next quantizer reads joins its inputs' 8-bit codes
    instead (each input quantized with that quantizer's parameters, above SPPF's
-   ``MaxPool`` and nearest ``Resize``: exact; :mod:`~mmdet_regptq.deploy.onnx.concat`).
+   ``MaxPool`` and nearest ``Resize``: exact; :mod:`~mmdet_regptq.deploy.onnx.concat`);
+8. a quantized stride-2 image stem (at most 4 input channels) becomes a stride-1 conv on
+   ``SpaceToDepth(2)`` of its zero-point-padded codes (the same sums, faster in ORT:
+   :mod:`~mmdet_regptq.deploy.onnx.stem`).
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ from mmdet_regptq.deploy.onnx.concat import integer_concats
 from mmdet_regptq.deploy.onnx.float_layers import per_axis_inputs_for_float_layers
 from mmdet_regptq.deploy.onnx.graph import GraphIndex, attrs
 from mmdet_regptq.deploy.onnx.silu import fuse_silu
+from mmdet_regptq.deploy.onnx.stem import space_to_depth_stems
 from mmdet_regptq.quant import QuantGrid, qparams_from_range
 
 __all__ = ['OrtInt8Report', 'make_ort_int8', 'recentre_weights', 'conv_output_ranges',
@@ -159,6 +163,7 @@ class OrtInt8Report:
         float_kept: float-weight layers given a per-axis dequantized input so that ORT
             keeps their weights float.
         integer_concats: Concat nodes that now join 8-bit codes instead of floats.
+        stems: stride-2 stems now computed as stride-1 convs on ``SpaceToDepth`` codes.
         target_cpu: the ``target_cpu`` the layout was chosen for (``'host'`` resolved to
             ``'avx2'`` / ``'vnni'``).
     """
@@ -172,6 +177,7 @@ class OrtInt8Report:
     silu_fused: int = 0
     float_kept: list[str] = field(default_factory=list)
     integer_concats: list[str] = field(default_factory=list)
+    stems: list[str] = field(default_factory=list)
     target_cpu: str = ''
 
     def summary(self) -> str:
@@ -182,6 +188,7 @@ class OrtInt8Report:
                 f'{self.silu_fused} SiLU as QuickGelu'
                 + (f', {len(self.integer_concats)} concats in 8 bits'
                    if self.integer_concats else '')
+                + (f', {len(self.stems)} stems on SpaceToDepth' if self.stems else '')
                 + (f', {len(self.float_kept)} float layers on a per-axis dequantized input'
                    if self.float_kept else '')
                 + (f' (target CPU {self.target_cpu})' if self.target_cpu else '')
@@ -594,6 +601,7 @@ def make_ort_int8(model: onnx.ModelProto, calib_inputs: Iterable[Mapping[str, np
     report.integer_concats = integer_concats(out)
     report.silu_fused = fuse_silu(out)
     report.float_kept = per_axis_inputs_for_float_layers(out)
+    report.stems = space_to_depth_stems(out)
     onnx.checker.check_model(out, full_check=True)
     logger.info('ORT INT8: %s', report.summary())
     return out, report
