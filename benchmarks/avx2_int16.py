@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from tvm_profile import cpu_name
+from mmdet_regptq.bench.cpu import cpu_name
 
 #: (input channels, output channels, kernel, stride, height = width, max |w|)
 LAYERS = [(64, 64, 3, 1, 128, 8), (64, 54, 3, 1, 128, 8), (64, 64, 3, 2, 64, 15),

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import shutil
 import subprocess
 import sys
@@ -184,13 +183,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     from mmdet_regptq.deploy.onnx.avx2_shim import avx2_env, build_avx2_shim
+    from mmdet_regptq.bench.cpu import cpu_name
     from mmdet_regptq.table import Table
 
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     lib = build_avx2_shim(work / 'shim')
-    cpu = next((ln.split(':', 1)[1].strip() for ln in Path('/proc/cpuinfo').read_text()
-                .splitlines() if ln.startswith('model name')), platform.processor())
+    cpu = cpu_name()
     qemu_col = f'max |VNNI - qemu {args.qemu_cpu}|'
     table = Table(['model', 'graph', 'VNNI ms', 'AVX2 ms', 'AVX2 vs FP32 AVX2',
                    'max |VNNI - AVX2|', *([qemu_col] if args.qemu_cpu else []),

@@ -16,20 +16,11 @@ graph's ``Sigmoid → Mul`` version.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-from pathlib import Path
 
 import numpy as np
 import onnx
 
-
-def cpu_name() -> str:
-    """``model name (AVX-512 VNNI: yes|no)`` of this CPU."""
-    info = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').is_file() else ''
-    name = next((ln.split(':', 1)[1].strip() for ln in info.splitlines()
-                 if ln.startswith('model name')), platform.processor())
-    return f"{name} (AVX-512 VNNI: {'yes' if 'avx512_vnni' in info else 'no'})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import onnxruntime as ort
 
+    from mmdet_regptq.bench.cpu import cpu_name
     from mmdet_regptq.bench.timing import time_interleaved
     from mmdet_regptq.deploy.onnx.session import ort_session_options
     from mmdet_regptq.deploy.onnx.silu import expand_silu, fuse_silu

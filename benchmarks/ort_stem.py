@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import onnxruntime as ort
 
+    from mmdet_regptq.bench.cpu import cpu_name
     from mmdet_regptq.bench.timing import time_interleaved
     from mmdet_regptq.deploy.onnx.session import ort_session_options
     from mmdet_regptq.deploy.onnx.stem import space_to_depth_stems
-    from ort_silu import cpu_name
 
     exported = stem_graph(args.size, args.kernel, args.pad, args.out_channels)
     rewritten = onnx.ModelProto()

@@ -27,7 +27,6 @@ import collections
 import csv
 import json
 import os
-import platform
 import re
 import statistics
 import time
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from mmdet_regptq.bench.cpu import cpu_name
 
 #: (kind, regex on the kernel name), first match wins
 KINDS = (
@@ -50,13 +51,6 @@ KINDS = (
     ('vm builtin', r'^vm\.|^relax\.|builtin'),
 )
 
-
-def cpu_name() -> str:
-    """``model name (AVX-512 VNNI: yes|no)`` of this CPU."""
-    info = Path('/proc/cpuinfo').read_text() if Path('/proc/cpuinfo').is_file() else ''
-    name = next((ln.split(':', 1)[1].strip() for ln in info.splitlines()
-                 if ln.startswith('model name')), platform.processor())
-    return f"{name} (AVX-512 VNNI: {'yes' if 'avx512_vnni' in info else 'no'})"
 
 
 def kind_of(name: str) -> str:
