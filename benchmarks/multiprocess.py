@@ -15,7 +15,12 @@ wall times mostly measure the sharing (the processes wait for each other at ever
 iteration); the CPU time per process shows the work each one did.
 
     nice -n 15 .venv/bin/python benchmarks/multiprocess.py [--detector NAME] [--method QDrop]
-        [--iters 100] [--num-images 16] [--nproc 2]
+        [--bits w4a4] [--iters 100] [--num-images 16] [--nproc 2]
+
+``--detector yolov5n``: the official YOLOv5n (read from the real-data folder,
+``../shared/realdata`` or ``$REGPTQ_REALDATA``, converted once into ``--out``) at 640,
+calibrated on the coco128 train images and evaluated on the 64 val images of
+``configs/yolov5/yolov5_n_coco128.py`` (``--val-images`` does not apply).
 
 Measure on otherwise idle cores: N processes need N free cores.
 """
@@ -35,20 +40,58 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DETECTORS = ('retinanet_r18-16_fpn64_synthetic', 'fcos_r18-16_fpn64_synthetic',
              'faster-rcnn_r18-16_fpn64_synthetic')
+#: real detectors: (config, checkpoint in the real-data folder)
+REAL_DETECTORS = {'yolov5n': ('configs/yolov5/yolov5_n_coco128.py', 'yolov5n/yolov5n.pt')}
 
 CONFIG = '''_base_ = {base!r}
 custom_imports = dict(imports=['mmdet_regptq'], allow_failed_imports=False)
-custom_hooks = [dict(type='RegPTQHook', quant=dict(w_bits=4, a_bits=4),
+custom_hooks = [dict(type='RegPTQHook', quant=dict(w_bits={w_bits}, a_bits={a_bits}),
                      method=dict(type={method!r}, iters={iters}, progress=False),
                      calib=dict(num_images={num_images}, batch_size={batch_size}),
                      recalibrate=True)]
-val_dataloader = dict(batch_size=4, num_workers=0, persistent_workers=False,
+env_cfg = dict(dist_cfg=dict(backend='gloo'))
+'''
+#: the bundled detectors: the first ``--val-images`` synthetic val images
+VAL_SUBSET = '''val_dataloader = dict(batch_size=4, num_workers=0, persistent_workers=False,
                       dataset=dict(ann_file={ann!r}))
 test_dataloader = val_dataloader
 val_evaluator = dict(ann_file={ann_abs!r})
 test_evaluator = val_evaluator
-env_cfg = dict(dist_cfg=dict(backend='gloo'))
 '''
+#: a real detector keeps its config's data, without worker processes
+NO_WORKERS = '''train_dataloader = dict(num_workers=0, persistent_workers=False)
+test_dataloader = dict(num_workers=0, persistent_workers=False)
+val_dataloader = test_dataloader
+'''
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """``'w4a8'`` → ``(4, 8)``; anything else is refused naming the flag."""
+    found = re.fullmatch(r'w(\d+)a(\d+)', text)
+    if not found:
+        raise argparse.ArgumentTypeError(f'--bits {text!r}: expected wXaY, e.g. w4a4 or w4a8')
+    return int(found[1]), int(found[2])
+
+
+def detector_files(detector: str, out: Path, val_images: int) -> tuple[Path, str, str]:
+    """(base config, checkpoint, config lines for the data) of a detector."""
+    if detector in REAL_DETECTORS:
+        from mmdet_regptq.yolov5.convert import convert_yolov5
+        config, original = REAL_DETECTORS[detector]
+        realdata = Path(os.environ.get('REGPTQ_REALDATA', ROOT.parent / 'shared' / 'realdata'))
+        if not (realdata / original).is_file():
+            sys.exit(f'--detector {detector}: {realdata / original} not found (set '
+                     'REGPTQ_REALDATA to the real-data folder)')
+        converted = out / f'{Path(original).stem}_mmdet.pth'
+        if not converted.is_file():
+            convert_yolov5(realdata / original, converted, config=ROOT / config)
+        return ROOT / config, str(converted), NO_WORKERS
+    from mmdet_regptq.datasets.subset import write_coco_subset
+    data = ROOT / 'data' / 'synthetic'
+    ann = write_coco_subset(data / 'annotations' / 'instances_val.json', val_images)
+    return (ROOT / 'configs' / 'synthetic' / f'{detector}.py',
+            str(ROOT / 'checkpoints' / f'{detector}.pth'),
+            VAL_SUBSET.format(ann=str(ann.relative_to(data)), ann_abs=str(ann)))
 
 
 def _free_port() -> int:
@@ -82,9 +125,11 @@ def _calib_seconds(text: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--detector', default=DETECTORS[0], choices=DETECTORS,
-                        help='bundled detector (config + checkpoints/<name>.pth)')
+    parser.add_argument('--detector', default=DETECTORS[0],
+                        choices=DETECTORS + tuple(REAL_DETECTORS),
+                        help='bundled detector (config + checkpoints/<name>.pth) or yolov5n')
     parser.add_argument('--method', default='QDrop', help='a PTQ method name')
+    parser.add_argument('--bits', type=parse_bits, default=(4, 4), help='wXaY (default w4a4)')
     parser.add_argument('--iters', type=int, default=100, help='iterations per unit')
     parser.add_argument('--num-images', type=int, default=16, help='calibration images')
     parser.add_argument('--batch-size', type=int, default=2,
@@ -93,17 +138,14 @@ def main() -> None:
     parser.add_argument('--nproc', type=int, default=2)
     parser.add_argument('--out', default=str(ROOT / 'work_dirs' / 'multiprocess'))
     args = parser.parse_args()
-    base_cfg = ROOT / 'configs' / 'synthetic' / f'{args.detector}.py'
-    ckpt = str(ROOT / 'checkpoints' / f'{args.detector}.pth')
-    from mmdet_regptq.datasets.subset import write_coco_subset
-    data = ROOT / 'data' / 'synthetic'
-    ann = write_coco_subset(data / 'annotations' / 'instances_val.json', args.val_images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    base_cfg, ckpt, data_lines = detector_files(args.detector, out, args.val_images)
     cfg = out / f'{args.detector}_multiprocess.py'
+    w_bits, a_bits = args.bits
     cfg.write_text(CONFIG.format(base=str(base_cfg), method=args.method, iters=args.iters,
                                  num_images=args.num_images, batch_size=args.batch_size,
-                                 ann=str(ann.relative_to(data)), ann_abs=str(ann)))
+                                 w_bits=w_bits, a_bits=a_bits) + data_lines)
     import mmdet
     test_py = str(Path(mmdet.__file__).parent / '.mim' / 'tools' / 'test.py')
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
@@ -127,9 +169,11 @@ def main() -> None:
         text = _log(work_dir)
         rows[name] = (wall, *_calib_seconds(text), _ap(text))
     (wall1, cal1, cpu1, ap1), (wall2, cal2, cpu2, ap2) = rows.values()
-    print(f'{args.detector} (bundled), W4A4 {args.method}, {args.iters} iters/unit, '
-          f'{args.num_images} calibration images (batch {args.batch_size}), '
-          f'{args.val_images} val images, 1 thread per process')
+    kind = 'real' if args.detector in REAL_DETECTORS else 'bundled'
+    val = '64 coco128 val' if kind == 'real' else f'{args.val_images} synthetic val'
+    print(f'{args.detector} ({kind}), W{w_bits}A{a_bits} {args.method}, {args.iters} '
+          f'iters/unit, {args.num_images} calibration images (batch {args.batch_size}), '
+          f'{val} images, 1 thread per process')
     print('| run | wall s (whole command) | calibration s | calibration CPU s (rank 0) '
           '| bbox mAP |\n|---|---|---|---|---|')
     for name, (wall, cal, cpu, ap) in rows.items():

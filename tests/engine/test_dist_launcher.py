@@ -15,20 +15,18 @@ DETECTOR = 'retinanet_r18-16_fpn64_synthetic'
 def test_two_processes_calibrate_together_and_rank0_writes_the_result(load_script, tmp_path,
                                                                       synthetic_data):
     bench = load_script('benchmarks/multiprocess.py')
-    from mmdet_regptq.datasets.subset import write_coco_subset
-    ann = write_coco_subset(synthetic_data / 'annotations' / 'instances_val.json', 8)
+    base, checkpoint, data_lines = bench.detector_files(DETECTOR, tmp_path, 8)
+    assert "ann_file=" in data_lines
     cfg = tmp_path / 'cfg.py'
-    cfg.write_text(bench.CONFIG.format(
-        base=str(ROOT / 'configs' / 'synthetic' / f'{DETECTOR}.py'), method='QDrop', iters=2,
-        num_images=4, batch_size=2, ann=str(ann.relative_to(synthetic_data)),
-        ann_abs=str(ann)))
+    cfg.write_text(bench.CONFIG.format(base=str(base), method='QDrop', iters=2, num_images=4,
+                                       batch_size=2, w_bits=4, a_bits=4) + data_lines)
     import mmdet
     test_py = Path(mmdet.__file__).parent / '.mim' / 'tools' / 'test.py'
     work_dir = tmp_path / 'work'
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
          f'--master_port={bench._free_port()}', str(test_py), str(cfg),
-         str(ROOT / 'checkpoints' / f'{DETECTOR}.pth'), '--launcher', 'pytorch',
+         checkpoint, '--launcher', 'pytorch',
          '--work-dir', str(work_dir)],
         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore'),
         capture_output=True, text=True, timeout=600)
@@ -42,3 +40,13 @@ def test_two_processes_calibrate_together_and_rank0_writes_the_result(load_scrip
     from mmdet_regptq.engine.checkpoint import read_quantized
     assert read_quantized(work_dir / 'quantized.pth')['meta']['method'] == 'QDrop'
     assert not list(work_dir.glob('*.tmp'))
+
+
+def test_bits_flag_parses_and_names_itself(load_script):
+    import argparse
+
+    import pytest
+    bench = load_script('benchmarks/multiprocess.py')
+    assert bench.parse_bits('w4a8') == (4, 8)
+    with pytest.raises(argparse.ArgumentTypeError, match="--bits 'int8': expected wXaY"):
+        bench.parse_bits('int8')
