@@ -1,7 +1,7 @@
 """AP against calibration iterations per unit, from an accuracy results CSV.
 
     python benchmarks/plot_iterations.py docs/results/yolov5_accuracy.csv \
-        --out docs/images/yolov5_iterations.png [--detector yolov5n]
+        --out docs/images/yolov5_iterations.png [--detector yolov5n] [--num-images 16]
 
 Reads the rows ``benchmarks/accuracy.py`` writes (``detector, method, bits, bbox_mAP,
 iters, ...``; several runs merged into one file), keeps every (method, bits) measured at
@@ -19,10 +19,11 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def read_curves(path: Path, detector: str | None
+def read_curves(path: Path, detector: str | None, num_images: int | None = None
                 ) -> tuple[float | None, dict[tuple[str, str], list[tuple[int, float]]]]:
     """FP AP (0-100, or None) and, per (method, bits) with >= 2 iteration counts, the
-    ``(iters, AP)`` points sorted by iterations (a repeated count keeps its last row)."""
+    ``(iters, AP)`` points sorted by iterations (a repeated count keeps its last row).
+    ``num_images``: only the runs calibrated on that many images (a curve is one setting)."""
     fp = None
     points: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
     with open(path, newline='') as f:
@@ -32,6 +33,8 @@ def read_curves(path: Path, detector: str | None
             ap = 100 * float(row['bbox_mAP'])
             if row['method'] == 'FP':
                 fp = ap
+            elif num_images is not None and int(row.get('num_images') or 0) != num_images:
+                continue
             elif int(row['iters'] or 0) > 0:
                 points[(row['method'], row['bits'])][int(row['iters'])] = ap
     curves = {key: sorted(by_iters.items()) for key, by_iters in points.items()
@@ -76,11 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--out', type=Path, required=True, help='PNG to write')
     parser.add_argument('--detector', default=None,
                         help='only this detector\'s rows (default: all rows)')
+    parser.add_argument('--num-images', type=int, default=None,
+                        help='only the runs on this many calibration images (default: all)')
     parser.add_argument('--title', default='AP against calibration iterations per unit')
     args = parser.parse_args(argv)
     if not args.csv.is_file():
         parser.error(f'csv: {args.csv} does not exist')
-    fp, curves = read_curves(args.csv, args.detector)
+    fp, curves = read_curves(args.csv, args.detector, args.num_images)
     if not curves:
         parser.error(f'csv: {args.csv} has no (method, bits) at two or more iteration counts')
     for (method, bits), pts in sorted(curves.items()):

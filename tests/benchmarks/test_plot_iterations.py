@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-FIELDS = ['detector', 'method', 'bits', 'bbox_mAP', 'iters']
+FIELDS = ['detector', 'method', 'bits', 'bbox_mAP', 'iters', 'num_images']
 
 
 @pytest.fixture(scope='module')
@@ -42,3 +42,16 @@ def test_main_writes_a_png_and_refuses_a_csv_without_curves(script, tmp_path, ca
     with pytest.raises(SystemExit):
         script.main([str(path), '--out', str(out)])
     assert 'no (method, bits) at two or more' in capsys.readouterr().err
+
+
+def test_num_images_keeps_one_calibration_set_per_curve(script, tmp_path):
+    """A run on more images at an iteration count already measured does not replace the
+    point of the curve it is not part of."""
+    path = tmp_path / 'results.csv'
+    _write(path, [('d', 'FP', 'fp32', 0.4, 0, 0), ('d', 'QDrop', 'w4a8', 0.1, 20, 16),
+                  ('d', 'QDrop', 'w4a8', 0.3, 2000, 16), ('d', 'QDrop', 'w4a8', 0.2, 2000, 128)])
+    fp, curves = script.read_curves(path, 'd', 16)
+    assert fp == pytest.approx(40.0)
+    assert curves[('QDrop', 'w4a8')] == [(20, pytest.approx(10.0)), (2000, pytest.approx(30.0))]
+    _, mixed = script.read_curves(path, 'd')
+    assert mixed[('QDrop', 'w4a8')][-1] == (2000, pytest.approx(20.0))
