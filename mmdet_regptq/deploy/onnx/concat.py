@@ -56,6 +56,7 @@ class _Quantized:
         self.index, self.quantizer, self.tag = index, quantizer, tag
         self.nodes: list[onnx.NodeProto] = []
         self.done: dict[str, str] = {}
+        self.copied: list[onnx.NodeProto] = []     # float producers given a quantized copy
 
     def of(self, tensor: str) -> str:
         if tensor in self.done:
@@ -69,6 +70,7 @@ class _Quantized:
             del node.output[:]
             node.output.append(out)
             node.name = f'{producer.name or tensor}/{self.tag}'
+            self.copied.append(producer)
         else:
             node = helper.make_node('QuantizeLinear', [tensor, *self.quantizer.input[1:]], [out],
                                     name=f'{tensor}/{self.tag}/QuantizeLinear')
@@ -91,6 +93,7 @@ def integer_concats(model: onnx.ModelProto) -> list[str]:
     added: dict[int, list[onnx.NodeProto]] = {}
     dropped: set[int] = set()
     renames: dict[str, str] = {}
+    copied: set[int] = set()
     done = []
     for node in model.graph.node:
         if node.op_type != 'Concat' or node.domain not in ('', 'ai.onnx'):
@@ -108,6 +111,7 @@ def integer_concats(model: onnx.ModelProto) -> list[str]:
         added[id(node)] = builder.nodes + [joined]
         dropped.update(id(r) for r in readers)
         renames.update({r.output[0]: readers[0].output[0] for r in readers[1:]})
+        copied.update(id(n) for n in builder.copied)
         done.append(node.name or node.output[0])
     if not done:
         return []
@@ -120,17 +124,18 @@ def integer_concats(model: onnx.ModelProto) -> list[str]:
         for i, name in enumerate(node.input):
             node.input[i] = renames.get(name, name)
     del model.graph.node[:]
-    model.graph.node.extend(_without_dead_floats(nodes, model))
+    model.graph.node.extend(_without_dead_floats(nodes, model, copied))
     return done
 
 
-def _without_dead_floats(nodes: list[onnx.NodeProto], model: onnx.ModelProto) -> list:
-    """Drop the float ``MaxPool`` / ``Resize`` nodes nothing reads any more (their
-    quantized copies replaced them)."""
+def _without_dead_floats(nodes: list[onnx.NodeProto], model: onnx.ModelProto,
+                         copied: set[int]) -> list:
+    """Drop the float ``MaxPool`` / ``Resize`` nodes (``copied``: ids) that nothing reads
+    any more, their quantized copies having replaced them."""
     outputs = {o.name for o in model.graph.output}
     while True:
         read = {i for n in nodes for i in n.input} | outputs
-        kept = [n for n in nodes if n.op_type not in _ORDER_PRESERVING
+        kept = [n for n in nodes if id(n) not in copied
                 or any(o in read for o in n.output if o)]
         if len(kept) == len(nodes):
             return kept

@@ -75,7 +75,8 @@ def space_to_depth_stems(model: onnx.ModelProto) -> list[str]:
     shapes = None
     added: dict[int, list[onnx.NodeProto]] = {}
     inits: list[onnx.TensorProto] = []
-    orphans: set[str] = set()
+    orphans: set[str] = set()          # weight codes the rewritten stems no longer read
+    replaced: set[int] = set()         # their DequantizeLinear nodes, dropped if unread
     done = []
     for conv in model.graph.node:
         if conv.op_type != 'Conv' or len(conv.input) < 2:
@@ -110,6 +111,7 @@ def space_to_depth_stems(model: onnx.ModelProto) -> list[str]:
         tag = f'{conv.name or conv.output[0]}/space_to_depth'
         x_zero = x_dq.input[2]
         orphans.add(w_dq.input[0])
+        replaced.update((id(x_dq), id(w_dq)))
         inits += [numpy_helper.from_array(np.array([0, 0, axes[0][0], axes[1][0],
                                                     0, 0, axes[0][1], axes[1][1]], np.int64),
                                           f'{tag}.pads'),
@@ -135,7 +137,7 @@ def space_to_depth_stems(model: onnx.ModelProto) -> list[str]:
     for node in model.graph.node:
         nodes.extend(added.get(id(node), [node]))
     used = {i for n in nodes for i in n.input} | {o.name for o in model.graph.output}
-    nodes = [n for n in nodes if n.op_type != 'DequantizeLinear' or n.output[0] in used]
+    nodes = [n for n in nodes if id(n) not in replaced or n.output[0] in used]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     used = {i for n in nodes for i in n.input}
