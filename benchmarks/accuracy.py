@@ -32,6 +32,7 @@ from pathlib import Path
 
 from mmdet_regptq.bench.child import RESULT_PREFIX, read_result, run_child
 from mmdet_regptq.bench.metrics import bbox_metrics
+from mmdet_regptq.bench.models import REAL_DETECTORS, real_checkpoint
 from mmdet_regptq.bench.models import REPO_ROOT as ROOT
 from mmdet_regptq.bench.models import SYNTHETIC_DETECTORS
 from mmdet_regptq.bench.specs import parse_bits, parse_method
@@ -39,9 +40,6 @@ from mmdet_regptq.table import Table
 
 #: detector name -> config / checkpoint stem under configs/synthetic, checkpoints
 DETECTORS = dict(SYNTHETIC_DETECTORS)
-#: real COCO-pretrained detectors: name -> (config, original checkpoint in the real-data
-#: folder, ../shared/realdata beside the checkout or $REGPTQ_REALDATA), converted on first use
-REAL_DETECTORS = {'yolov5n': ('configs/yolov5/yolov5_n_coco128.py', 'yolov5n/yolov5n.pt')}
 FIELDS = ['detector', 'method', 'bits', 'bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'iters',
           'num_images', 'calib_seconds', 'peak_rss_mb', 'seed']
 
@@ -103,13 +101,8 @@ def real_detector(detector: str, out: Path) -> tuple:
     """Config and converted checkpoint (written under ``out`` once) of a real detector."""
     from mmengine.config import Config
 
-    from mmdet_regptq.yolov5.convert import convert_yolov5
-    config, original = REAL_DETECTORS[detector]
-    realdata = Path(os.environ.get('REGPTQ_REALDATA', ROOT.parent / 'shared' / 'realdata'))
-    converted = out / detector / f'{Path(original).stem}_mmdet.pth'
-    if not converted.is_file():
-        convert_yolov5(realdata / original, converted, config=ROOT / config)
-    cfg = Config.fromfile(ROOT / config)
+    converted = real_checkpoint(detector, out)
+    cfg = Config.fromfile(ROOT / REAL_DETECTORS[detector][0])
     cfg.train_dataloader.num_workers = 0
     cfg.train_dataloader.persistent_workers = False
     return cfg, str(converted)

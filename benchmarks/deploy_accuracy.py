@@ -53,6 +53,7 @@ import os
 from pathlib import Path
 
 from mmdet_regptq.bench.metrics import bbox_metrics
+from mmdet_regptq.bench.models import REAL_DETECTORS, real_checkpoint
 from mmdet_regptq.bench.models import REPO_ROOT as ROOT
 from mmdet_regptq.bench.models import SYNTHETIC_DETECTORS as DETECTORS
 from mmdet_regptq.bench.specs import parse_bits, parse_method
@@ -67,31 +68,8 @@ BACKENDS = {'tvm-int4': ('detection_tvm-int4_static-192x192.py', 'w4a4'),
 END2END = {'tvm-int4': 'detection_tvm-int4_end2end_static-192x192.py',
            'onnxruntime-int8': 'detection_onnxruntime-int8_end2end_static-192x192.py',
            'onnxruntime': 'detection_onnxruntime_end2end_static-192x192.py'}
-#: real COCO-pretrained detectors: name -> (config, original checkpoint in the real-data
-#: folder); they deploy end to end at 640x640 with these configs
-REAL_DETECTORS = {'yolov5n': ('configs/yolov5/yolov5_n_coco128.py', 'yolov5n/yolov5n.pt')}
 END2END_640 = {name: cfg.replace('192x192', '640x640') for name, cfg in END2END.items()}
 END2END_640['tvm-fp32'] = 'detection_tvm-fp32_end2end_static-640x640.py'   # real detectors
-
-
-def realdata_dir() -> Path:
-    """``$REGPTQ_REALDATA`` or ``../shared/realdata`` beside the checkout."""
-    return Path(os.environ.get('REGPTQ_REALDATA', ROOT.parent / 'shared' / 'realdata'))
-
-
-def real_checkpoint(detector: str, out: Path) -> Path:
-    """The real detector's release checkpoint converted under ``out`` (once)."""
-    from mmdet_regptq.yolov5.convert import convert_yolov5
-
-    config, original = REAL_DETECTORS[detector]
-    converted = out / detector / f'{Path(original).stem}_mmdet.pth'
-    if not converted.is_file():
-        source = realdata_dir() / original
-        if not source.is_file():
-            raise SystemExit(f'{detector}: {source} not found (set REGPTQ_REALDATA to the '
-                             'folder holding yolov5n/, coco128_train2017/, coco128_val2017/)')
-        convert_yolov5(source, converted, config=ROOT / config)
-    return converted
 
 
 def model_config(detector: str, val_images: int, work: Path):

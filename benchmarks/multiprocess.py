@@ -36,12 +36,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from mmdet_regptq.bench.models import REAL_DETECTORS, real_checkpoint
+
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECTORS = ('retinanet_r18-16_fpn64_synthetic', 'fcos_r18-16_fpn64_synthetic',
              'faster-rcnn_r18-16_fpn64_synthetic')
-#: real detectors: (config, checkpoint in the real-data folder)
-REAL_DETECTORS = {'yolov5n': ('configs/yolov5/yolov5_n_coco128.py', 'yolov5n/yolov5n.pt')}
 
 CONFIG = '''_base_ = {base!r}
 custom_imports = dict(imports=['mmdet_regptq'], allow_failed_imports=False)
@@ -76,16 +76,8 @@ def parse_bits(text: str) -> tuple[int, int]:
 def detector_files(detector: str, out: Path, val_images: int) -> tuple[Path, str, str]:
     """(base config, checkpoint, config lines for the data) of a detector."""
     if detector in REAL_DETECTORS:
-        from mmdet_regptq.yolov5.convert import convert_yolov5
-        config, original = REAL_DETECTORS[detector]
-        realdata = Path(os.environ.get('REGPTQ_REALDATA', ROOT.parent / 'shared' / 'realdata'))
-        if not (realdata / original).is_file():
-            sys.exit(f'--detector {detector}: {realdata / original} not found (set '
-                     'REGPTQ_REALDATA to the real-data folder)')
-        converted = out / f'{Path(original).stem}_mmdet.pth'
-        if not converted.is_file():
-            convert_yolov5(realdata / original, converted, config=ROOT / config)
-        return ROOT / config, str(converted), NO_WORKERS
+        return (ROOT / REAL_DETECTORS[detector][0], str(real_checkpoint(detector, out)),
+                NO_WORKERS)
     from mmdet_regptq.datasets.subset import write_coco_subset
     data = ROOT / 'data' / 'synthetic'
     ann = write_coco_subset(data / 'annotations' / 'instances_val.json', val_images)

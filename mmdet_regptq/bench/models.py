@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ['REPO_ROOT', 'SYNTHETIC_ROOT', 'SYNTHETIC_DETECTORS', 'BUNDLED', 'CHECKPOINTS',
-           'W4A4', 'W8A8', 'model_config', 'data_samples']
+           'REAL_DETECTORS', 'W4A4', 'W8A8', 'model_config', 'data_samples', 'realdata_dir',
+           'real_checkpoint']
 
 #: the checkout this package runs from (``pip install -e .``): configs, checkpoints, data
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +29,10 @@ BUNDLED = {short: f'configs/synthetic/{SYNTHETIC_DETECTORS[name]}.py'
 #: short name -> the trained checkpoint
 CHECKPOINTS = {short: REPO_ROOT / 'checkpoints' / (Path(cfg).stem + '.pth')
                for short, cfg in BUNDLED.items()}
+
+#: real COCO-pretrained detectors: name -> (config, release checkpoint in the real-data
+#: folder)
+REAL_DETECTORS = {'yolov5n': ('configs/yolov5/yolov5_n_coco128.py', 'yolov5n/yolov5n.pt')}
 
 #: W4A4 with every layer quantized (the ``tvm_int4`` rows)
 W4A4 = dict(w_bits=4, a_bits=4, quantize_final=True)
@@ -61,3 +66,26 @@ def data_samples(size: int) -> list:
     meta = dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size),
                 scale_factor=(1.0, 1.0), batch_input_shape=(size, size))
     return [DetDataSample(metainfo=meta)]
+
+
+def realdata_dir() -> Path:
+    """``$REGPTQ_REALDATA`` or ``../shared/realdata`` beside the checkout (the release
+    weights are AGPL-3.0: read from there, never copied into the checkout)."""
+    import os
+    return Path(os.environ.get('REGPTQ_REALDATA', REPO_ROOT.parent / 'shared' / 'realdata'))
+
+
+def real_checkpoint(detector: str, out: Path) -> Path:
+    """A real detector's release checkpoint converted under ``out/<detector>/`` (once);
+    a missing release file stops the benchmark with the folder to set."""
+    from mmdet_regptq.yolov5.convert import convert_yolov5
+
+    config, original = REAL_DETECTORS[detector]
+    converted = Path(out) / detector / f'{Path(original).stem}_mmdet.pth'
+    if not converted.is_file():
+        source = realdata_dir() / original
+        if not source.is_file():
+            raise SystemExit(f'{detector}: {source} not found (set REGPTQ_REALDATA to the '
+                             'folder holding yolov5n/, coco128_train2017/, coco128_val2017/)')
+        convert_yolov5(source, converted, config=REPO_ROOT / config)
+    return converted
