@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from mmdet_regptq.bench.models import REAL_DETECTORS, real_checkpoint
+from mmdet_regptq.bench.specs import parse_bits
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,14 +64,6 @@ NO_WORKERS = '''train_dataloader = dict(num_workers=0, persistent_workers=False)
 test_dataloader = dict(num_workers=0, persistent_workers=False)
 val_dataloader = test_dataloader
 '''
-
-
-def parse_bits(text: str) -> tuple[int, int]:
-    """``'w4a8'`` → ``(4, 8)``; anything else is refused naming the flag."""
-    found = re.fullmatch(r'w(\d+)a(\d+)', text)
-    if not found:
-        raise argparse.ArgumentTypeError(f'--bits {text!r}: expected wXaY, e.g. w4a4 or w4a8')
-    return int(found[1]), int(found[2])
 
 
 def detector_files(detector: str, out: Path, val_images: int) -> tuple[Path, str, str]:

@@ -22,7 +22,6 @@ import numpy as np
 import onnx
 
 
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('onnx', nargs='+', help='ONNX files (the first is the baseline)')

@@ -52,7 +52,6 @@ KINDS = (
 )
 
 
-
 def kind_of(name: str) -> str:
     """The kind of a kernel from its symbol name (:data:`KINDS`; else ``elementwise``)."""
     for kind, pattern in KINDS:

@@ -3,6 +3,7 @@ checkpoints of this checkout) and RetinaNet R50-FPN from mmdet's zoo config, wit
 quantization presets the deployment rows use."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,6 @@ def data_samples(size: int) -> list:
 def realdata_dir() -> Path:
     """``$REGPTQ_REALDATA`` or ``../shared/realdata`` beside the checkout (the release
     weights are AGPL-3.0: read from there, never copied into the checkout)."""
-    import os
     return Path(os.environ.get('REGPTQ_REALDATA', REPO_ROOT.parent / 'shared' / 'realdata'))
 
 

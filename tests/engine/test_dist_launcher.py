@@ -48,5 +48,5 @@ def test_bits_flag_parses_and_names_itself(load_script):
     import pytest
     bench = load_script('benchmarks/multiprocess.py')
     assert bench.parse_bits('w4a8') == (4, 8)
-    with pytest.raises(argparse.ArgumentTypeError, match="--bits 'int8': expected wXaY"):
+    with pytest.raises(argparse.ArgumentTypeError, match="--bits 'int8': expected like w4a4"):
         bench.parse_bits('int8')

@@ -197,9 +197,6 @@ def conv_vnni_kernel(n: int, c: int, h: int, w: int, k: int, kh: int, kw: int,
     return conv_vnni
 
 
-#: output channels per tile of the column-lane kernel (:func:`conv_vnni_cols_kernel`), at
-#: most; a K it does not divide gets the largest divisor of K from 4 up, so every tile is
-#: whole (e.g. K = 54, a RetinaNet class map: 6) and the epilogue can be fused
 def _vpdpbusd(T: Any, acc: Any, unsigned: Any, signed: Any) -> Any:
     """``acc`` (int32x16) plus the 4-byte dot products of ``unsigned`` and ``signed``
     (int8x64 each)."""
@@ -220,6 +217,9 @@ def _operands(swap: bool, packed_input: Any, weights: Any) -> tuple[Any, Any]:
     return (weights, packed_input) if swap else (packed_input, weights)
 
 
+#: output channels per tile of the column-lane kernel (:func:`conv_vnni_cols_kernel`), at
+#: most; a K it does not divide gets the largest divisor of K from 4 up, so every tile is
+#: whole (e.g. K = 54, a RetinaNet class map: 6) and the epilogue can be fused
 COLS_TK = 8
 
 
